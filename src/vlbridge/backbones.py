@@ -1,0 +1,131 @@
+"""Frozen Hugging Face backbones: any vision model that yields patch tokens, any causal or
+encoder-decoder LM. Loaded by hub id or local directory through transformers' own `from_pretrained`.
+
+Frozen means: requires_grad=False, kept in eval mode (the owning model re-applies it in `train()`),
+never handed to an optimizer, optionally held in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LMConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_path(name_or_path: str, root: str | Path | None) -> str:
+    """A path relative to a checkpoint directory wins over a hub id of the same spelling."""
+    if root is not None and name_or_path and (Path(root) / name_or_path).exists():
+        return str(Path(root) / name_or_path)
+    return name_or_path
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def _layer_list(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.ModuleList]:
+    """Find the encoder's ModuleList of transformer layers (encoder.layers, encoder.layer, ...)."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if not found:
+        raise ValueError(f"{type(model).__name__}: cannot find its list of {num_layers} layers to cut at feature_layer")
+    name, layers = found[0]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return parent, name.rsplit(".", 1)[-1], layers
+
+
+class VisionBackbone(nn.Module):
+    """Wraps a transformers vision model; returns the hidden states of the chosen layer, (B, N, D).
+
+    N counts every token the model makes (CLS and registers included, as BLIP-2 uses them).
+    Layers after `feature_layer` are cut off at load time.
+    """
+
+    def __init__(self, model: nn.Module, feature_layer: int = -2):
+        super().__init__()
+        cfg = model.config
+        total = cfg.num_hidden_layers
+        keep = total + 1 + feature_layer if feature_layer < 0 else feature_layer
+        if not 1 <= keep <= total:
+            raise ValueError(f"feature_layer={feature_layer} is out of range for a {total}-layer vision model")
+        if keep < total:
+            parent, attr, layers = _layer_list(model, total)
+            setattr(parent, attr, nn.ModuleList(list(layers)[:keep]))
+            cfg.num_hidden_layers = keep
+        self.model = model
+        self.hidden_size = cfg.hidden_size
+        self.image_size = getattr(cfg, "image_size", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        # hidden_states[-1] is the raw output of the last kept layer (before any final norm,
+        # which some models apply to last_hidden_state and others don't).
+        return out.hidden_states[-1]
+
+    def save_pretrained(self, path: str | Path):
+        self.model.save_pretrained(path)
+
+
+def _load_vision_model(path: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None:
+        # A composite checkpoint (CLIP, SigLIP, BLIP-2, ...): try its vision-only class first, which
+        # loads just the vision weights; fall back to the full model if the keys don't line up.
+        from transformers import MODEL_MAPPING
+
+        cls = MODEL_MAPPING.get(type(vision_config), None)  # _LazyAutoMapping.get needs a default
+        if cls is not None:
+            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            if not info["missing_keys"]:
+                return model
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+        return model.vision_model
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+def load_vision(cfg: VisionConfig, root: str | Path | None = None) -> VisionBackbone:
+    """Load and freeze a vision backbone; fills cfg.hidden_size."""
+    path = resolve_path(cfg.name_or_path, root)
+    if not path:
+        raise ValueError("VisionConfig.name_or_path is empty: name a hub id or a local directory")
+    backbone = VisionBackbone(_load_vision_model(path, resolve_dtype(cfg.dtype)), cfg.feature_layer)
+    cfg.hidden_size = backbone.hidden_size
+    return freeze(backbone)
+
+
+def load_lm(cfg: LMConfig, root: str | Path | None = None) -> nn.Module:
+    """Load and freeze a causal or encoder-decoder LM; fills cfg.hidden_size / is_encoder_decoder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = resolve_path(cfg.name_or_path, root)
+    if not path:
+        raise ValueError("LMConfig.name_or_path is empty: name a hub id or a local directory")
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    lm = auto.from_pretrained(path, dtype=resolve_dtype(cfg.dtype))
+    cfg.hidden_size = lm.get_input_embeddings().embedding_dim
+    cfg.is_encoder_decoder = bool(config.is_encoder_decoder)
+    return freeze(lm)

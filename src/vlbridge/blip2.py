@@ -1,0 +1,484 @@
+"""BLIP-2: a Q-Former between a frozen image encoder and a frozen LLM.
+
+Li et al., "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and Large
+Language Models", 2023.
+
+Stage 1 (no LLM): `pretrain_losses` = ITC + ITM + ITG on the Q-Former.
+Stage 2: query outputs -> Linear -> soft prompt of a frozen decoder-only LM (LM loss on the text
+after the prompt) or encoder-decoder LM (prefix LM: queries + prefix to the encoder, rest decoded).
+Inference: `generate`, `itc` / `itm` / `retrieval_scores`, `extract_features`.
+
+Shapes: B batch, N image tokens, Dv image width, Q queries, d Q-Former width, E = embed_dim,
+T text tokens, H LM width.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backbones
+from .backbones import freeze
+from .config import Blip2Config, LMConfig, load_json, save_json
+from .dist import gather_no_grad, gather_with_grad, world
+from .qformer import QFormer
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("vision.", "lm.")  # state-dict prefixes stored in transformers' own format, not ours
+
+
+@dataclass
+class Blip2PretrainOutput:
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_itg: torch.Tensor
+
+
+@dataclass
+class Blip2Output:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # (B, T', V) at the LM's (decoder's) positions
+    query_output: torch.Tensor  # (B, Q, d)
+
+
+@dataclass
+class Blip2Features:
+    image_embeds: torch.Tensor | None = None  # (B, Q, d) query outputs
+    image_embeds_proj: torch.Tensor | None = None  # (B, Q, E) L2-normalised
+    text_embeds: torch.Tensor | None = None  # (B, T, d)
+    text_embeds_proj: torch.Tensor | None = None  # (B, E) L2-normalised [CLS]
+    multimodal_embeds: torch.Tensor | None = None  # (B, Q, d) queries after seeing the text
+
+
+@dataclass
+class RetrievalScores:
+    itc: torch.Tensor  # (Ni, Nt) cosine similarity, max over queries
+    i2t: torch.Tensor  # (Ni, Nt) ITM + ITC for each image's top-k texts, -inf elsewhere
+    t2i: torch.Tensor  # (Nt, Ni) ITM + ITC for each text's top-k images, -inf elsewhere
+
+
+def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy against targets spread evenly over each row's positives, with label smoothing.
+
+    With one positive per row this equals F.cross_entropy(..., label_smoothing=smoothing); with
+    several (captions of the same image in one batch) none of them is pushed away as a negative.
+    """
+    target = positives.float() / positives.sum(1, keepdim=True)
+    target = target * (1 - smoothing) + smoothing / logits.shape[1]
+    return -(target * logits.float().log_softmax(dim=1)).sum(1).mean()
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor):
+    """For each row, draw one column from softmax(sim) with the positives masked out.
+
+    Returns (index (B,), valid (B,)). A row whose columns are all positives has no negative to give:
+    it is marked invalid (and gets a dummy index) instead of producing NaN weights.
+    """
+    if not torch.isfinite(sim).all():
+        raise FloatingPointError("non-finite ITC similarities: cannot sample ITM hard negatives")
+    valid = ~positives.all(dim=1)
+    weights = sim.float().masked_fill(positives, float("-inf")).softmax(dim=1)
+    weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
+    return torch.multinomial(weights, 1).squeeze(1), valid
+
+
+class Blip2(nn.Module):
+    def __init__(self, config: Blip2Config, vision: nn.Module | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        qcfg = config.qformer
+        if vision is not None and vision.hidden_size != qcfg.encoder_hidden_size:
+            raise ValueError(f"vision backbone width {vision.hidden_size} != qformer.encoder_hidden_size "
+                             f"{qcfg.encoder_hidden_size}")
+        self.vision = freeze(vision) if vision is not None else None
+        # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output.
+        self.ln_vision = nn.LayerNorm(qcfg.encoder_hidden_size)
+        self.qformer = QFormer(qcfg)
+        if qcfg.text_branch:
+            self.vision_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
+            self.text_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
+            self.itm_head = nn.Linear(qcfg.hidden_size, 2)
+            self.temp = nn.Parameter(torch.tensor(config.init_temperature))
+            for m in (self.vision_proj, self.text_proj, self.itm_head):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.lm = None
+        if lm is not None:
+            self.lm = freeze(lm)
+            self.lm_proj = nn.Linear(qcfg.hidden_size, lm.get_input_embeddings().embedding_dim)
+            self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        self.log_parameter_counts()
+
+    # ------------------------------------------------------------------ building, saving, loading
+    @classmethod
+    def from_config(cls, config: Blip2Config, root: str | Path | None = None,
+                    load_vision: bool = True, load_lm: bool = True) -> "Blip2":
+        """Build from a config, loading the frozen backbones it names (paths relative to `root` first)."""
+        config = copy.deepcopy(config)
+        # From here on the config names where its parts really are, not where they sit in `root`.
+        config.vision.name_or_path = backbones.resolve_path(config.vision.name_or_path, root)
+        config.qformer_tokenizer = backbones.resolve_path(config.qformer_tokenizer, root)
+        if config.lm is not None:
+            config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
+        vision = backbones.load_vision(config.vision) if load_vision else None
+        if vision is not None:
+            config.qformer.encoder_hidden_size = vision.hidden_size
+        lm = backbones.load_lm(config.lm) if (config.lm is not None and load_lm) else None
+        return cls(config, vision, lm)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, lm: str | LMConfig | None = None, drop_text_branch: bool = False,
+                        load_vision: bool = True, load_lm: bool = True) -> "Blip2":
+        """Load a vlbridge checkpoint (a directory or a hub id).
+
+        lm: attach this LM instead of the saved one (e.g. a stage-1 checkpoint going into stage 2);
+            its projection starts fresh. drop_text_branch: remove what stage 2 does not use.
+        """
+
+        root = local_dir(name_or_path)
+        config = load_json(Blip2Config, root / "config.json")
+        new_lm = lm is not None
+        if new_lm:
+            config.lm = copy.deepcopy(lm) if isinstance(lm, LMConfig) else LMConfig(name_or_path=str(lm))
+        model = cls.from_config(config, root=root, load_vision=load_vision, load_lm=load_lm)
+        from safetensors.torch import load_file
+
+        state = load_file(str(root / "model.safetensors"))
+        if new_lm:  # the new LM gets a fresh projection, whatever the width of the saved one
+            state = {k: v for k, v in state.items() if not k.startswith("lm_proj.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(BACKBONES)]
+        if new_lm or not load_lm:
+            missing = [k for k in missing if not k.startswith("lm_proj.")]
+            unexpected = [k for k in unexpected if not k.startswith("lm_proj.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {root} does not match the model: missing {missing}, unexpected {unexpected}")
+        if drop_text_branch:
+            model.drop_text_branch()
+        return model
+
+    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True):
+        """Write config.json + model.safetensors (the bridge); with include_backbones also vision/ and
+        lm/ in transformers' own format, and with a processor its files (tokenizers, image
+        preprocessing) beside them, so that the directory is self-contained."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if processor is not None:
+            processor.save_pretrained(path)
+            if processor.qformer_tokenizer is not None:
+                config.qformer_tokenizer = "qformer_tokenizer"
+        if include_backbones and self.vision is not None:
+            self.vision.save_pretrained(path / "vision")
+            config.vision.name_or_path, config.vision.feature_layer = "vision", -1  # saved already cut
+        if include_backbones and self.lm is not None:
+            self.lm.save_pretrained(path / "lm")
+            config.lm.name_or_path = "lm"
+        save_json(config, path / "config.json")
+        save_file(self.bridge_state_dict(), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def bridge_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained part: everything except the frozen backbones."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONES)}
+
+    def drop_text_branch(self):
+        """Stage 2 needs neither the Q-Former's text side nor the ITC/ITM heads."""
+        self.qformer.drop_text_branch()
+        self.config.qformer_tokenizer = ""  # nothing left that reads text
+        for name in ("vision_proj", "text_proj", "itm_head", "temp"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.log_parameter_counts()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for backbone in (self.vision, self.lm):  # frozen backbones stay in eval mode (no dropout)
+            if backbone is not None:
+                backbone.eval()
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"trainable": 0, "frozen": 0}
+        for p in self.parameters():
+            counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        return counts
+
+    def log_parameter_counts(self):
+        for name, backbone in (("vision", self.vision), ("lm", self.lm)):
+            if backbone is not None and any(p.requires_grad for p in backbone.parameters()):
+                raise RuntimeError(f"the {name} backbone must be frozen")
+        c = self.parameter_counts()
+        log.info("BLIP-2 parameters: trainable %s, frozen %s", f"{c['trainable']:,}", f"{c['frozen']:,}")
+
+    # ------------------------------------------------------------------ shared pieces
+    def image_embeds(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """ln_vision(frozen encoder features), (B, N, Dv). `image_features` (the frozen encoder's raw
+        output, e.g. from a cache) skips the encoder."""
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or image_features")
+            if self.vision is None:
+                raise ValueError("this model was loaded without its vision backbone: pass image_features")
+            with torch.no_grad():
+                image_features = self.vision(pixel_values)
+        return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
+
+    def _require_text_branch(self):
+        if not self.config.qformer.text_branch:
+            raise ValueError("this model's Q-Former text branch was dropped (stage 2): ITC/ITM/ITG are unavailable")
+
+    def _image_feats(self, img: torch.Tensor, use_cache: bool = False):
+        """Query outputs (B, Q, d), their normalised projections (B, Q, E), and optionally the K/V cache."""
+        out = self.qformer(image_embeds=img, use_cache=use_cache)
+        query, cache = out if use_cache else (out, None)
+        return query, F.normalize(self.vision_proj(query), dim=-1), cache
+
+    def _text_feat(self, input_ids, attention_mask):
+        text = self.qformer(input_ids, attention_mask)
+        return text, F.normalize(self.text_proj(text[:, 0]), dim=-1)
+
+    def _itm_logits(self, img, input_ids, attention_mask) -> torch.Tensor:
+        """(B, 2): the ITM head on each query after the bidirectional pass, averaged over queries."""
+        h = self.qformer(input_ids, attention_mask, image_embeds=img, mask_kind="bidirectional")
+        return self.itm_head(h[:, : self.config.qformer.num_query_tokens]).mean(dim=1)
+
+    # ------------------------------------------------------------------ stage 1
+    def pretrain_losses(self, input_ids, attention_mask, pixel_values=None, image_features=None,
+                        image_ids=None) -> Blip2PretrainOutput:
+        """ITC + ITM + ITG. input_ids/attention_mask: Q-Former tokens (B, T) starting with [CLS].
+
+        image_ids (B,): samples with equal ids show the same image (several captions per image);
+        they are positives for each other in ITC and never drawn as ITM negatives.
+        """
+        self._require_text_branch()
+        eps = self.config.label_smoothing
+        img = self.image_embeds(pixel_values, image_features)  # (B, N, Dv)
+        B = img.shape[0]
+        rank, _ = world()
+        if image_ids is None:
+            image_ids = torch.arange(B, device=img.device) + rank * B
+
+        # ITC: unimodal passes (queries alone with the image; text alone).
+        query, image_feats, query_cache = self._image_feats(img, use_cache=True)
+        _, text_feat = self._text_feat(input_ids, attention_mask)
+        image_feats_all, text_feat_all = gather_with_grad(image_feats), gather_with_grad(text_feat)
+        ids_all = gather_no_grad(image_ids)
+        temp = self.temp.clamp(0.001, 0.5)
+        sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat_all).amax(-1) / temp  # (B, B_all)
+        sim_t2i = torch.einsum("te,bqe->tbq", text_feat, image_feats_all).amax(-1) / temp  # (B, B_all)
+        positives = image_ids[:, None] == ids_all[None, :]
+        loss_itc = (soft_cross_entropy(sim_i2t, positives, eps) + soft_cross_entropy(sim_t2i, positives, eps)) / 2
+
+        # ITM: B positive pairs, then per text a hard-negative image, per image a hard-negative text.
+        img_all = gather_with_grad(img)
+        ids_text_all, mask_text_all = gather_no_grad(input_ids), gather_no_grad(attention_mask)
+        neg_img, valid_t = sample_hard_negatives(sim_t2i.detach(), positives)
+        neg_txt, valid_i = sample_hard_negatives(sim_i2t.detach(), positives)
+        itm_ids = torch.cat([input_ids, input_ids[valid_t], ids_text_all[neg_txt[valid_i]]])
+        itm_mask = torch.cat([attention_mask, attention_mask[valid_t], mask_text_all[neg_txt[valid_i]]])
+        itm_img = torch.cat([img, img_all[neg_img[valid_t]], img[valid_i]])
+        itm_labels = torch.zeros(len(itm_ids), dtype=torch.long, device=img.device)
+        itm_labels[:B] = 1
+        loss_itm = F.cross_entropy(self._itm_logits(itm_img, itm_ids, itm_mask).float(), itm_labels)
+
+        # ITG: [DEC] replaces [CLS]; text attends to the cached query keys/values (queries never see
+        # text, so the ITC pass computed exactly the query states ITG needs) and causally to itself.
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.config.qformer.bos_token_id
+        labels = dec_ids.masked_fill(attention_mask == 0, -100)
+        h = self.qformer(dec_ids, attention_mask, past_key_values=query_cache, mask_kind="causal")
+        logits = self.qformer.itg_logits(h)
+        loss_itg = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100, label_smoothing=eps)
+        return Blip2PretrainOutput(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)
+
+    # ------------------------------------------------------------------ stage 2
+    def _require_lm(self):
+        if self.lm is None:
+            raise ValueError("this model has no LM (stage 1); load one with Blip2.from_pretrained(path, lm=...)")
+
+    def lm_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None):
+        """The LM's inputs_embeds (B, Q+T, H), attention_mask and labels with the visual prompt in
+        place, and the query outputs (B, Q, d). Encoder-decoder labels are the decoder's targets, not
+        aligned with the encoder inputs: they come back unchanged."""
+        self._require_lm()
+        if self.config.lm.is_encoder_decoder and labels is not None:
+            inputs_embeds, mask, _, query = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features)
+            return inputs_embeds, mask, labels, query
+        query = self.qformer(image_embeds=self.image_embeds(pixel_values, image_features))  # (B, Q, d)
+        emb = self.lm.get_input_embeddings()
+        prompt = self.lm_proj(query).to(emb.weight.dtype)  # (B, Q, H)
+        B, Q = prompt.shape[:2]
+        if input_ids is None:
+            input_ids = torch.empty(B, 0, dtype=torch.long, device=prompt.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = emb(input_ids)
+        if self.config.image_token_id is not None:  # transformers' layout: Q image tokens in the prompt
+            slots = input_ids == self.config.image_token_id
+            if (slots.sum(1) != Q).any():
+                raise ValueError(f"every prompt must hold exactly {Q} image tokens (id {self.config.image_token_id}); "
+                                 f"found {slots.sum(1).tolist()} - the processor inserts them")
+            text = text.masked_scatter(slots[..., None].expand_as(text), prompt)
+            labels = None if labels is None else labels.masked_fill(slots, -100)
+            return text, attention_mask, labels, query
+        mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((B, Q), -100), labels], dim=1)
+        return torch.cat([prompt, text], dim=1), mask, labels, query
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
+                decoder_input_ids=None, decoder_attention_mask=None) -> Blip2Output:
+        """Stage-2 forward. Decoder-only: input_ids = prompt + target, labels -100 on the prompt.
+        Encoder-decoder: input_ids = prompt (prefix) for the encoder, labels = target for the decoder."""
+        inputs_embeds, mask, labels, query = self.lm_inputs(pixel_values, input_ids, attention_mask, labels,
+                                                            image_features)
+        if self.config.lm.is_encoder_decoder:
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise ValueError("an encoder-decoder LM needs labels or decoder_input_ids")
+                decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                          decoder_attention_mask=decoder_attention_mask)
+            logits, targets = out.logits, labels
+        else:
+            kwargs = {"position_ids": position_ids(mask)} if self._lm_takes_position_ids else {}
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+            logits, targets = out.logits, None if labels is None else labels[:, 1:]
+            if labels is not None:
+                logits = logits[:, :-1]
+        loss = None
+        if targets is not None:
+            if not (targets != -100).any():
+                raise ValueError("every label is -100: there is no target text to learn from")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return Blip2Output(loss, out.logits, query)
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, image_features=None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Generate with the frozen LM; takes transformers' keywords (max_new_tokens, num_beams,
+        length_penalty, min_new_tokens, do_sample, temperature, top_p, repetition_penalty, ...).
+
+        Returns only the new token ids (B, L). Batched decoder-only prompts must be left-padded
+        (the processor does that).
+        """
+        inputs_embeds, mask, _, _ = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features)
+        if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = 30
+        out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
+        if self.config.lm.is_encoder_decoder:
+            out = out[:, 1:]  # drop the decoder start token
+        return out
+
+    # ------------------------------------------------------------------ retrieval and features
+    @torch.no_grad()
+    def itc(self, input_ids, attention_mask, pixel_values=None, image_features=None) -> torch.Tensor:
+        """(B_img, B_txt) cosine similarity: max over queries of cos(query, text [CLS])."""
+        self._require_text_branch()
+        _, image_feats, _ = self._image_feats(self.image_embeds(pixel_values, image_features))
+        _, text_feat = self._text_feat(input_ids, attention_mask)
+        return torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1)
+
+    @torch.no_grad()
+    def itm(self, input_ids, attention_mask, pixel_values=None, image_features=None) -> torch.Tensor:
+        """(B, 2) ITM logits [no match, match] for paired images and texts."""
+        self._require_text_branch()
+        return self._itm_logits(self.image_embeds(pixel_values, image_features), input_ids, attention_mask)
+
+    @torch.no_grad()
+    def retrieval_scores(self, input_ids, attention_mask, pixel_values=None, image_features=None,
+                         k: int = 128, batch_size: int = 64) -> RetrievalScores:
+        """Rank all images against all texts: ITC for every pair, then the top k of each row re-ranked
+        with ITM; re-ranked score = ITM match logit + ITC similarity (as in BLIP-2's evaluation)."""
+        self._require_text_branch()
+        source = pixel_values if image_features is None else image_features
+        img = torch.cat([self.image_embeds(**{("pixel_values" if image_features is None else "image_features"): x})
+                         for x in source.split(batch_size)])  # (Ni, N, Dv)
+        image_feats = torch.cat([self._image_feats(x)[1] for x in img.split(batch_size)])  # (Ni, Q, E)
+        text_feat = torch.cat([self._text_feat(i, m)[1] for i, m in
+                               zip(input_ids.split(batch_size), attention_mask.split(batch_size))])  # (Nt, E)
+        itc = torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1)  # (Ni, Nt)
+
+        def rerank(sim, image_of, text_of):
+            scores = torch.full_like(sim, float("-inf"))
+            top_sim, top = sim.topk(min(k, sim.shape[1]), dim=1)
+            for row in range(sim.shape[0]):
+                for s in range(0, top.shape[1], batch_size):
+                    cols = top[row, s:s + batch_size]
+                    im, tx = image_of(row, cols), text_of(row, cols)
+                    logit = self._itm_logits(img[im], input_ids[tx], attention_mask[tx])[:, 1]
+                    scores[row, cols] = logit.float() + top_sim[row, s:s + batch_size]
+            return scores
+
+        i2t = rerank(itc, lambda r, c: torch.full_like(c, r), lambda r, c: c)
+        t2i = rerank(itc.t(), lambda r, c: c, lambda r, c: torch.full_like(c, r))
+        return RetrievalScores(itc, i2t, t2i)
+
+    @torch.no_grad()
+    def extract_features(self, input_ids=None, attention_mask=None, pixel_values=None,
+                         image_features=None) -> Blip2Features:
+        """Image, text and multimodal embeddings from one call; each part needs its inputs."""
+        feats = Blip2Features()
+        img = None
+        if pixel_values is not None or image_features is not None:
+            img = self.image_embeds(pixel_values, image_features)
+            feats.image_embeds = self.qformer(image_embeds=img)
+            if self.config.qformer.text_branch:
+                feats.image_embeds_proj = F.normalize(self.vision_proj(feats.image_embeds), dim=-1)
+        if input_ids is not None:
+            self._require_text_branch()
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            feats.text_embeds, feats.text_embeds_proj = self._text_feat(input_ids, mask)
+            if img is not None:
+                h = self.qformer(input_ids, mask, image_embeds=img, mask_kind="bidirectional")
+                feats.multimodal_embeds = h[:, : self.config.qformer.num_query_tokens]
+        return feats
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so a left-padded row is numbered like an unpadded one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def local_dir(name_or_path: str | Path) -> Path:
+    """A local directory as is; anything else is a hub id, fetched with huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path)))
+
+
+def create_blip2(config: Blip2Config, root: str | Path | None = None):
+    """A new BLIP-2 (fresh Q-Former) on the backbones `config` names, and its processor.
+
+    The Q-Former's vocabulary and special ids are taken from `config.qformer_tokenizer` ([DEC] is
+    added when the tokenizer lacks a bos token).
+    """
+    from transformers import AutoTokenizer
+
+    from .backbones import resolve_path
+    from .processor import Blip2Processor, qformer_config_for
+
+    config = copy.deepcopy(config)
+    if not config.qformer_tokenizer:
+        raise ValueError("Blip2Config.qformer_tokenizer is empty: name a BERT tokenizer (e.g. bert-base-uncased)")
+    qtok = AutoTokenizer.from_pretrained(resolve_path(config.qformer_tokenizer, root))
+    config.qformer = qformer_config_for(qtok, config.qformer)
+    model = Blip2.from_config(config, root)
+    processor = Blip2Processor.from_config(model.config, root, qformer_tokenizer=qtok)  # qtok: with [DEC]
+    return model, processor

@@ -1,0 +1,117 @@
+"""Typed configs that round-trip through JSON.
+
+Every config is a plain dataclass. `to_dict` / `from_dict` are exact inverses, and `from_dict`
+refuses unknown keys (a typo in a recipe must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build dataclass `cls` from a dict, recursing into nested dataclass fields."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_in(hints[name])
+        kwargs[name] = from_dict(sub, value) if sub is not None and value is not None else value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint) -> type | None:
+    """The dataclass type in `hint` (also inside `X | None`), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+@dataclass
+class VisionConfig:
+    """A frozen Hugging Face vision backbone that yields patch tokens."""
+
+    name_or_path: str = ""
+    # Which layer's hidden states feed the bridge: -1 = last layer, -2 = penultimate (BLIP-2).
+    # Layers after it are removed at load time, so they cost neither compute nor memory.
+    feature_layer: int = -2
+    dtype: str = "float32"  # dtype the frozen weights are held in: float32 | bfloat16 | float16
+    hidden_size: int = 0  # filled from the backbone when it is loaded
+
+
+@dataclass
+class LMConfig:
+    """A frozen Hugging Face language model: causal (OPT, GPT-2, Llama, Qwen2) or encoder-decoder (T5)."""
+
+    name_or_path: str = ""
+    dtype: str = "float32"
+    hidden_size: int = 0  # filled from the LM when it is loaded
+    is_encoder_decoder: bool = False  # filled from the LM when it is loaded
+
+
+@dataclass
+class QFormerConfig:
+    """BERT-style Q-Former. Defaults are BLIP-2's (BERT-base, 32 queries, cross-attention every 2nd layer)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408  # width of the image features; set from the vision backbone
+    vocab_size: int = 30523  # bert-base-uncased + [DEC]
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    # The text side (word/position embeddings, text FFNs, ITG head) is needed for stage 1 only.
+    text_branch: bool = True
+    pad_token_id: int = 0
+    bos_token_id: int = 30522  # [DEC]: replaces [CLS] as the first token for image-grounded generation
+
+
+@dataclass
+class Blip2Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lm: LMConfig | None = None  # None: a stage-1 model (no LLM)
+    qformer_tokenizer: str = ""  # BERT tokenizer (+ [DEC]) for the Q-Former's text side
+    embed_dim: int = 256  # ITC embedding width
+    init_temperature: float = 0.07
+    label_smoothing: float = 0.1  # ITC and ITG, as in LAVIS
+    max_text_length: int = 32  # Q-Former text tokens in stage 1
+    # transformers' newer BLIP-2 layout: the LM prompt holds num_query_tokens copies of this token
+    # and the projected queries are written there. None: queries are prepended to the text.
+    image_token_id: int | None = None
+    caption_prompt: str = "a photo of"
+    vqa_prompt: str = "Question: {} Answer:"

@@ -1,0 +1,1 @@
+"""Datasets: ShapesWorld (procedural scenes for tests, demos and the shipped tiny backbones)."""

@@ -1,0 +1,146 @@
+"""Training batches for BLIP-2, a pure function of (seed, step, micro-step).
+
+Because a batch depends on nothing but its step, resuming at step s replays exactly the batches an
+uninterrupted run would have seen, and N ranks can each take their slice of the same global batch.
+
+Samples are dicts: {"image": PIL image | None, "key": int (pool index), "caption": str,
+"image_id": int, "prompt": str, "target": str}. A `FeatureCache` replaces images by the frozen
+encoder's stored features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import shapesworld as sw
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapesworld"
+    split: str = "train"
+    num_samples: int = 20000  # size of the pool of scenes
+    group_size: int = 4  # stage 1: contrast groups of this many minimal edits share a batch
+    tasks: list[str] = field(default_factory=lambda: ["caption"])  # stage 2: "caption" and/or "vqa"
+    width: int = 64
+    height: int = 64
+    seed: int = 0
+
+
+class ShapesWorldPool:
+    """A fixed pool of ShapesWorld scenes: contrast groups (group_size > 1) or independent scenes."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.world = sw.ShapesWorldConfig(width=cfg.width, height=cfg.height, seed=cfg.seed)
+        k = max(cfg.group_size, 1)
+        if k > 1:
+            groups = [sw.contrast_group(np.random.default_rng([cfg.seed, 7, g]), self.world, k, cfg.split)
+                      for g in range(cfg.num_samples // k)]
+            self.scenes = [s for g in groups for s in g]
+        else:
+            self.scenes = sw.make_split(cfg.split, cfg.num_samples, self.world)
+        self.group_size = k
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def image(self, i: int):
+        return sw.render(self.scenes[i], self.world)
+
+    def sample(self, i: int, rng: np.random.Generator, vqa_prompt: str, caption_prompt: str) -> dict:
+        """The sample for pool index i; for stage 2 a task drawn from cfg.tasks by `rng`."""
+        scene = self.scenes[i]
+        task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
+        if task == "vqa" and scene.qa:
+            qa = scene.qa[int(rng.integers(len(scene.qa)))]
+            prompt, target = vqa_prompt.format(qa.question), qa.answer
+        else:
+            prompt, target = caption_prompt, scene.caption
+        return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target}
+
+
+class FeatureCache:
+    """The frozen vision encoder's output for every pool image, computed once and stored on disk
+    (safetensors, bf16) under a name that hashes what determines it."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features  # (N, T, D)
+
+    @classmethod
+    def build(cls, vision, pool: ShapesWorldPool, processor, cache_dir: str | Path, identity: dict,
+              batch_size: int = 256) -> "FeatureCache":
+        from safetensors.torch import load_file, save_file
+
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"features-{digest}.safetensors"
+        if path.exists():
+            log.info("feature cache: loading %s", path)
+            return cls(load_file(str(path))["features"])
+        chunks = []
+        with torch.no_grad():
+            for s in tqdm(range(0, len(pool), batch_size), desc="caching frozen image features"):
+                images = [pool.image(i) for i in range(s, min(s + batch_size, len(pool)))]
+                chunks.append(vision(processor.images(images)).to(torch.bfloat16))
+        features = torch.cat(chunks)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous()}, str(path))
+        log.info("feature cache: wrote %s %s", path, tuple(features.shape))
+        return cls(features)
+
+
+class BatchStream:
+    """batch(step, micro) -> model inputs; indices from a per-epoch permutation seeded by cfg.seed."""
+
+    def __init__(self, pool: ShapesWorldPool, processor, batch_size: int, grad_accum: int, stage: int,
+                 prompts: tuple[str, str], seed: int = 0, cache: FeatureCache | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.pool, self.processor, self.stage, self.cache = pool, processor, stage, cache
+        self.caption_prompt, self.vqa_prompt = prompts
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.rank, self.world_size = rank, world_size
+        k = pool.group_size if stage == 1 else 1
+        if batch_size % k:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the contrast group size {k}")
+        self.k = k
+        self.units_per_batch = batch_size // k  # groups (stage 1) or samples per micro-batch
+        self.num_units = len(pool) // k
+        if self.num_units < self.units_per_batch * grad_accum * world_size:
+            raise ValueError(f"the pool holds {self.num_units} units, fewer than one optimizer step needs")
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Pool indices of this rank's micro-batch."""
+        per_step = self.units_per_batch * self.grad_accum * self.world_size
+        start = (step * self.grad_accum + micro) * self.units_per_batch * self.world_size
+        start += self.rank * self.units_per_batch
+        # Epochs hold whole steps (the remainder of the pool waits for the next permutation).
+        epoch, offset = divmod(start, self.num_units - self.num_units % per_step)
+        perm = np.random.default_rng([self.seed, 11, epoch]).permutation(self.num_units)
+        units = perm[offset: offset + self.units_per_batch]
+        return [int(u) * self.k + j for u in units for j in range(self.k)]
+
+    def batch(self, step: int, micro: int = 0) -> dict:
+        idx = self.indices(step, micro)
+        rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
+        samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
+        if self.cache is not None:
+            batch = {"image_features": self.cache.features[idx].float()}
+        else:
+            batch = {"pixel_values": self.processor.images([self.pool.image(i) for i in idx])}
+        if self.stage == 1:
+            q = self.processor.qformer_text([s["caption"] for s in samples], truncate=True)
+            batch.update(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                         image_ids=torch.tensor([s["image_id"] for s in samples]))
+        else:
+            batch.update(self.processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples]))
+        return batch

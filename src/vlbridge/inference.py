@@ -1,0 +1,66 @@
+"""Text-in, text-out helpers on top of a model and its processor: captions, answers, ranking.
+
+    model = Blip2.from_pretrained("my-blip2"); processor = Blip2Processor.from_pretrained("my-blip2")
+    caption(model, processor, ["cat.jpg"], num_beams=5)           -> ["a cat on a sofa"]
+    answer(model, processor, ["cat.jpg"], ["what animal is it?"])  -> ["cat"]
+    rank_images(model, processor, ["a.jpg", "b.jpg"], "a cat")     -> [(1, 3.2), (0, -1.5)]
+"""
+
+from __future__ import annotations
+
+import torch
+
+# BLIP-2's evaluation settings: captions 5 beams, 8..30 tokens; VQA 5 beams, short answers.
+CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
+VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, length_penalty=-1.0)
+
+
+def _generate(model, processor, images, prompts, defaults, batch_size, **generate_kwargs) -> list[str]:
+    kwargs = {**defaults, **generate_kwargs}
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch_size):
+        batch = processor(images=images[s:s + batch_size], text=prompts[s:s + batch_size])
+        out += processor.batch_decode(model.generate(**batch, **kwargs))
+    return out
+
+
+def caption(model, processor, images, prompt: str | None = None, batch_size: int = 16, **generate_kwargs) -> list[str]:
+    """Captions for a list of images (PIL, numpy, paths); prompt defaults to the model's caption prompt."""
+    prompt = model.config.caption_prompt if prompt is None else prompt
+    return _generate(model, processor, list(images), [prompt] * len(images), CAPTION_DEFAULTS, batch_size,
+                     **generate_kwargs)
+
+
+def answer(model, processor, images, questions, template: str | None = None, batch_size: int = 16,
+           **generate_kwargs) -> list[str]:
+    """One answer per (image, question); template defaults to the model's VQA prompt ("Question: {} Answer:")."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    template = model.config.vqa_prompt if template is None else template
+    prompts = [template.format(q) for q in questions]
+    return _generate(model, processor, list(images), prompts, VQA_DEFAULTS, batch_size, **generate_kwargs)
+
+
+@torch.no_grad()
+def _scores(model, processor, images, texts, k: int) -> torch.Tensor:
+    """(Ni, Nt) re-ranked retrieval scores: ITC for all pairs, ITM + ITC for each image's top k."""
+    model.eval()
+    batch = processor(images=images, qformer_text=texts)
+    scores = model.retrieval_scores(batch["qformer_input_ids"], batch["qformer_attention_mask"],
+                                    pixel_values=batch["pixel_values"], k=k)
+    return scores
+
+
+def rank_images(model, processor, images, text: str, k: int = 128) -> list[tuple[int, float]]:
+    """Images ordered by how well they match `text`: [(image index, score)], best first."""
+    s = _scores(model, processor, images, [text], k).t2i[0]
+    order = s.argsort(descending=True)
+    return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]
+
+
+def rank_texts(model, processor, image, texts: list[str], k: int = 128) -> list[tuple[int, float]]:
+    """Texts ordered by how well they match `image`: [(text index, score)], best first."""
+    s = _scores(model, processor, [image], list(texts), k).i2t[0]
+    order = s.argsort(descending=True)
+    return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]

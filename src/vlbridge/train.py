@@ -1,0 +1,297 @@
+"""One training entry point:  vlbridge train RECIPE.json [key.sub=value ...]
+
+Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts) -> data -> AdamW
+with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
+resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .blip2 import Blip2, create_blip2
+from .config import Blip2Config, from_dict, load_json, save_json, to_dict
+from .data.batches import BatchStream, DataConfig, FeatureCache, ShapesWorldPool
+from .processor import Blip2Processor
+
+log = logging.getLogger("vlbridge.train")
+ASSETS = Path(__file__).parent / "assets"
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # BLIP-2 stage 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM)
+    model: Blip2Config = field(default_factory=Blip2Config)
+    init_from: str = ""  # a checkpoint to start from (stage 2 starts from stage 1's)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: str = "bf16"  # bf16 autocast (CPU and GPU) or fp32
+    seed: int = 0
+    out_dir: str = "runs/blip2"
+    save_every: int = 0  # checkpoint every N steps for resume (0: only at the end)
+    log_every: int = 10
+    cache_features: bool = False  # run the frozen encoder once over the pool and train on stored features
+    grad_checkpointing: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    device: str = "auto"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A recipe file (or the name of a shipped one) plus `key.sub=value` overrides (values parsed as JSON)."""
+    path = Path(path)
+    if not path.exists() and (RECIPES / f"{path}.json").exists():
+        path = RECIPES / f"{path}.json"
+    data = json.loads(Path(path).read_text())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        node, *_ = data, None
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = json.loads(value)
+        except json.JSONDecodeError:
+            node[leaf] = value
+    cfg = from_dict(TrainConfig, data)
+    for c in (cfg.model.vision, cfg.model.lm):
+        if c is not None:
+            c.name_or_path = expand(c.name_or_path)
+    cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
+    cfg.init_from = expand(cfg.init_from)
+    return cfg
+
+
+def expand(path: str) -> str:
+    """`{assets}` in recipe paths means the backbones shipped inside the package."""
+    return path.replace("{assets}", str(ASSETS))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(cfg.steps - o.warmup_steps, 1)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_model(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
+    if cfg.stage == 1:
+        if cfg.init_from:
+            return Blip2.from_pretrained(cfg.init_from), Blip2Processor.from_pretrained(cfg.init_from)
+        return create_blip2(cfg.model)
+    if cfg.model.lm is None:
+        raise ValueError("a stage-2 recipe needs model.lm")
+    if cfg.init_from:  # the stage-1 Q-Former, a fresh projection into this LM, no text branch
+        model = Blip2.from_pretrained(cfg.init_from, lm=cfg.model.lm, drop_text_branch=True)
+        model.config.caption_prompt, model.config.vqa_prompt = cfg.model.caption_prompt, cfg.model.vqa_prompt
+    else:
+        model, _ = create_blip2(cfg.model)
+        model.drop_text_branch()
+    return model, Blip2Processor.from_config(model.config)
+
+
+def loss_of(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
+    if stage == 1:
+        out = model.pretrain_losses(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                    batch.get("image_features"), batch["image_ids"])
+        return out.loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(),
+                          "loss_itg": out.loss_itg.item()}
+    out = model(batch.get("pixel_values"), batch["input_ids"], batch["attention_mask"], batch["labels"],
+                batch.get("image_features"))
+    return out.loss, {}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Only trainable parameters; no decay on biases, norms, the temperature and query tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "query_tokens" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(path: Path, step: int, model, opt, processor):
+    """Bridge weights + optimizer state + RNG, all as safetensors/JSON (nothing pickled)."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(path, processor=processor, include_backbones=False)
+    tensors, meta = {"rng.torch": torch.get_rng_state()}, {"step": step, "param_state": []}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        meta["param_state"].append(sorted(st))
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "trainer_state.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps(meta))
+
+
+def load_checkpoint(path: Path, model, opt) -> int:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    meta = json.loads((path / "trainer_state.json").read_text())
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    missing = [k for k in missing if not k.startswith(("vision.", "lm."))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, (p, keys) in enumerate(zip(params, meta["param_state"])):
+        if keys:
+            opt.state[p] = {k: tensors[f"opt.{i}.{k}"] for k in keys}
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["step"]
+
+
+class Loggers:
+    """jsonl always; tensorboard / wandb only when asked, imported lazily."""
+
+    def __init__(self, cfg: TrainConfig, out: Path):
+        self.file = open(out / "log.jsonl", "a")
+        self.tb = self.wb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if cfg.wandb:
+            import wandb
+
+            self.wb = wandb.init(project="vlbridge", config=to_dict(cfg), dir=str(out))
+
+    def write(self, row: dict):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if self.tb is not None and isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wb is not None:
+            self.wb.log(row, step=row["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
+    """Run a recipe; returns the directory of the final model.
+
+    callback(step, model, processor, elapsed_s) -> dict, if given, runs every `callback_every` steps and at the
+    end (e.g. a quick evaluation); what it returns is logged with the step. It gets the model in
+    eval mode; training resumes in train mode.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, out / "recipe.json")
+
+    model, processor = build_model(cfg)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.qformer.set_grad_checkpointing(True)
+    counts = model.parameter_counts()
+    log.info("stage %d: trainable %s / frozen %s parameters", cfg.stage, f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+
+    pool = ShapesWorldPool(cfg.data)
+    cache = None
+    if cfg.cache_features:
+        identity = {"vision": to_dict(model.config.vision), "data": to_dict(cfg.data)}
+        cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache", identity)
+    stream = BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
+                         (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache)
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    start = 0
+    if (out / "last" / "trainer_state.json").exists():
+        start = load_checkpoint(out / "last", model, opt)
+        log.info("resumed from %s at step %d", out / "last", start)
+    loggers = Loggers(cfg, out)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model.train()
+    t0, seen = time.time(), 0
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}"):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        parts_sum: dict[str, float] = {}
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
+            with autocast:
+                loss, parts = loss_of(model, batch, cfg.stage)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (parts {parts})")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            seen += cfg.batch_size
+        grad_norm = None
+        if cfg.optim.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for g in opt.param_groups for p in g["params"]], cfg.optim.clip_grad))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            loggers.write({"step": step + 1, "loss": loss_sum, **parts_sum, "lr": opt.param_groups[0]["lr"],
+                           "grad_norm": grad_norm, "samples_per_s": seen / (time.time() - t0),
+                           "elapsed_s": time.time() - t0})
+        if callback is not None and ((callback_every and (step + 1) % callback_every == 0) or step + 1 == cfg.steps):
+            tc = time.time()
+            model.eval()
+            loggers.write({"step": step + 1, "elapsed_s": tc - t0, **callback(step + 1, model, processor, tc - t0)})
+            model.train()
+            t0 += time.time() - tc  # elapsed_s and samples_per_s count training time only
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(out / "last", step + 1, model, opt, processor)
+    loggers.close()
+    final = out / "final"
+    model.save_pretrained(final, processor=processor)
+    log.info("saved %s", final)
+    return final
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="vlbridge train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe JSON file, or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as JSON)")
+    args = p.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("vlbridge").setLevel(logging.INFO)
+    train(load_recipe(args.recipe, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The training entry point: recipes, schedule, a tiny end-to-end run, exact resume."""
+
+import json
+
+import pytest
+
+from vlbridge.config import to_dict
+from vlbridge.testing import tiny_blip2_config
+from vlbridge.train import OptimConfig, TrainConfig, load_recipe, lr_at, train
+
+
+def _recipe(tmp_path, name, **kw):
+    cfg = tiny_blip2_config(tmp_path / "backbones", lm=None)
+    r = {"stage": 1, "model": to_dict(cfg), "data": {"num_samples": 96, "group_size": 4},
+         "steps": 6, "batch_size": 8, "log_every": 1, "out_dir": str(tmp_path / name),
+         "optim": {"warmup_steps": 2, "lr": 1e-3}, "precision": "fp32"}
+    r.update(kw)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(r))
+    return path
+
+
+def _losses(out_dir):
+    return [json.loads(x)["loss"] for x in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_recipe_overrides_and_unknown_keys(tmp_path):
+    path = _recipe(tmp_path, "r")
+    cfg = load_recipe(path, ["steps=3", "optim.lr=0.5", "model.qformer.num_query_tokens=2", "out_dir=x"])
+    assert (cfg.steps, cfg.optim.lr, cfg.model.qformer.num_query_tokens, cfg.out_dir) == (3, 0.5, 2, "x")
+    with pytest.raises(ValueError, match="stepz"):
+        load_recipe(path, ["stepz=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_recipe(path, ["steps"])
+
+
+def test_shipped_recipes_parse():
+    for name in ("blip2_shapesworld_stage1", "blip2_shapesworld_stage2"):
+        cfg = load_recipe(name)
+        assert cfg.stage in (1, 2) and "{assets}" not in cfg.model.vision.name_or_path
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, optim=OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10))
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_resume_replays_the_same_losses(tmp_path):
+    straight = train(load_recipe(_recipe(tmp_path, "straight")))
+    # The same recipe, stopped after a checkpoint at step 3 and resumed.
+    interrupted = _recipe(tmp_path, "interrupted", save_every=3)
+    train(load_recipe(interrupted, ["steps=4"]))  # writes last/ at step 3, then runs on to 4
+    log = tmp_path / "interrupted" / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))  # forget the 4th step
+    train(load_recipe(interrupted))
+    a, b = _losses(straight.parent), _losses(tmp_path / "interrupted")
+    assert len(a) == len(b) == 6
+    assert b == pytest.approx(a, rel=1e-6, abs=1e-6)
+    assert a[-1] < a[0]
+
+
+def test_stage2_from_stage1_with_feature_cache(tmp_path):
+    stage1 = train(load_recipe(_recipe(tmp_path, "s1"), ["steps=2"]))
+    lm_cfg = tiny_blip2_config(tmp_path / "backbones2", lm="gpt2").lm
+    path = _recipe(tmp_path, "s2", stage=2, init_from=str(stage1), cache_features=True,
+                   data={"num_samples": 32, "group_size": 1, "tasks": ["caption", "vqa"]})
+    cfg = load_recipe(path, [f"model.lm={json.dumps(to_dict(lm_cfg))}"])
+    final = train(cfg)
+    from vlbridge import Blip2
+
+    model = Blip2.from_pretrained(final)
+    assert model.lm is not None and not model.config.qformer.text_branch
+    assert list((tmp_path / "feature-cache").glob("features-*.safetensors"))
+    assert len(_losses(tmp_path / "s2")) == 6
