@@ -286,3 +286,18 @@ def test_drop_text_branch_keeps_query_path():
     assert qf.word_embeddings is None and qf.lm_head is None and all(layer.ffn is None for layer in qf.layers)
     with pytest.raises(ValueError, match="no text branch"):
         qf(ids)
+
+
+def test_explicit_cpu_attention_matches_fused_kernel():
+    """The bf16 CPU path (explicit matmuls) agrees with the fused kernel, fully masked rows included."""
+    from vlbridge.qformer import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5, generator=g) > 0.4
+    allowed[0, 0, 2] = False  # a row that may see nothing
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16(), 0.0)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

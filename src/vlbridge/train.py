@@ -225,8 +225,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     pool = ShapesWorldPool(cfg.data)
     cache = None
     if cfg.cache_features:
-        identity = {"vision": to_dict(model.config.vision), "data": to_dict(cfg.data)}
-        cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache", identity)
+        cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
     stream = BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
                          (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache)
 

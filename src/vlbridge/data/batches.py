@@ -77,13 +77,25 @@ class FeatureCache:
     def __init__(self, features: torch.Tensor):
         self.features = features  # (N, T, D)
 
+    @staticmethod
+    def identity(vision, pool: ShapesWorldPool, processor) -> str:
+        """A digest of everything the features depend on: the encoder's weights (not its path: stage 2
+        loads the same encoder from stage 1's checkpoint), the image preprocessing and the scenes."""
+        h = hashlib.sha256()
+        for name, t in sorted(vision.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().contiguous().numpy().tobytes())
+        c = pool.cfg
+        scenes = {k: getattr(c, k) for k in ("source", "split", "num_samples", "group_size", "width", "height", "seed")}
+        h.update(json.dumps([scenes, processor.image_processor.to_dict()], sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
     @classmethod
-    def build(cls, vision, pool: ShapesWorldPool, processor, cache_dir: str | Path, identity: dict,
+    def build(cls, vision, pool: ShapesWorldPool, processor, cache_dir: str | Path,
               batch_size: int = 256) -> "FeatureCache":
         from safetensors.torch import load_file, save_file
 
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(cache_dir) / f"features-{digest}.safetensors"
+        path = Path(cache_dir) / f"features-{cls.identity(vision, pool, processor)}.safetensors"
         if path.exists():
             log.info("feature cache: loading %s", path)
             return cls(load_file(str(path))["features"])
