@@ -1,0 +1,113 @@
+"""make bench: benchmarks, outside the test suite. Prints a table of side-by-side ratios, writes JSON.
+
+    python -m vlbridge.bench --out bench-output [--size tiny|base] [--steps N]
+
+stage1_step: one Q-Former stage-1 training step (ITC + ITM + ITG, forward + backward + AdamW) on
+cached image features, in fp32 and in bf16 autocast, with the attention computed by torch's fused
+`scaled_dot_product_attention` kernel or by explicit matmul + softmax (`qformer.attention` picks
+the explicit path for bf16 on CPU because of what this measures). Sizes: "tiny" is the shipped
+ShapesWorld recipe's Q-Former (192 wide, 4 layers, 65 image tokens of width 128); "base" is
+BLIP-2's (BERT-base: 768 wide, 12 layers, 32 queries, 257 image tokens of width 1024).
+Runs on a CUDA GPU when one is present; every figure is stored with the device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import qformer as qf
+from .blip2 import Blip2
+from .config import Blip2Config, QFormerConfig
+
+SIZES = {
+    "tiny": dict(qformer=QFormerConfig(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512,
+                                       num_query_tokens=8, cross_attention_frequency=1, encoder_hidden_size=128,
+                                       vocab_size=64, bos_token_id=63, max_position_embeddings=64, dropout=0.0,
+                                       attention_dropout=0.0),
+                 image_tokens=65, text_len=24, batch=64),
+    "base": dict(qformer=QFormerConfig(encoder_hidden_size=1024), image_tokens=257, text_len=32, batch=32),
+}
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
+    spec = SIZES[size]
+    torch.manual_seed(0)
+    model = Blip2(Blip2Config(qformer=spec["qformer"])).to(device).train()  # no backbones: cached features
+    B, T, N = spec["batch"], spec["text_len"], spec["image_tokens"]
+    feats = torch.randn(B, N, spec["qformer"].encoder_hidden_size, device=device)
+    ids = torch.randint(6, spec["qformer"].vocab_size - 1, (B, T), device=device)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[: B // 2, T * 2 // 3:] = 0  # some padding, as in real batches
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(precision: str):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.pretrain_losses(ids, mask, image_features=feats).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = []
+    original = qf.attention
+    fused = lambda q, k, v, m, p: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
+    explicit = lambda q, k, v, m, p: ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (0 if m is None else m)).softmax(-1) @ v
+    try:
+        for precision in ("fp32", "bf16"):
+            for path, fn in (("fused", fused), ("explicit", explicit)):
+                qf.attention = fn
+                step(precision)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(precision)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / steps
+                rows.append({"bench": "stage1_step", "size": size, "precision": precision, "attention": path,
+                             "s_per_step": dt, "samples_per_s": B / dt, "batch": B})
+    finally:
+        qf.attention = original
+    base = next(r for r in rows if r["precision"] == "fp32" and r["attention"] == "fused")["s_per_step"]
+    for r in rows:
+        r["speedup_vs_fp32_fused"] = base / r["s_per_step"]
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-output")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = stage1_step(args.size, device, args.steps)
+    env = environment(device)
+    print(f"device: {env['device']}  torch {env['torch']}  threads {env['threads']}")
+    print(f"{'bench':12} {'size':5} {'precision':9} {'attention':9} {'s/step':>8} {'samples/s':>10} {'vs fp32 fused':>14}")
+    for r in rows:
+        print(f"{r['bench']:12} {r['size']:5} {r['precision']:9} {r['attention']:9} {r['s_per_step']:8.3f} "
+              f"{r['samples_per_s']:10.1f} {r['speedup_vs_fp32_fused']:13.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
