@@ -103,7 +103,17 @@ def _load_vision_model(path: str, dtype: torch.dtype) -> nn.Module:
                 return model
         model = AutoModel.from_pretrained(path, dtype=dtype)
         return model.vision_model
+    if config.architectures and not _auto_model_knows(config):  # e.g. Blip2VisionModel, absent from AutoModel
+        import transformers
+
+        return getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=dtype)
     return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+def _auto_model_knows(config) -> bool:
+    from transformers import MODEL_MAPPING
+
+    return MODEL_MAPPING.get(type(config), None) is not None
 
 
 def load_vision(cfg: VisionConfig, root: str | Path | None = None) -> VisionBackbone:

@@ -101,8 +101,11 @@ class Blip2(nn.Module):
             raise ValueError(f"vision backbone width {vision.hidden_size} != qformer.encoder_hidden_size "
                              f"{qcfg.encoder_hidden_size}")
         self.vision = freeze(vision) if vision is not None else None
-        # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output.
-        self.ln_vision = nn.LayerNorm(qcfg.encoder_hidden_size)
+        # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output. On BLIP-2's own tower
+        # it is that tower's post_layernorm (transformers' layout), so it takes the tower's eps.
+        tower_cfg = getattr(getattr(vision, "model", None), "config", None)
+        eps = tower_cfg.layer_norm_eps if getattr(tower_cfg, "model_type", "") == "blip_2_vision_model" else 1e-5
+        self.ln_vision = nn.LayerNorm(qcfg.encoder_hidden_size, eps=eps)
         self.qformer = QFormer(qcfg)
         if qcfg.text_branch:
             self.vision_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
@@ -139,13 +142,19 @@ class Blip2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, lm: str | LMConfig | None = None, drop_text_branch: bool = False,
                         load_vision: bool = True, load_lm: bool = True) -> "Blip2":
-        """Load a vlbridge checkpoint (a directory or a hub id).
+        """Load a vlbridge checkpoint, or one in transformers' BLIP-2 layout (config.json with
+        model_type "blip-2": Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval), from a
+        directory or a hub id.
 
         lm: attach this LM instead of the saved one (e.g. a stage-1 checkpoint going into stage 2);
             its projection starts fresh. drop_text_branch: remove what stage 2 does not use.
         """
+        from . import hf_blip2
 
         root = local_dir(name_or_path)
+        if hf_blip2.is_transformers_checkpoint(root):
+            return hf_blip2.load_transformers(root, str(name_or_path), lm=lm, drop_text_branch=drop_text_branch,
+                                              load_vision=load_vision, load_lm=load_lm)
         config = load_json(Blip2Config, root / "config.json")
         new_lm = lm is not None
         if new_lm:
@@ -167,12 +176,23 @@ class Blip2(nn.Module):
             model.drop_text_branch()
         return model
 
-    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True):
+    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True,
+                        format: str = "vlbridge"):
         """Write config.json + model.safetensors (the bridge); with include_backbones also vision/ and
         lm/ in transformers' own format, and with a processor its files (tokenizers, image
-        preprocessing) beside them, so that the directory is self-contained."""
+        preprocessing) beside them, so that the directory is self-contained.
+
+        format="transformers": one directory that transformers' Blip2ForConditionalGeneration (a model
+        with an LM and no Q-Former text branch) or Blip2ForImageTextRetrieval (stage 1) loads; needs
+        BLIP-2's own vision tower (Blip2VisionModel)."""
         from safetensors.torch import save_file
 
+        if format == "transformers":
+            from .hf_blip2 import save_transformers
+
+            return save_transformers(self, path, processor)
+        if format != "vlbridge":
+            raise ValueError(f"unknown format {format!r}; expected 'vlbridge' or 'transformers'")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
@@ -321,6 +341,11 @@ class Blip2(nn.Module):
         emb = self.lm.get_input_embeddings()
         prompt = self.lm_proj(query).to(emb.weight.dtype)  # (B, Q, H)
         B, Q = prompt.shape[:2]
+        if input_ids is None and self.config.image_token_id is not None:
+            # transformers' default prompt in this layout: the image tokens, then the LM's bos if it has one
+            bos = self.lm.config.bos_token_id
+            input_ids = torch.tensor([[self.config.image_token_id] * Q + ([bos] if bos is not None else [])],
+                                     device=prompt.device).expand(B, -1)
         if input_ids is None:
             input_ids = torch.empty(B, 0, dtype=torch.long, device=prompt.device)
         if attention_mask is None:
@@ -342,7 +367,10 @@ class Blip2(nn.Module):
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
                 decoder_input_ids=None, decoder_attention_mask=None) -> Blip2Output:
         """Stage-2 forward. Decoder-only: input_ids = prompt + target, labels -100 on the prompt.
-        Encoder-decoder: input_ids = prompt (prefix) for the encoder, labels = target for the decoder."""
+        Encoder-decoder: input_ids = prompt (prefix) for the encoder, labels = target for the decoder.
+
+        Called with keywords, it takes transformers' Blip2ForConditionalGeneration inputs (pixel_values,
+        input_ids with the image tokens, attention_mask, decoder_input_ids) and gives its logits."""
         inputs_embeds, mask, labels, query = self.lm_inputs(pixel_values, input_ids, attention_mask, labels,
                                                             image_features)
         if self.config.lm.is_encoder_decoder:
@@ -373,7 +401,10 @@ class Blip2(nn.Module):
         length_penalty, min_new_tokens, do_sample, temperature, top_p, repetition_penalty, ...).
 
         Returns only the new token ids (B, L). Batched decoder-only prompts must be left-padded
-        (the processor does that).
+        (the processor does that). transformers' Blip2ForConditionalGeneration.generate returns the
+        prompt ids + the same new ids (decoder-only LMs) or the decoder start token + them (T5); its
+        logits processors (repetition_penalty, no_repeat_ngram_size) also see the prompt, ours only
+        the new tokens.
         """
         inputs_embeds, mask, _, _ = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features)
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:

@@ -64,10 +64,14 @@ class Blip2Processor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "Blip2Processor":
-        """Load the processor of a vlbridge checkpoint (files sit beside the model's)."""
+        """Load the processor of a vlbridge checkpoint (files sit beside the model's), or of a
+        directory in transformers' BLIP-2 layout (its image processor and tokenizer)."""
+        from . import hf_blip2
         from .blip2 import local_dir
 
         root = local_dir(name_or_path)
+        if hf_blip2.is_transformers_checkpoint(root):
+            return hf_blip2.load_transformers_processor(root, str(name_or_path))
         config = load_json(Blip2Config, root / "config.json")
         return cls.from_config(config, root)
 
@@ -133,17 +137,13 @@ class Blip2Processor:
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts or [""] * n)
         if targets is not None and len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        image_ids = []
-        if self.image_token is not None:
-            image_ids = [tok.convert_tokens_to_ids(self.image_token)] * self.num_query_tokens
-        prompt_ids = [image_ids + tok(p).input_ids if p or self.is_encoder_decoder else image_ids + _bos(tok)
-                      for p in prompts]
+        prompt_ids = [tok(p).input_ids if p or self.is_encoder_decoder else _bos(tok) for p in prompts]
         if targets is None:
-            return pad(prompt_ids, tok.pad_token_id, tok.padding_side)
+            return self._with_image_tokens(pad(prompt_ids, tok.pad_token_id, tok.padding_side))
         if tok.eos_token_id is None:
             raise ValueError("the LM tokenizer has no eos token: targets could never end")
         if self.is_encoder_decoder:  # prefix LM: prompt to the encoder, target to the decoder
-            out = pad(prompt_ids, tok.pad_token_id, "right")
+            out = self._with_image_tokens(pad(prompt_ids, tok.pad_token_id, "right"))
             # T5's tokenizer appends </s> itself, others don't: a target must end in eos for generation to stop.
             target_ids = [ids if ids[-1:] == [tok.eos_token_id] else ids + [tok.eos_token_id]
                           for ids in (tok(t).input_ids for t in targets)]
@@ -157,7 +157,17 @@ class Blip2Processor:
             labels.append([-100] * len(pid) + tid)
         out = pad(seqs, tok.pad_token_id, tok.padding_side)
         out["labels"] = pad(labels, -100, tok.padding_side)["input_ids"]
-        return out
+        return self._with_image_tokens(out)
+
+    def _with_image_tokens(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' layout: num_query_tokens image tokens open every row, before any padding
+        (as its Blip2Processor puts them); the model writes the projected queries there."""
+        if self.image_token is None:
+            return batch
+        B, Q = batch["input_ids"].shape[0], self.num_query_tokens
+        image = torch.full((B, Q), self.tokenizer.convert_tokens_to_ids(self.image_token), dtype=torch.long)
+        fill = {"input_ids": image, "attention_mask": torch.ones_like(image), "labels": torch.full_like(image, -100)}
+        return {k: torch.cat([fill[k], v], dim=1) for k, v in batch.items()}
 
     def batch_decode(self, ids: torch.Tensor) -> list[str]:
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -183,8 +193,11 @@ def check_qformer_tokenizer(tok, config: Blip2Config):
     """The Q-Former's embedding table and special ids must agree with its tokenizer."""
     q = config.qformer
     problems = []
-    if len(tok) > q.vocab_size:
-        problems.append(f"tokenizer has {len(tok)} tokens but qformer.vocab_size is {q.vocab_size}")
+    n = len(tok)
+    if tok.get_vocab().get("<image>", -1) >= q.vocab_size:  # transformers' processor adds it; never embedded
+        n -= 1
+    if n > q.vocab_size:
+        problems.append(f"tokenizer has {n} tokens but qformer.vocab_size is {q.vocab_size}")
     if tok.pad_token_id != q.pad_token_id:
         problems.append(f"pad id {tok.pad_token_id} != qformer.pad_token_id {q.pad_token_id}")
     if tok.bos_token_id != q.bos_token_id:

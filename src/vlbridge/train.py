@@ -217,6 +217,10 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
 
     model, processor = build_model(cfg)
     model.to(device)
+    if cfg.precision == "bf16" and device.type == "cpu" and model.lm is not None:
+        # Gradients flow through the frozen LM to the soft prompt; its fused attention kernel is slow
+        # in bf16 backward on CPU (see qformer.attention), the eager path is the same math.
+        model.lm.set_attn_implementation("eager")
     if cfg.grad_checkpointing:
         model.qformer.set_grad_checkpointing(True)
     counts = model.parameter_counts()
