@@ -5,6 +5,8 @@
     vlbridge retrieve MODEL --images DIR_OR_FILES... --text "a red car"      (rank images for a text)
     vlbridge retrieve MODEL --image FILE --texts "a car" "a dog" | --texts-file F   (rank texts)
     vlbridge train RECIPE [key.sub=value ...]
+    vlbridge eval MODEL [--captions F | --karpathy F] [--image-root DIR] [--vqa-questions Q --vqa-annotations A]
+                  [--vqa-image-root DIR] [--shapesworld SPLIT --n N] [--out metrics.json]
 
 MODEL is a directory written by `save_pretrained` (model + processor) or a hub id.
 """
@@ -124,6 +126,23 @@ def cmd_retrieve(args):
     _print_rows(rows, args.json)
 
 
+def cmd_eval(args):
+    import dataclasses
+
+    from .evaluate import EvalConfig, headline, run
+
+    if not (args.captions or args.karpathy or args.vqa_questions or args.shapesworld):
+        sys.exit("eval: give --captions, --karpathy, --vqa-questions or --shapesworld")
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields}, decode=_generation_kwargs(args))
+    try:
+        report = run(cfg)
+    except ValueError as e:  # bad inputs or a task the model cannot do: a message, not a traceback
+        sys.exit(f"eval: {e}")
+    print(json.dumps(headline(report), indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlbridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe JSON file, or the name of a shipped recipe")
     t.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as JSON)")
     t.set_defaults(func=lambda args: _train([args.recipe, *args.overrides]))
+
+    e = sub.add_parser("eval", help="evaluate a saved model: COCO/Karpathy captions + retrieval, VQAv2, ShapesWorld",
+                       description="Metrics JSON at --out records the decoding settings, sizes, skipped images and "
+                                   "timings; predictions go beside it (<stem>_captions.json, <stem>_vqa.json).")
+    e.add_argument("model")
+    e.add_argument("--out", default="metrics.json", help="metrics JSON (default metrics.json)")
+    d = e.add_argument_group("data")
+    d.add_argument("--captions", help="COCO captions JSON (captions_val2014.json): captioning and retrieval")
+    d.add_argument("--karpathy", help="Karpathy split file (dataset_coco.json), read at --split")
+    d.add_argument("--split", default="test", choices=("train", "val", "test", "restval"), help="Karpathy split")
+    d.add_argument("--image-root", help="folder the caption file's image paths are relative to")
+    d.add_argument("--vqa-questions", help="VQAv2 questions JSON")
+    d.add_argument("--vqa-annotations", help="VQAv2 annotations JSON (without: predictions only)")
+    d.add_argument("--vqa-image-root", help="folder of the VQA images")
+    d.add_argument("--vqa-image-pattern", default="COCO_{split}_{image_id:012d}.jpg",
+                   help="image file name from {split} (the questions' data_subtype) and {image_id}")
+    d.add_argument("--shapesworld", choices=("train", "val", "test", "compositional"), help="a ShapesWorld split")
+    d.add_argument("--n", type=int, help="ShapesWorld scenes (default 200); with files, only the first N "
+                                         "images / questions")
+    e.add_argument("--tasks", nargs="+", choices=("caption", "vqa", "retrieval"),
+                   help="default: every task the data and the model allow")
+    e.add_argument("--prompt", help="caption prompt (default: the model's)")
+    e.add_argument("--vqa-prompt", help='VQA template with {} for the question (default: the model\'s)')
+    e.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
+    e.add_argument("--batch-size", type=int, default=16)
+    _generation_args(e)
+    e.set_defaults(func=cmd_eval)
     return p
 
 

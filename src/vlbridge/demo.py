@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate as ev
+from .assets import SHAPESWORLD
 from .blip2 import Blip2
 from .data import shapesworld as sw
 from .processor import Blip2Processor
@@ -80,6 +81,10 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     report["curves"] = {"stage1": _read_log(out / "stage1"), "stage2": _read_log(out / "stage2")}
     report["recipes"] = {"stage1": json.loads((out / "stage1" / "recipe.json").read_text()),
                          "stage2": json.loads((out / "stage2" / "recipe.json").read_text())}
+    # What the frozen backbones can do at best (measured by scripts/pretrain_backbones.py): the LM
+    # given the true caption as text, and linear probes of the vision features.
+    report["backbone_ceilings"] = {name: json.loads((SHAPESWORLD / f"{name}.json").read_text())
+                                   for name in ("lm_ceiling", "vision_probe")}
     report["targets"] = _targets(report)
     report["timings_s"]["total"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2))
