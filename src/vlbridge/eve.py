@@ -1,0 +1,527 @@
+"""EVE: an encoder-free VLM. Image patches go straight into the LM; a vision encoder is only a
+training-time teacher. Diao et al., "Unveiling Encoder-Free Vision-Language Models", NeurIPS 2024
+(baaivision/EVE, EVEv1). `kind="fuyu"`: Fuyu-8B (Adept, 2023), the simplest encoder-free baseline.
+
+- Patch Embedding Layer (PEL): Conv2d patches; each 2x2-pooled cell attends to its own four
+  sub-patches; a <CLS> token (learned query, global attention); a learned <SPL> after every row; an
+  MLP projector into the LM. [CLS, row 1, SPL, row 2, SPL, ...]: 1 + h*(w+1) tokens for h x w cells,
+  any aspect ratio, no 2-D position embeddings. The processor expands one "<image>" per prompt into
+  that many ids, the model writes the PEL outputs there. Images of a batch are padded to a common
+  grid; padded cells are masked out of attention and never reach the LM.
+- Patch Aligning Layer (PAL, training only): LM hidden states of several layers at the cells ->
+  per-layer LayerNorm + Linear -> attention over layers -> 1 - cosine to the frozen teacher's patch
+  features. Loss = CE + pal_weight * PAL. `from_pretrained` (inference) loads no teacher and no PAL.
+- `freeze_for_stage`: 1 = PEL + PAL train (LM frozen); 2 and 3 = all but the teacher train.
+
+Shapes: B batch, D PEL width, H LM width, Dt teacher width, (h, w) an image's cell grid, (hp, wp)
+the batch's padded one (a cell: 2x2 patches in EVE, one in Fuyu), N = [1 +] hp*(wp+1) image tokens,
+T LM tokens, L PAL layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import backbones
+from .backbones import freeze
+from .blip2 import local_dir, position_ids
+from .config import LMConfig, VisionConfig, load_json, save_json
+from .images import load_image
+from .processor import pad
+
+log = logging.getLogger(__name__)
+
+KINDS = ("eve", "fuyu")
+NOT_SAVED = ("lm.", "teacher.")  # the LM goes to lm/ in transformers' format; the teacher nowhere
+
+
+@dataclass
+class EVEConfig:
+    lm: LMConfig = field(default_factory=LMConfig)  # decoder-only
+    teacher: VisionConfig | None = None  # training only (PAL target); from_pretrained never loads it
+    kind: str = "eve"  # "eve" (conv + local/global attention + CLS) | "fuyu" (Linear on raw patches)
+    patch_size: int = 14
+    pel_width: int = 1024
+    pel_heads: int = 8
+    max_image_size: int = 672  # bound on the longer side in pixels; a multiple of cell_size
+    # Indices into the LM's hidden_states (0 = embeddings); [] = every 4th, counting back from the last.
+    pal_layers: list[int] = field(default_factory=list)
+    pal_weight: float = 1.0
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # filled from the tokenizer by create_eve
+    image_mean: list[float] | None = None  # None: the teacher's (filled by create_eve), else 0.5
+    image_std: list[float] | None = None
+
+    @property
+    def cell_size(self) -> int:  # pixels a side of one token: EVE pools 2x2 patches, Fuyu does not
+        return self.patch_size * (2 if self.kind == "eve" else 1)
+
+    def num_image_tokens(self, h: int, w: int) -> int:
+        return (self.kind == "eve") + h * (w + 1)
+
+    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
+        if self.kind not in KINDS:
+            raise ValueError(f"EVEConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.max_image_size % self.cell_size:
+            raise ValueError(f"max_image_size {self.max_image_size} is not a multiple of the cell {self.cell_size}")
+
+
+@dataclass
+class EVEOutput:
+    loss: torch.Tensor | None  # loss_ce + pal_weight * loss_pal, of the parts computed
+    logits: torch.Tensor  # (B, T, V)
+    loss_ce: torch.Tensor | None = None
+    loss_pal: torch.Tensor | None = None  # only in training with a teacher
+
+
+@dataclass
+class ImageTokens:
+    embeds: torch.Tensor  # (B, N, H) on the padded grid
+    valid: torch.Tensor  # (B, N) bool: the tokens that go into the LM, in this order
+    grid: torch.Tensor  # (B, 2) each image's own (h, w)
+    padded: tuple[int, int]  # (hp, wp)
+
+
+# ---------------------------------------------------------------------------------------- modules
+class CrossAttention(nn.Module):
+    """Queries x (B, Nq, D) attend over ctx (B, Nk, D) where valid (B, Nk); residual + output
+    projection. Pre-norm, because conv patch features have no fixed scale."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x, ctx, valid=None):
+        ctx = self.norm_kv(ctx)
+        mask = None if valid is None else ~valid  # MultiheadAttention: True = not attended
+        return x + self.attn(self.norm_q(x), ctx, ctx, key_padding_mask=mask, need_weights=False)[0]
+
+
+def cell_mask(grid: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    """(B, hp, wp) bool: the cell is part of image b (its top-left h_b x w_b cells)."""
+    r, c = torch.arange(hp, device=grid.device), torch.arange(wp, device=grid.device)
+    return (r[None, :, None] < grid[:, 0, None, None]) & (c[None, None, :] < grid[:, 1, None, None])
+
+
+def layout(cells, valid, split, cls=None):
+    """cells (B, hp, wp, D) -> tokens (B, [1 +] hp*(wp+1), D) and their validity (B, N).
+
+    Each row's split token sits at column wp, after the padded cells: as only valid tokens reach the
+    LM, in order, image b still reads [CLS] + (w_b cells, SPL) x h_b."""
+    B, hp, wp, D = cells.shape
+    rows = torch.cat([cells, split.expand(B, hp, 1, D).to(cells.dtype)], dim=2)  # (B, hp, wp+1, D)
+    row_valid = torch.cat([valid, valid[:, :, :1]], dim=2)  # a split token is valid iff its row is
+    tokens, ok = rows.flatten(1, 2), row_valid.flatten(1, 2)
+    if cls is not None:
+        tokens, ok = torch.cat([cls, tokens], 1), torch.cat([ok.new_ones(B, 1), ok], 1)
+    return tokens, ok
+
+
+class PatchEmbedding(nn.Module):
+    """EVE's PEL + projector: pixels (B, 3, 2p*hp, 2p*wp) -> (B, 1 + hp*(wp+1), H) and validity."""
+
+    def __init__(self, config: EVEConfig, out_width: int):
+        super().__init__()
+        D = config.pel_width
+        self.conv = nn.Conv2d(3, D, config.patch_size, stride=config.patch_size, bias=False)
+        self.local_attn = CrossAttention(D, config.pel_heads)  # a cell reads its own 2x2 sub-patches
+        self.global_attn = CrossAttention(D, config.pel_heads)  # <CLS> reads every valid cell
+        self.cls = nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.split = nn.Parameter(torch.randn(D) * 0.02)
+        self.projector = nn.Sequential(nn.Linear(D, out_width), nn.GELU(), nn.Linear(out_width, out_width))
+
+    def forward(self, pixel_values, grid):
+        x = self.conv(pixel_values)  # (B, D, 2hp, 2wp)
+        B, D, hp, wp = x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2
+        sub = x.view(B, D, hp, 2, wp, 2).permute(0, 2, 4, 3, 5, 1).reshape(B * hp * wp, 4, D)
+        # query = avg_pool2d(x, 2), (B*hp*wp, 1, D). No mask: a cell is all image or all padding
+        # (sizes are multiples of 2p) and reads only its own four sub-patches.
+        cells = self.local_attn(sub.mean(1, keepdim=True), sub).view(B, hp, wp, D)
+        valid = cell_mask(grid, hp, wp)
+        cls = self.global_attn(self.cls.expand(B, 1, D), cells.view(B, hp * wp, D), valid.view(B, -1))
+        tokens, ok = layout(cells, valid, self.split, cls)
+        return self.projector(tokens), ok
+
+
+class FuyuPatchEmbedding(nn.Module):
+    """Fuyu: Linear(p*p*3 -> H) on raw patches, a learned newline after each row, no CLS."""
+
+    def __init__(self, config: EVEConfig, out_width: int):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.proj = nn.Linear(3 * config.patch_size ** 2, out_width)
+        self.newline = nn.Parameter(torch.randn(out_width) * 0.02)
+
+    def forward(self, pixel_values, grid):
+        (B, C, Hpx, Wpx), p = pixel_values.shape, self.patch_size
+        hp, wp = Hpx // p, Wpx // p
+        patches = pixel_values.view(B, C, hp, p, wp, p).permute(0, 2, 4, 3, 5, 1).reshape(B, hp, wp, p * p * C)
+        return layout(self.proj(patches), cell_mask(grid, hp, wp), self.newline)
+
+
+class PatchAligner(nn.Module):
+    """PAL head: hidden states of one cell at L layers (..., L, H) -> (..., Dt), the teacher's space.
+
+    Fusion is attention over the layers, query from the last one, as in EVE: each cell weighs the
+    depths that best match the teacher (shallow layers keep more local detail), which one learned
+    weighted sum for all cells cannot. With L <= ~9 keys a cell it costs next to nothing. The values
+    are the per-layer projections themselves: the output is a convex mix of them."""
+
+    def __init__(self, lm_width: int, teacher_width: int, num_layers: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(lm_width) for _ in range(num_layers))
+        self.projs = nn.ModuleList(nn.Linear(lm_width, teacher_width) for _ in range(num_layers))
+        self.q, self.k = nn.Linear(teacher_width, teacher_width), nn.Linear(teacher_width, teacher_width)
+
+    def forward(self, hidden):
+        f = torch.stack([proj(norm(hidden[..., i, :])) for i, (norm, proj)
+                         in enumerate(zip(self.norms, self.projs))], dim=-2)  # (..., L, Dt)
+        scores = self.k(f) @ self.q(f[..., -1, :]).unsqueeze(-1) / math.sqrt(f.shape[-1])  # (..., L, 1)
+        return (scores.softmax(-2) * f).sum(-2)
+
+
+def pal_loss(student, teacher, grid) -> torch.Tensor:
+    """Mean of 1 - cosine over the valid cells of the batch (each cell counts once).
+
+    student (B, hp, wp, Dt): image b's cells are the top-left grid[b] = (h, w); teacher (B, gh, gw, Dt)
+    all valid. Where the grids differ, each axis is brought to the coarser of the two by (adaptive)
+    average pooling: a finer teacher is pooled onto the student's grid, a finer student (EVE-HD)
+    onto the teacher's."""
+    losses = []
+    gh, gw = teacher.shape[1:3]
+    for b, (h, w) in enumerate(grid.tolist()):
+        s, t = student[b, :h, :w].permute(2, 0, 1).float(), teacher[b].permute(2, 0, 1).float()  # (Dt, ., .)
+        size = (min(h, gh), min(w, gw))
+        s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+        losses.append(1 - F.cosine_similarity(s, t, dim=0).flatten())
+    return torch.cat(losses).mean()
+
+
+# ------------------------------------------------------------------------------------------ model
+class EVE(nn.Module):
+    def __init__(self, config: EVEConfig, lm: nn.Module, teacher: nn.Module | None = None,
+                 teacher_stats: tuple[list[float], list[float]] | None = None):
+        super().__init__()
+        if config.lm.is_encoder_decoder:
+            raise ValueError("EVE puts the image inside a decoder-only LM; encoder-decoder LMs are not supported")
+        self.config, self.lm = config, lm
+        width = lm.get_input_embeddings().embedding_dim
+        self.pel = (PatchEmbedding if config.kind == "eve" else FuyuPatchEmbedding)(config, width)
+        self.teacher = self.pal = None
+        if teacher is not None:
+            self.teacher = freeze(teacher)
+            self.pal = PatchAligner(width, teacher.hidden_size, len(config.pal_layers))
+            # the teacher's input = our pixels * scale + shift, where the two normalisations differ
+            mean, std = torch.tensor(config.image_mean or [0.5] * 3), torch.tensor(config.image_std or [0.5] * 3)
+            t_mean, t_std = (torch.tensor(x) for x in (teacher_stats or (mean, std)))
+            self.register_buffer("teacher_scale", (std / t_std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("teacher_shift", ((mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        self.freeze_for_stage(1)
+
+    # ------------------------------------------------------------------ building, saving, loading
+    @classmethod
+    def from_config(cls, config: EVEConfig, root: str | Path | None = None, load_teacher: bool = True) -> "EVE":
+        """Load the LM (and, unless load_teacher=False, the teacher) that `config` names."""
+        config = copy.deepcopy(config)
+        config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
+        lm = backbones.load_lm(config.lm)
+        if not config.pal_layers:  # Vicuna-7B's 33 hidden states: 4, 8, ..., 32
+            config.pal_layers = list(range(lm.config.num_hidden_layers, 0, -4))[::-1]
+        teacher = stats = None
+        if config.teacher is not None and load_teacher:
+            config.teacher.name_or_path = backbones.resolve_path(config.teacher.name_or_path, root)
+            teacher, stats = backbones.load_vision(config.teacher), image_stats(config.teacher.name_or_path)
+        return cls(config, lm, teacher, stats)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, load_teacher: bool = False) -> "EVE":
+        """Load a checkpoint for inference: no teacher, no PAL. load_teacher=True (to go on training)
+        loads the teacher from where config.teacher names it and restores the saved PAL."""
+        from safetensors.torch import load_file
+
+        root = local_dir(name_or_path)
+        model = cls.from_config(load_json(EVEConfig, root / "config.json"), root, load_teacher=load_teacher)
+        state = load_file(str(root / "model.safetensors"))
+        if model.pal is None:
+            state = {k: v for k, v in state.items() if not k.startswith("pal.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(NOT_SAVED)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {root} does not match the model: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def save_pretrained(self, path: str | Path, processor=None):
+        """config.json + model.safetensors (PEL, PAL) + lm/ in transformers' format (always: from stage
+        2 on the LM is trained) + the processor's tokenizer. The teacher is only named in the config."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        self.lm.save_pretrained(path / "lm")
+        config.lm.name_or_path = "lm"
+        if processor is not None:
+            processor.save_pretrained(path)
+        save_json(config, path / "config.json")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(NOT_SAVED)}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    # ------------------------------------------------------------------ freezing
+    def freeze_for_stage(self, stage: int) -> dict[str, dict[str, int]]:
+        """1 (LLM-guided pre-aligning): PEL + projector + PAL train, the LM frozen. 2 (generative
+        pre-training), 3 (SFT): all but the teacher train. Logs and returns counts per part."""
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+        self.stage = stage
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith("teacher.") and (stage >= 2 or not name.startswith("lm.")))
+        self.train(self.training)  # frozen parts back to eval mode
+        counts = self.group_counts()
+        log.info("EVE stage %d: trains %s; frozen: %s", stage,
+                 ", ".join(f"{n} {c['trainable']:,}" for n, c in counts.items() if c["trainable"]),
+                 ", ".join(f"{n} {c['frozen']:,}" for n, c in counts.items() if c["frozen"]) or "nothing")
+        return counts
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        if not any(p.requires_grad for p in self.lm.parameters()):
+            self.lm.eval()  # a frozen LM runs without dropout
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {k: sum(c[k] for c in self.group_counts().values()) for k in ("trainable", "frozen")}
+
+    def group_counts(self) -> dict[str, dict[str, int]]:
+        counts = {name: {"trainable": 0, "frozen": 0} for name in ("pel", "pal", "lm", "teacher")}
+        for name, p in self.named_parameters():
+            counts[name.split(".")[0]]["trainable" if p.requires_grad else "frozen"] += p.numel()
+        return counts
+
+    # ------------------------------------------------------------------ images into the LM
+    def image_tokens(self, pixel_values, image_sizes=None) -> ImageTokens:
+        """PEL outputs for pixel_values (B, 3, Hmax, Wmax). image_sizes (B, 2): the (height, width) in
+        pixels each image covers at the top left; None: the whole canvas."""
+        cell = self.config.cell_size
+        if pixel_values.shape[-2] % cell or pixel_values.shape[-1] % cell:
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: height and width must be multiples of "
+                             f"{cell} (the processor pads them)")
+        sizes = torch.tensor([pixel_values.shape[-2:]] * len(pixel_values)) if image_sizes is None else image_sizes
+        grid = torch.div(sizes.to(pixel_values.device), cell, rounding_mode="floor")
+        embeds, valid = self.pel(pixel_values.to(next(self.pel.parameters()).dtype), grid)
+        padded = (pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell)
+        return ImageTokens(embeds, valid, grid, padded)
+
+    def lm_inputs(self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None, labels=None):
+        """inputs_embeds (B, T, H) with the image tokens at the placeholder ids, attention mask,
+        labels (-100 at image positions), the placeholder mask slots (B, T) and the ImageTokens."""
+        image_id = self.config.image_token_id
+        slots = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        # the placeholder id may lie past the LM's vocabulary: it is never looked up
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(slots, 0))
+        image = None
+        if pixel_values is not None:
+            image = self.image_tokens(pixel_values, image_sizes)
+            need, have = image.valid.sum(1).tolist(), slots.sum(1).tolist()
+            if need != have:
+                raise ValueError(f"image tokens per sample: the images need {need} but input_ids hold {have} "
+                                 f"(id {image_id}); EVEProcessor expands the placeholder")
+            embeds = embeds.masked_scatter(slots[..., None], image.embeds[image.valid].to(embeds.dtype))
+        elif slots.any():
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return embeds, mask, None if labels is None else labels.masked_fill(slots, -100), slots, image
+
+    # ------------------------------------------------------------------ PAL
+    @torch.no_grad()
+    def teacher_features(self, pixel_values, image_sizes) -> torch.Tensor:
+        """(B, g, g, Dt): the frozen teacher's patch features at its feature layer (CLS and registers
+        dropped). Each image's own region is resized to the teacher's square input, so student cell
+        (r, c) and the same relative place of the teacher's grid see the same pixels."""
+        size, patch = self.teacher.image_size, self.teacher.model.config.patch_size
+        x = torch.cat([F.interpolate(pixel_values[b:b + 1, :, :h, :w].float(), size=(size, size), mode="bilinear",
+                                     antialias=True) for b, (h, w) in enumerate(image_sizes.tolist())])
+        feats = self.teacher(x * self.teacher_scale + self.teacher_shift)  # (B, specials + g*g, Dt)
+        g = size // patch
+        return feats[:, -g * g:].unflatten(1, (g, g))
+
+    def student_grid(self, hidden_states, slots, image: ImageTokens) -> torch.Tensor:
+        """(B, hp, wp, L, H): the pal_layers' hidden states at the cells (CLS and SPL dropped), on
+        the padded grid (padded cells are zeros)."""
+        cells = torch.stack([hidden_states[i][slots] for i in self.config.pal_layers], dim=1)  # (M, L, H)
+        buf = cells.new_zeros(*image.valid.shape, *cells.shape[1:])  # (B, N, L, H)
+        buf[image.valid] = cells  # both in (sample, position) order
+        hp, wp = image.padded
+        return buf[:, int(self.config.kind == "eve"):].unflatten(1, (hp, wp + 1))[:, :, :wp]  # CLS, SPL out
+
+    # ------------------------------------------------------------------ forward and generate
+    def forward(self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None,
+                labels=None) -> EVEOutput:
+        """CE on labels (prompt and image positions -100) + pal_weight * PAL when training with a
+        teacher. input_ids hold the expanded placeholders (EVEProcessor)."""
+        embeds, mask, labels, slots, image = self.lm_inputs(pixel_values, image_sizes, input_ids, attention_mask,
+                                                            labels)
+        align = self.pal is not None and self.training and image is not None and self.config.pal_weight > 0
+        kwargs = {"position_ids": position_ids(mask)} if self._lm_takes_position_ids else {}
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=align, **kwargs)
+        loss = loss_ce = loss_pal = None
+        if labels is not None:
+            if not (labels[:, 1:] != -100).any():
+                raise ValueError("every label is -100: there is no target text to learn from")
+            logits, targets = out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+            loss = loss_ce = F.cross_entropy(logits, targets, ignore_index=-100)
+        if align:
+            hidden = self.student_grid(out.hidden_states, slots, image)  # (B, hp, wp, L, H)
+            student = self.pal(hidden.to(next(self.pal.parameters()).dtype))  # (B, hp, wp, Dt)
+            target = self.teacher_features(pixel_values, image.grid * self.config.cell_size)
+            loss_pal = pal_loss(student, target, image.grid)
+            loss = self.config.pal_weight * loss_pal + (0 if loss is None else loss)
+        return EVEOutput(loss, out.logits, loss_ce, loss_pal)
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None, **generate_kwargs):
+        """transformers' generate on inputs_embeds, with its keywords (max_new_tokens, num_beams, ...).
+        Returns the new token ids only (B, L); batched prompts must be left-padded (the processor does)."""
+        embeds, mask, _, _, _ = self.lm_inputs(pixel_values, image_sizes, input_ids, attention_mask)
+        if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = 30
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
+# -------------------------------------------------------------------------------------- processor
+def image_stats(name_or_path: str) -> tuple[list[float], list[float]]:  # the teacher's normalisation
+    from transformers import AutoImageProcessor
+
+    p = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+    return [float(x) for x in p.image_mean], [float(x) for x in p.image_std]
+
+
+class EVEProcessor:
+    """Images + text -> pixel_values (B, 3, Hmax, Wmax), image_sizes (B, 2) (the top-left part each
+    image covers) and left-padded input_ids / attention_mask (+ labels), each "<image>" expanded.
+    An image is scaled down (never up) to a longer side <= max_image_size, aspect kept, and padded
+    with the mean colour at the bottom/right to a multiple of the cell (2 * patch_size)."""
+
+    def __init__(self, tokenizer, config: EVEConfig):
+        self.config, self.tokenizer = config, tokenizer
+        tokenizer.padding_side = "left"  # a left-padded batch generates like its rows one by one
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # the placeholder as a special token (never split, dropped in decoding). Its id may lie past
+        # the LM's vocabulary: the model never embeds it, so the LM's tables stay as they are.
+        if config.image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if config.image_token_id not in (None, self.image_token_id):
+            raise ValueError(f"the tokenizer gives {config.image_token!r} id {self.image_token_id}, the config "
+                             f"{config.image_token_id}")
+        self.mean = np.array(config.image_mean or [0.5] * 3, dtype=np.float32)
+        self.std = np.array(config.image_std or [0.5] * 3, dtype=np.float32)
+
+    @classmethod
+    def from_config(cls, config: EVEConfig, root: str | Path | None = None) -> "EVEProcessor":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root)), config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "EVEProcessor":
+        root = local_dir(name_or_path)
+        return cls.from_config(load_json(EVEConfig, root / "config.json"), root)
+
+    def save_pretrained(self, path: str | Path):
+        self.tokenizer.save_pretrained(Path(path) / "lm")  # beside the LM that EVE.save_pretrained writes
+
+    def resize(self, image) -> Image.Image:
+        image, cell = load_image(image), self.config.cell_size
+        W, H = image.size
+        s = min(1.0, self.config.max_image_size / max(W, H))
+        w, h = max(1, round(W * s)), max(1, round(H * s))
+        if (w, h) != (W, H):
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (math.ceil(w / cell) * cell, math.ceil(h / cell) * cell),
+                           tuple(int(round(float(m) * 255)) for m in self.mean))
+        canvas.paste(image, (0, 0))
+        return canvas
+
+    def images(self, images) -> dict[str, torch.Tensor]:
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        arrays = [(np.asarray(self.resize(im), dtype=np.float32) / 255 - self.mean) / self.std for im in images]
+        sizes = torch.tensor([a.shape[:2] for a in arrays], dtype=torch.long)  # (B, 2): height, width
+        pixel_values = torch.zeros(len(arrays), 3, *sizes.max(0).values.tolist())
+        for i, a in enumerate(arrays):
+            pixel_values[i, :, :a.shape[0], :a.shape[1]] = torch.from_numpy(a).permute(2, 0, 1)
+        return {"pixel_values": pixel_values, "image_sizes": sizes}
+
+    def prompt_ids(self, prompt: str, num_image_tokens: int | None) -> list[int]:
+        """A prompt's ids with its one "<image>" expanded to num_image_tokens ids (None: no image). A
+        prompt without the placeholder gets the image at its start, as in LLaVA and EVE."""
+        token, img = self.config.image_token, self.image_token_id
+        if num_image_tokens is not None and token not in prompt:
+            prompt = f"{token} {prompt}" if prompt else token
+        ids = self.tokenizer(prompt).input_ids
+        if ids.count(img) != (num_image_tokens is not None):
+            raise ValueError(f"prompt {prompt[:60]!r} holds {ids.count(img)} {token} for "
+                             f"{int(num_image_tokens is not None)} image(s): EVE takes one image a sample")
+        if num_image_tokens is not None:
+            i = ids.index(img)
+            ids[i:i + 1] = [img] * num_image_tokens
+        return ids
+
+    def __call__(self, images=None, text=None, targets=None) -> dict[str, torch.Tensor]:
+        """images -> pixel_values, image_sizes; text: prompts (each may hold "<image>"); targets: what
+        the LM must produce after each prompt (training) -> labels, -100 on prompt and image."""
+        out = {} if images is None else self.images(images)
+        grids = [] if images is None else (out["image_sizes"] // self.config.cell_size).tolist()
+        counts = None if images is None else [self.config.num_image_tokens(h, w) for h, w in grids]
+        n = len(counts or targets or ())
+        prompts = [text] if isinstance(text, str) else [""] * n if text is None else list(text)
+        for name, given in (("targets", targets), ("images", counts)):
+            if given is not None and len(given) != len(prompts):
+                raise ValueError(f"{len(given)} {name} for {len(prompts)} prompts")
+        tok = self.tokenizer
+        seqs = [self.prompt_ids(p, None if counts is None else counts[i]) for i, p in enumerate(prompts)]
+        if targets is None:
+            return {**out, **pad(seqs, tok.pad_token_id, "left")}
+        labels = []
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            tid = tok((" " + t) if p else t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            labels.append([-100] * len(seqs[i]) + tid)
+            seqs[i] = seqs[i] + tid
+        return {**out, **pad(seqs, tok.pad_token_id, "left"), "labels": pad(labels, -100, "left")["input_ids"]}
+
+    def batch_decode(self, ids: torch.Tensor) -> list[str]:
+        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def create_eve(config: EVEConfig, root: str | Path | None = None) -> tuple[EVE, EVEProcessor]:
+    """A new EVE (fresh PEL and PAL) on the LM and teacher `config` names, and its processor.
+    Fills image_token_id (adding "<image>" to the tokenizer) and, when unset, image_mean / image_std
+    from the teacher's image processor."""
+    from transformers import AutoTokenizer
+
+    config = copy.deepcopy(config)
+    if config.teacher is not None:
+        mean, std = image_stats(backbones.resolve_path(config.teacher.name_or_path, root))
+        config.image_mean, config.image_std = config.image_mean or mean, config.image_std or std
+    config.image_token_id = None
+    tokenizer = AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root))
+    processor = EVEProcessor(tokenizer, config)
+    config.image_token_id = processor.image_token_id
+    model = EVE.from_config(config, root)
+    processor.config = model.config
+    return model, processor
