@@ -1,5 +1,6 @@
 # Every target installs what it needs into .venv (idempotent): torch first, pinned to the
 # CPU build that lies on this machine's disk, so that pip never pulls a multi-GB CUDA build.
+# open-flamingo (reference for the Flamingo parity test) pins torch==2.0.1 in its metadata: --no-deps.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps open-flamingo==2.0.1 einops einops-exts
 	touch $(STAMP)
 
 install: $(STAMP)

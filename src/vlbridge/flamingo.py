@@ -1,0 +1,549 @@
+"""Flamingo: a Perceiver Resampler and tanh-gated cross-attention inside a frozen decoder-only LM.
+
+Alayrac et al., "Flamingo: a Visual Language Model for Few-Shot Learning", NeurIPS 2022. The
+block placement rule and parameter layout follow OpenFlamingo (Awadalla et al. 2023, open_flamingo 2.0.1).
+
+Interleaved text "<image>a cat.<|endofchunk|><image>a dog" with, per sequence, its images in the
+order of its <image> tokens. Frozen vision encoder -> Perceiver Resampler (num_latents tokens per
+image) -> a gated cross-attention block before every n-th frozen LM layer; each text token sees only
+the latest <image> at or before it, text before the first image sees nothing (output exactly 0).
+
+How the visual tokens reach the LM's layers: each decoder layer is replaced, in the LM's own
+ModuleList, by FlamingoLayer(gated_xattn, original). Every LM call made here passes a
+FlamingoContext (visual tokens + the image index of each token of *that call*) as the keyword
+`flamingo=`, which transformers' decoders hand unchanged to every decoder layer (`**kwargs`; OPT,
+GPT-2, Llama, Qwen2, GPT-NeoX). No layer stores anything, so a call cannot see another call's
+images, and an LM call without the context is an error, not a silent text-only run. The added
+tokens' rows live in a small trainable table; the LM's own embedding tables are wrapped
+(set_input_embeddings / set_output_embeddings), never resized or changed.
+
+Shapes: B batch, N image slots per sequence, F frames, v vision tokens, Dv vision width,
+n latents, T text tokens, D LM width, V vocabulary, K = 2 added tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backbones
+from .backbones import freeze
+from .blip2 import local_dir, position_ids
+from .config import LMConfig, VisionConfig, load_json, save_json
+from .images import load_image
+from .processor import pad
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("vision.", "lm.")  # stored in transformers' own format, not in model.safetensors
+
+
+@dataclass
+class FlamingoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Perceiver Resampler (OpenFlamingo: 6 layers, 64 latents, 8 heads x 64, FFN x4)
+    perceiver_depth: int = 6
+    num_latents: int = 64
+    perceiver_heads: int = 8
+    perceiver_dim_head: int = 64
+    perceiver_ff_mult: int = 4
+    max_media: int | None = None  # learned media-time embeddings for up to this many images (None: none)
+    # Gated cross-attention before decoder layer i when (i + 1) % cross_attn_every == 0 (OpenFlamingo's rule)
+    cross_attn_every: int = 1
+    xattn_heads: int = 8
+    xattn_dim_head: int = 64
+    xattn_ff_mult: int = 4
+    only_attend_immediate_media: bool = True  # False: each token sees all images up to its latest one
+    image_token: str = "<image>"
+    eoc_token: str = "<|endofchunk|>"
+    image_token_id: int | None = None  # filled from the tokenizer by create_flamingo
+    eoc_token_id: int | None = None
+
+
+@dataclass
+class FlamingoOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # (B, T, V') V' covers the added tokens
+    media: torch.Tensor  # (B, N, n, Dv) visual tokens, reusable through forward(media=...)
+
+
+@dataclass(frozen=True)
+class FlamingoContext:
+    """What the wrapped layers need for one LM call; passed as that call's `flamingo=` keyword."""
+
+    media: torch.Tensor  # (B, N, n, Dv) visual tokens
+    text_time: torch.Tensor  # (B, T) for this call's tokens: 1-based index of the image each follows, 0 = none
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LN, Linear d->mult*d, GELU, Linear back; no biases (Flamingo / OpenFlamingo)."""
+    return nn.Sequential(OrderedDict(norm=nn.LayerNorm(dim), up=nn.Linear(dim, mult * dim, bias=False),
+                                     act=nn.GELU(), down=nn.Linear(mult * dim, dim, bias=False)))
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, heads*d) -> (..., heads, L, d)"""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, inner = heads, heads * dim_head
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, N, Fv, D) image tokens, latents (B, N, n, D) -> (B, N, n, D)"""
+        latents = self.norm_latents(latents)
+        kv = torch.cat([self.norm_media(x), latents], dim=-2)  # the latents also attend to themselves
+        q = _heads(self.to_q(latents), self.heads)
+        k, v = (_heads(t, self.heads) for t in self.to_kv(kv).chunk(2, dim=-1))
+        out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))  # (B*N, h, n, d)
+        return self.to_out(out.unflatten(0, q.shape[:2]).transpose(-3, -2).flatten(-2))
+
+
+class PerceiverResampler(nn.Module):
+    """A fixed number of learned latents cross-attend to each image's tokens: any number of patch
+    tokens in, num_latents visual tokens out."""
+
+    def __init__(self, dim: int, depth: int, num_latents: int, heads: int, dim_head: int, ff_mult: int,
+                 max_media: int | None = None):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.media_time_embs = nn.Parameter(torch.randn(max_media, 1, dim)) if max_media else None
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(attn=PerceiverAttention(dim, heads, dim_head),
+                                                       ff=feed_forward(dim, ff_mult))) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, F, v, D) -> (B, N, n, D)"""
+        B, N = x.shape[:2]
+        x = x.flatten(2, 3)  # an image's frames and patches form one set of tokens: (B, N, F*v, D)
+        if self.media_time_embs is not None:
+            if N > len(self.media_time_embs):
+                raise ValueError(f"{N} images per sequence, but media-time embeddings exist for {len(self.media_time_embs)}")
+            x = x + self.media_time_embs[:N]
+        latents = self.latents.expand(B, N, -1, -1)
+        for layer in self.layers:
+            latents = latents + layer["attn"](x, latents)
+            latents = latents + layer["ff"](latents)
+        return self.norm(latents)
+
+
+class MaskedCrossAttention(nn.Module):
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, only_attend_immediate_media: bool = True):
+        super().__init__()
+        self.heads, self.scale, inner = heads, dim_head ** -0.5, heads * dim_head
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), media (B, N, n, Dv), text_time (B, T) -> (B, T, D)"""
+        N, n = media.shape[1:3]
+        q = _heads(self.to_q(self.norm(x)), self.heads) * self.scale  # (B, h, T, d)
+        k, v = (_heads(t, self.heads) for t in self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1))  # (B, h, N*n, d)
+        image = torch.arange(1, N + 1, device=x.device).repeat_interleave(n)  # (N*n,) image of each key
+        t = text_time[:, :, None]
+        allowed = image == t if self.only_attend_immediate_media else image <= t  # (B, T, N*n)
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed[:, None], torch.finfo(q.dtype).min)
+        # A row with no image to look at would get softmax's uniform average over masked keys (the
+        # IDEFICS leak): multiply it by 0 so that its output is exactly zero, in both modes.
+        attn = scores.softmax(dim=-1) * (text_time > 0)[:, None, :, None].to(q.dtype)
+        return self.to_out((attn @ v).transpose(1, 2).flatten(2))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x + tanh(a) * xattn(LN(x), media); then x + tanh(b) * FFN(LN(x)). a = b = 0 at init, so the
+    frozen LM is unchanged until training opens the gates."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int,
+                 only_attend_immediate_media: bool = True):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn_gate.tanh() * self.attn(x, media, text_time)
+        return x + self.ff_gate.tanh() * self.ff(x)
+
+
+class FlamingoLayer(nn.Module):
+    """Placed in the LM's layer list instead of `original`: the gated block (or None), then the layer."""
+
+    def __init__(self, gated_xattn: GatedCrossAttentionBlock | None, original: nn.Module):
+        super().__init__()
+        self.gated_xattn, self.original = gated_xattn, original
+        if hasattr(original, "attention_type"):  # some decoders pick each layer's mask by it
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, flamingo: FlamingoContext | None = None, **kwargs):
+        if flamingo is None:
+            raise ValueError("this LM has Flamingo layers: call it through Flamingo (forward / generate), "
+                             "or pass flamingo=FlamingoContext(media, text_time)")
+        if self.gated_xattn is not None:
+            dtype = self.gated_xattn.attn_gate.dtype  # the bridge may be fp32 over a bf16 LM
+            h = self.gated_xattn(hidden_states.to(dtype), flamingo.media.to(dtype), flamingo.text_time)
+            hidden_states = h.to(hidden_states.dtype)
+        return self.original(hidden_states, *args, **kwargs)
+
+
+class AddedTokens(nn.Module):
+    """Rows of the added tokens (<image>, <|endofchunk|>): the only embeddings that train. They start
+    as the mean row of the LM's tables; the output rows are the input rows when the LM ties them."""
+
+    def __init__(self, token_ids: list[int], lm_input: torch.Tensor, lm_output: torch.Tensor, tied: bool):
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        self.input = nn.Parameter(lm_input.detach().float().mean(0).repeat(len(token_ids), 1))
+        self.output = None if tied else nn.Parameter(lm_output.detach().float().mean(0).repeat(len(token_ids), 1))
+
+
+class ExtendedEmbedding(nn.Module):
+    """The LM's frozen input embedding plus the added rows (set with lm.set_input_embeddings)."""
+
+    def __init__(self, original: nn.Module, added: AddedTokens):
+        super().__init__()
+        self.original, self.added = original, added
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        match = input_ids[..., None] == self.added.token_ids  # (B, T, K)
+        emb = self.original(input_ids.masked_fill(match.any(-1), 0))  # added ids may lie past the frozen table
+        rows = self.added.input.to(emb.dtype)[match.long().argmax(-1)]  # (B, T, D)
+        return torch.where(match.any(-1, keepdim=True), rows, emb)
+
+
+class ExtendedHead(nn.Module):
+    """The LM's frozen output head plus logits for the added ids (set with lm.set_output_embeddings)."""
+
+    def __init__(self, original: nn.Module, added: AddedTokens):
+        super().__init__()
+        self.original, self.added = original, added
+        self.size = max(original.weight.shape[0], int(added.token_ids.max()) + 1)  # V' covers the added ids
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.original(h)  # (B, T, V); ids between V and the added ones (if any) are never predicted
+        logits = F.pad(logits, (0, self.size - logits.shape[-1]), value=torch.finfo(logits.dtype).min)
+        rows = self.added.input if self.added.output is None else self.added.output
+        return logits.index_copy(-1, self.added.token_ids, (h @ rows.to(h.dtype).T).to(logits.dtype))
+
+
+def decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The LM's list of decoder layers and its path (OPT model.decoder.layers, GPT-2 transformer.h, ...)."""
+    n = lm.config.num_hidden_layers
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ValueError(f"{type(lm).__name__}: cannot find its list of {n} decoder layers")
+
+
+class Flamingo(nn.Module):
+    """Frozen vision backbone + perceiver + gated blocks wrapped into a frozen decoder-only LM. Build
+    with create_flamingo(config) or Flamingo.from_pretrained(path); trainable: perceiver, xattn,
+    new_tokens."""
+
+    def __init__(self, config: FlamingoConfig, vision: nn.Module, lm: nn.Module):
+        super().__init__()
+        c = self.config = config
+        if c.image_token_id is None or c.eoc_token_id is None:
+            raise ValueError("config.image_token_id / eoc_token_id are unset: build with create_flamingo")
+        if lm.config.is_encoder_decoder or any(isinstance(m, FlamingoLayer) for m in lm.modules()):
+            raise ValueError("Flamingo needs a decoder-only LM that is not wrapped already")
+        self.vision = freeze(vision)
+        freeze(lm)
+        dv, d = vision.hidden_size, lm.get_input_embeddings().embedding_dim
+        # The trainable parts are registered here before the LM, so that parameter names are theirs
+        # ("xattn.3.attn_gate"); the LM's wrappers hold the same modules.
+        self.perceiver = PerceiverResampler(dv, c.perceiver_depth, c.num_latents, c.perceiver_heads,
+                                            c.perceiver_dim_head, c.perceiver_ff_mult, c.max_media)
+        self.decoder_path, layers = decoder_layers(lm)
+        self.xattn = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(d, dv, c.xattn_heads, c.xattn_dim_head, c.xattn_ff_mult,
+                                             c.only_attend_immediate_media)
+            for i in range(len(layers)) if (i + 1) % c.cross_attn_every == 0})
+        for i in range(len(layers)):
+            layers[i] = FlamingoLayer(self.xattn[str(i)] if str(i) in self.xattn else None, layers[i])
+        emb_in, emb_out = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if emb_out is None:
+            raise ValueError(f"{type(lm).__name__} has no output embeddings to extend")
+        self.new_tokens = AddedTokens([c.image_token_id, c.eoc_token_id], emb_in.weight, emb_out.weight,
+                                      tied=emb_out.weight is emb_in.weight)
+        lm.set_input_embeddings(ExtendedEmbedding(emb_in, self.new_tokens))
+        lm.set_output_embeddings(ExtendedHead(emb_out, self.new_tokens))
+        self.lm = lm
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        self.log_parameter_counts()
+
+    # ------------------------------------------------------------------ building, saving, loading
+    @classmethod
+    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "Flamingo":
+        config = copy.deepcopy(config)
+        config.vision.name_or_path = backbones.resolve_path(config.vision.name_or_path, root)
+        config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
+        return cls(config, backbones.load_vision(config.vision), backbones.load_lm(config.lm))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "Flamingo":
+        """A directory (or hub id) written by save_pretrained."""
+        from safetensors.torch import load_file
+
+        root = local_dir(name_or_path)
+        model = cls.from_config(load_json(FlamingoConfig, root / "config.json"), root)
+        missing, unexpected = model.load_state_dict(load_file(str(root / "model.safetensors")), strict=False)
+        missing = [k for k in missing if not k.startswith(BACKBONES)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {root} does not match the model: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True):
+        """config.json + model.safetensors (perceiver, xattn, added token rows); with include_backbones
+        also vision/ and lm/ in transformers' own format (the LM exactly as loaded, without wrappers)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if include_backbones:
+            self.vision.save_pretrained(path / "vision")
+            config.vision.name_or_path, config.vision.feature_layer = "vision", -1  # saved already cut
+            self.lm.save_pretrained(path / "lm", state_dict=self.lm_state_dict())
+            config.lm.name_or_path = "lm"
+        if processor is not None:
+            processor.save_pretrained(path)
+        save_json(config, path / "config.json")
+        save_file(self.bridge_state_dict(), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def bridge_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONES)}
+
+    def lm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen LM's own tensors under transformers' names (wrappers and bridge parts removed)."""
+        return {k.replace(".original.", "."): v for k, v in self.lm.state_dict().items()
+                if ".gated_xattn." not in k and ".added." not in k}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()
+        self.lm.eval()  # frozen backbones stay in eval mode; the blocks inside the LM follow `mode`
+        self.xattn.train(mode)
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "frozen": sum(p.numel() for p in self.parameters() if not p.requires_grad)}
+
+    def log_parameter_counts(self):
+        bridge = {id(p) for m in (self.perceiver, self.xattn, self.new_tokens) for p in m.parameters()}
+        for name, backbone in (("vision", self.vision), ("lm", self.lm)):
+            if any(p.requires_grad for p in backbone.parameters() if id(p) not in bridge):
+                raise RuntimeError(f"the {name} backbone must be frozen")
+        c = self.parameter_counts()
+        log.info("Flamingo parameters: trainable %s, frozen %s (%d gated cross-attention blocks)",
+                 f"{c['trainable']:,}", f"{c['frozen']:,}", len(self.xattn))
+
+    # ------------------------------------------------------------------ images and text
+    def encode_images(self, pixel_values=None, image_features=None, image_mask=None) -> torch.Tensor:
+        """Visual tokens (B, N, n, Dv) from pixel_values (B, N, 3, H, W) or the frozen encoder's output
+        image_features (B, N, v, Dv). image_mask (B, N): real images; padding slots skip the encoder."""
+        if image_features is None:
+            keep = torch.ones(pixel_values.shape[:2], dtype=torch.bool) if image_mask is None else image_mask.bool()
+            keep = keep.to(pixel_values.device)
+            if not keep.any():  # nothing to encode, nothing will be attended
+                return self._empty_media(*keep.shape)
+            with torch.no_grad():
+                feats = self.vision(pixel_values[keep])  # (M, v, Dv): the real images only
+            image_features = feats.new_zeros(*keep.shape, *feats.shape[1:])
+            image_features[keep] = feats
+        return self.perceiver(image_features[:, :, None].to(self.perceiver.latents.dtype))  # one frame each
+
+    def _empty_media(self, B: int, N: int) -> torch.Tensor:
+        return self.perceiver.latents.new_zeros(B, N, *self.perceiver.latents.shape)
+
+    def text_time(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T): how many <image> tokens lie at or before each position (the image a token sees)."""
+        return (input_ids == self.config.image_token_id).long().cumsum(-1)
+
+    def _media(self, input_ids, pixel_values, image_features, media, image_mask) -> torch.Tensor:
+        counts = (input_ids == self.config.image_token_id).sum(1)  # row b uses image slots [0, counts[b])
+        if image_mask is not None and not torch.equal(image_mask.sum(1).to(counts), counts):
+            raise ValueError(f"<image> tokens per row {counts.tolist()} != images per row {image_mask.sum(1).tolist()}")
+        if media is None and (pixel_values is not None or image_features is not None):
+            slots = (pixel_values if image_features is None else image_features).shape[1]
+            slots = torch.arange(slots, device=counts.device)[None] < counts[:, None]
+            media = self.encode_images(pixel_values, image_features, slots)
+        media = self._empty_media(len(input_ids), 0) if media is None else media  # None: text only
+        if (counts > media.shape[1]).any():
+            raise ValueError(f"rows hold {counts.tolist()} <image> tokens but only {media.shape[1]} image slots were given")
+        return media
+
+    def _lm(self, input_ids, mask, context: FlamingoContext, past_key_values=None):
+        kwargs = {"position_ids": position_ids(mask)[:, -input_ids.shape[1]:]} if self._lm_takes_position_ids else {}
+        return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=past_key_values,
+                       use_cache=past_key_values is not None, flamingo=context, **kwargs)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, image_mask=None,
+                image_features=None, media=None) -> FlamingoOutput:
+        """input_ids (B, T) interleaved text; pixel_values (B, N, 3, H, W), the i-th slot of a row for
+        its i-th <image>; labels (B, T) -100 where ignored (see FlamingoProcessor). Instead of pixels:
+        image_features (frozen encoder output) or media (visual tokens from encode_images)."""
+        media = self._media(input_ids, pixel_values, image_features, media, image_mask)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        logits = self._lm(input_ids, mask, FlamingoContext(media, self.text_time(input_ids))).logits
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            if not (targets != -100).any():
+                raise ValueError("every label is -100: there is no target text to learn from")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return FlamingoOutput(loss, logits, media)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_mask=None, image_features=None,
+                 media=None, max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy (num_beams=1) or beam search; prompts left-padded (the processor does it). The images
+        are encoded once; new tokens attend to the prompt's last image. Returns the new tokens only
+        (B, L); a finished row is filled with its end token. eos_token_id defaults to <|endofchunk|> and
+        the LM's eos. Beam search keeps finished hypotheses in the beam (simpler than transformers'
+        2*num_beams bookkeeping) and ranks them by score / length ** length_penalty."""
+        media = self._media(input_ids, pixel_values, image_features, media, image_mask)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        B, K, dev = input_ids.shape[0], num_beams, input_ids.device
+        ids = [self.config.eoc_token_id, self.lm.config.eos_token_id] if eos_token_id is None else [eos_token_id]
+        eos = torch.tensor([i for x in ids for i in (x if isinstance(x, list) else [x]) if i is not None], device=dev)
+        input_ids, mask, media = (t.repeat_interleave(K, dim=0) for t in (input_ids, mask, media))
+        last = (input_ids == self.config.image_token_id).sum(1, keepdim=True)  # (B*K, 1) image of new tokens
+        scores = torch.zeros(B, K, device=dev)
+        scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
+        scores, done = scores.flatten(), torch.zeros(B * K, dtype=torch.bool, device=dev)
+        lengths, new = torch.zeros(B * K, dtype=torch.long, device=dev), input_ids.new_zeros(B * K, 0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config) if use_cache else None
+        step_ids, time = input_ids, self.text_time(input_ids)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self._lm(step_ids, mask, FlamingoContext(media, time), cache).logits[:, -1]
+            else:  # the whole sequence again: the reference the cached path must agree with
+                seq, full_time = torch.cat([input_ids, new], 1), torch.cat([self.text_time(input_ids), last.expand_as(new)], 1)
+                logits = self._lm(seq, mask, FlamingoContext(media, full_time)).logits[:, -1]
+            logp = logits.float().log_softmax(-1)
+            logp[:, self.config.image_token_id] = float("-inf")  # no image can follow the prompt
+            logp[done] = float("-inf")  # a finished hypothesis goes on with its end token, at no cost
+            logp[done, eos[0]] = 0.0
+            V = logp.shape[-1]
+            top, idx = (scores[:, None] + logp).view(B, K * V).topk(K, dim=1)  # (B, K)
+            beam = (idx // V + torch.arange(B, device=dev)[:, None] * K).flatten()
+            token, scores = (idx % V).flatten(), top.flatten()
+            lengths = lengths[beam] + (~done[beam]).long()
+            done = done[beam] | torch.isin(token, eos)
+            new = torch.cat([new[beam], token[:, None]], dim=1)
+            if cache is not None and K > 1:
+                cache.reorder_cache(beam)
+            mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)  # a sample's beams share the prompt mask
+            step_ids, time = token[:, None], last
+            if done.all():
+                break
+        best = (scores / lengths.clamp(min=1).float() ** length_penalty).view(B, K).argmax(1)
+        return new.view(B, K, -1)[torch.arange(B, device=dev), best]
+
+
+def create_flamingo(config: FlamingoConfig, root: str | Path | None = None):
+    """A new Flamingo (fresh perceiver, gated blocks closed) on the backbones `config` names, and its
+    processor; the special tokens are added to the LM's tokenizer and their ids written to the config."""
+    processor = FlamingoProcessor.from_config(config, root)
+    config = copy.deepcopy(config)
+    config.image_token_id, config.eoc_token_id = processor.image_token_id, processor.eoc_token_id
+    return Flamingo.from_config(config, root), processor
+
+
+class FlamingoProcessor:
+    """Images through the vision backbone's image processor; interleaved text through the LM's
+    tokenizer with <image> and <|endofchunk|> added. Prompts are left-padded (generation-ready)."""
+
+    def __init__(self, image_processor, tokenizer, image_token: str = "<image>", eoc_token: str = "<|endofchunk|>"):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        tokenizer.add_tokens([image_token, eoc_token], special_tokens=True)  # no-op when already there
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.image_token, self.eoc_token = image_token, eoc_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(eoc_token)
+
+    @classmethod
+    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "FlamingoProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        image_processor = AutoImageProcessor.from_pretrained(backbones.resolve_path(config.vision.name_or_path, root),
+                                                             backend="pil")
+        tok = AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root))
+        proc = cls(image_processor, tok, config.image_token, config.eoc_token)
+        ids = (proc.image_token_id, proc.eoc_token_id)
+        if config.image_token_id is not None and ids != (config.image_token_id, config.eoc_token_id):
+            raise ValueError(f"tokenizer gives the special tokens ids {ids}, the config "
+                             f"{(config.image_token_id, config.eoc_token_id)}")
+        return proc
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "FlamingoProcessor":
+        root = local_dir(name_or_path)
+        return cls.from_config(load_json(FlamingoConfig, root / "config.json"), root)
+
+    def save_pretrained(self, path: str | Path):
+        """Beside the backbones that Flamingo.save_pretrained(path) writes."""
+        self.image_processor.save_pretrained(Path(path) / "vision")
+        self.tokenizer.save_pretrained(Path(path) / "lm")
+
+    def __call__(self, text, images=None, return_labels: bool = False) -> dict[str, torch.Tensor]:
+        """text: interleaved strings, e.g. "<image>Output: a cat.<|endofchunk|><image>Output:".
+        images: per text, the list of its images in <image> order (or one image per text).
+        -> input_ids, attention_mask (B, T); pixel_values (B, N, 3, H, W) zero-padded to the most
+        images in a row; image_mask (B, N); labels (B, T) with return_labels."""
+        texts = [text] if isinstance(text, str) else list(text)
+        out = pad([self.tokenizer(t).input_ids for t in texts], self.tokenizer.pad_token_id, "left")
+        counts = (out["input_ids"] == self.image_token_id).sum(1).tolist()
+        if images is not None:  # None: text only (the caller brings pixel_values or media)
+            per_row = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+            if [len(x) for x in per_row] != counts:
+                raise ValueError(f"<image> tokens per text {counts} != images per text {[len(x) for x in per_row]}")
+        if images is not None and max(counts) > 0:
+            rgb = [load_image(im) for row in per_row for im in row]
+            px = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]  # (M, 3, H, W)
+            out["image_mask"] = torch.arange(max(counts))[None] < torch.tensor(counts)[:, None]  # (B, N)
+            out["pixel_values"] = px.new_zeros(len(texts), max(counts), *px.shape[1:])
+            out["pixel_values"][out["image_mask"]] = px
+        if return_labels:
+            out["labels"] = self.labels(out["input_ids"], out["attention_mask"])
+        return out
+
+    def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """OpenFlamingo's rule: learn the text of each chunk, from after its <image> up to and including
+        its <|endofchunk|>. Padding, <image> tokens, text before the first image and text between an
+        <|endofchunk|> and the next <image> are -100."""
+        pos = torch.arange(input_ids.shape[1])
+        last_image = torch.where(input_ids == self.image_token_id, pos, -1).cummax(-1).values
+        last_eoc = torch.where(input_ids == self.eoc_token_id, pos, -1).cummax(-1).values
+        eoc_before = F.pad(last_eoc[:, :-1], (1, 0), value=-1)  # latest <|endofchunk|> strictly before
+        inside = last_image > eoc_before
+        return input_ids.masked_fill(~inside | (input_ids == self.image_token_id) | (attention_mask == 0), -100)
+
+    def batch_decode(self, ids: torch.Tensor) -> list[str]:
+        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
