@@ -3,6 +3,11 @@
 Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts) -> data -> AdamW
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
 resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
+
+`model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`) or "flamingo"
+(`flamingo` + `datasets`). Each kind has a small build and loss function below; the loop is shared.
+A Flamingo recipe mixes datasets as the paper does: every optimizer step accumulates the gradient of
+sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-robin), and logs each loss_m.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from .blip2 import Blip2, create_blip2
 from .config import Blip2Config, from_dict, load_json, save_json, to_dict
 from .data.batches import BatchStream, DataConfig, FeatureCache, ShapesWorldPool
+from .data.interleaved import DocumentData, DocumentStream, make_source
+from .flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
 from .processor import Blip2Processor
 
 log = logging.getLogger("vlbridge.train")
@@ -38,13 +45,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    model_kind: str = "blip2"  # "blip2" (model, data, stage) or "flamingo" (flamingo, datasets)
     stage: int = 1  # BLIP-2 stage 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM)
     model: Blip2Config = field(default_factory=Blip2Config)
+    flamingo: FlamingoConfig | None = None
     init_from: str = ""  # a checkpoint to start from (stage 2 starts from stage 1's)
     data: DataConfig = field(default_factory=DataConfig)
+    datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # BLIP-2 (a Flamingo dataset has its own batch_size)
     grad_accum: int = 1
     precision: str = "bf16"  # bf16 autocast (CPU and GPU) or fp32
     seed: int = 0
@@ -56,6 +66,16 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     device: str = "auto"
+
+    def __post_init__(self):
+        if self.model_kind not in ("blip2", "flamingo"):
+            raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2' or 'flamingo'")
+        # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
+        self.datasets = [d if isinstance(d, DocumentData) else from_dict(DocumentData, d) for d in self.datasets]
+        if self.model_kind == "flamingo" and (self.flamingo is None or not self.datasets):
+            raise ValueError("a flamingo recipe needs `flamingo` (a FlamingoConfig) and `datasets`")
+        if len({d.name for d in self.datasets}) != len(self.datasets):
+            raise ValueError(f"dataset names must be unique: {[d.name for d in self.datasets]}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -77,11 +97,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         except json.JSONDecodeError:
             node[leaf] = value
     cfg = from_dict(TrainConfig, data)
-    for c in (cfg.model.vision, cfg.model.lm):
+    flamingo = (cfg.flamingo.vision, cfg.flamingo.lm) if cfg.flamingo is not None else ()
+    for c in (cfg.model.vision, cfg.model.lm, *flamingo):
         if c is not None:
             c.name_or_path = expand(c.name_or_path)
     cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
     cfg.init_from = expand(cfg.init_from)
+    for d in cfg.datasets:
+        d.path, d.image_root = expand(d.path), expand(d.image_root)
     return cfg
 
 
@@ -99,7 +122,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def build_model(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
+def build_model(cfg: TrainConfig):
+    return build_flamingo(cfg) if cfg.model_kind == "flamingo" else build_blip2(cfg)
+
+
+def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
     if cfg.stage == 1:
         if cfg.init_from:
             return Blip2.from_pretrained(cfg.init_from), Blip2Processor.from_pretrained(cfg.init_from)
@@ -115,7 +142,34 @@ def build_model(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
     return model, Blip2Processor.from_config(model.config)
 
 
-def loss_of(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
+def build_flamingo(cfg: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
+    if cfg.init_from:
+        return Flamingo.from_pretrained(cfg.init_from), FlamingoProcessor.from_pretrained(cfg.init_from)
+    return create_flamingo(cfg.flamingo)
+
+
+def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tuple[float, object]]:
+    """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream."""
+    if cfg.model_kind == "flamingo":
+        if cfg.cache_features:
+            raise ValueError("cache_features is for BLIP-2 recipes only")
+        return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
+                for i, d in enumerate(cfg.datasets)}
+    pool = ShapesWorldPool(cfg.data)
+    cache = None
+    if cfg.cache_features:
+        cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
+    return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
+                                  (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache))}
+
+
+def loss_of(model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    if cfg.model_kind == "flamingo":
+        return model(**batch).loss, {}  # next-token loss on the chunks' text (FlamingoProcessor.labels)
+    return blip2_loss(model, batch, cfg.stage)
+
+
+def blip2_loss(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
     if stage == 1:
         out = model.pretrain_losses(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                                     batch.get("image_features"), batch["image_ids"])
@@ -126,11 +180,40 @@ def loss_of(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dict[s
     return out.loss, {}
 
 
+def accumulate(model, streams: dict, step: int, cfg: TrainConfig, autocast, device) -> tuple[float, dict, int]:
+    """Forward and backward over all of one optimizer step's micro-batches: the gradient of
+    sum_m weight_m * mean_micro(loss_m), every dataset m in every step (Flamingo's mixing). Returns the
+    weighted loss, the parts averaged over micro-batches (loss_<dataset> per named dataset) and the
+    number of samples."""
+    loss_sum, parts_sum, seen = 0.0, {}, 0
+    for ds, (weight, stream) in streams.items():
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
+            with autocast:
+                loss, parts = loss_of(model, batch, cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, parts {parts})")
+            (weight * loss / cfg.grad_accum).backward()
+            loss_sum += weight * loss.item() / cfg.grad_accum
+            if ds:
+                parts[f"loss_{ds}"] = loss.item()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            seen += len(batch["input_ids"])
+    return loss_sum, parts_sum, seen
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Only trainable parameters; no decay on biases, norms, the temperature and query tokens."""
+    """Only trainable parameters. BLIP-2: no decay on biases, norms, the temperature and query tokens.
+    Flamingo: decay only on the gated cross-attention blocks (`xattn.*`, gates and norms included),
+    none on the perceiver or the new token rows, as OpenFlamingo does."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if isinstance(model, Flamingo):
+            (decay if name.startswith("xattn.") else no_decay).append(p)
+        else:
             (no_decay if p.dim() < 2 or "query_tokens" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -218,20 +301,18 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     model, processor = build_model(cfg)
     model.to(device)
     if cfg.precision == "bf16" and device.type == "cpu" and model.lm is not None:
-        # Gradients flow through the frozen LM to the soft prompt; its fused attention kernel is slow
+        # Gradients flow through the frozen LM (to the soft prompt / the gated blocks); its fused attention kernel is slow
         # in bf16 backward on CPU (see qformer.attention), the eager path is the same math.
         model.lm.set_attn_implementation("eager")
     if cfg.grad_checkpointing:
+        if cfg.model_kind != "blip2":
+            raise ValueError("grad_checkpointing is implemented for the BLIP-2 Q-Former only")
         model.qformer.set_grad_checkpointing(True)
+    name = f"stage {cfg.stage}" if cfg.model_kind == "blip2" else cfg.model_kind
     counts = model.parameter_counts()
-    log.info("stage %d: trainable %s / frozen %s parameters", cfg.stage, f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    log.info("%s: trainable %s / frozen %s parameters", name, f"{counts['trainable']:,}", f"{counts['frozen']:,}")
 
-    pool = ShapesWorldPool(cfg.data)
-    cache = None
-    if cfg.cache_features:
-        cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
-    stream = BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
-                         (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache)
+    streams = build_streams(cfg, model, processor, out)
 
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
     start = 0
@@ -242,22 +323,11 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     model.train()
     t0, seen = time.time(), 0
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"stage {cfg.stage}"):
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        parts_sum: dict[str, float] = {}
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
-            with autocast:
-                loss, parts = loss_of(model, batch, cfg.stage)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (parts {parts})")
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
-            seen += cfg.batch_size
+        loss_sum, parts_sum, n = accumulate(model, streams, step, cfg, autocast, device)
+        seen += n
         grad_norm = None
         if cfg.optim.clip_grad > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
