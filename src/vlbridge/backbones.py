@@ -98,7 +98,15 @@ def _load_vision_model(path: str, dtype: torch.dtype) -> nn.Module:
 
         cls = MODEL_MAPPING.get(type(vision_config), None)  # _LazyAutoMapping.get needs a default
         if cls is not None:
-            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            # The text tower's weights are expected leftovers here: keep transformers' report of them quiet.
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            finally:
+                hf_logging.set_verbosity(verbosity)
             if not info["missing_keys"]:
                 return model
         model = AutoModel.from_pretrained(path, dtype=dtype)
