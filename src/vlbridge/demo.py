@@ -25,6 +25,7 @@ from .assets import SHAPESWORLD
 from .blip2 import Blip2
 from .data import shapesworld as sw
 from .processor import Blip2Processor
+from .report import write_html
 from .train import load_recipe, train
 
 log = logging.getLogger("vlbridge.demo")
@@ -88,12 +89,7 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     report["targets"] = _targets(report)
     report["timings_s"]["total"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    try:
-        from .report import write_html
-
-        write_html(report, out, m1, p1, m2, p2, world)
-    except ImportError:
-        pass
+    write_html(report, out, m1, p1, m2, p2, world)
     return report
 
 
