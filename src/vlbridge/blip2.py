@@ -78,18 +78,19 @@ def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, smoothing:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor):
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None):
     """For each row, draw one column from softmax(sim) with the positives masked out.
 
     Returns (index (B,), valid (B,)). A row whose columns are all positives has no negative to give:
     it is marked invalid (and gets a dummy index) instead of producing NaN weights.
+    generator: draw from it instead of torch's global RNG.
     """
     if not torch.isfinite(sim).all():
         raise FloatingPointError("non-finite ITC similarities: cannot sample ITM hard negatives")
     valid = ~positives.all(dim=1)
     weights = sim.float().masked_fill(positives, float("-inf")).softmax(dim=1)
     weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
-    return torch.multinomial(weights, 1).squeeze(1), valid
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
 
 
 class Blip2(nn.Module):
@@ -276,11 +277,14 @@ class Blip2(nn.Module):
 
     # ------------------------------------------------------------------ stage 1
     def pretrain_losses(self, input_ids, attention_mask, pixel_values=None, image_features=None,
-                        image_ids=None) -> Blip2PretrainOutput:
+                        image_ids=None, generator: torch.Generator | None = None) -> Blip2PretrainOutput:
         """ITC + ITM + ITG. input_ids/attention_mask: Q-Former tokens (B, T) starting with [CLS].
 
         image_ids (B,): samples with equal ids show the same image (several captions per image);
         they are positives for each other in ITC and never drawn as ITM negatives.
+        generator: draws the ITM hard negatives (else torch's global RNG). Every rank draws for all
+        rows of the global batch and keeps its own, so with one generator seeded per step the
+        negatives depend on the global batch only, not on how many processes share it.
         """
         self._require_text_branch()
         eps = self.config.label_smoothing
@@ -304,8 +308,12 @@ class Blip2(nn.Module):
         # ITM: B positive pairs, then per text a hard-negative image, per image a hard-negative text.
         img_all = gather_with_grad(img)
         ids_text_all, mask_text_all = gather_no_grad(input_ids), gather_no_grad(attention_mask)
-        neg_img, valid_t = sample_hard_negatives(sim_t2i.detach(), positives)
-        neg_txt, valid_i = sample_hard_negatives(sim_i2t.detach(), positives)
+        # Drawn from the global (B_all, B_all) similarities for every global row; this rank keeps its rows.
+        mine, positives_all = slice(rank * B, (rank + 1) * B), ids_all[:, None] == ids_all[None, :]
+        draw = {"generator": generator} if generator is not None else {}
+        neg_img, valid_t = sample_hard_negatives(gather_no_grad(sim_t2i.detach()), positives_all, **draw)
+        neg_txt, valid_i = sample_hard_negatives(gather_no_grad(sim_i2t.detach()), positives_all, **draw)
+        neg_img, valid_t, neg_txt, valid_i = neg_img[mine], valid_t[mine], neg_txt[mine], valid_i[mine]
         itm_ids = torch.cat([input_ids, input_ids[valid_t], ids_text_all[neg_txt[valid_i]]])
         itm_mask = torch.cat([attention_mask, attention_mask[valid_t], mask_text_all[neg_txt[valid_i]]])
         itm_img = torch.cat([img, img_all[neg_img[valid_t]], img[valid_i]])

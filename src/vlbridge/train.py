@@ -4,6 +4,10 @@ Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts)
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
 resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
 
+1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (BLIP-2 recipes) each rank
+takes its slice of the same global batch (batch_size is the per-rank micro-batch: global batch =
+batch_size * N * grad_accum), gradients are averaged by DistributedDataParallel and only rank 0 writes.
+
 `model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`) or "flamingo"
 (`flamingo` + `datasets`). Each kind has a small build and loss function below; the loop is shared.
 A Flamingo recipe mixes datasets as the paper does: every optimizer step accumulates the gradient of
@@ -19,8 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import dist
 from .blip2 import Blip2, create_blip2
 from .config import Blip2Config, from_dict, load_json, save_json, to_dict
 from .data.batches import BatchStream, DataConfig, FeatureCache, ShapesWorldPool
@@ -54,7 +60,7 @@ class TrainConfig:
     datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
-    batch_size: int = 32  # BLIP-2 (a Flamingo dataset has its own batch_size)
+    batch_size: int = 32  # BLIP-2, per rank (a Flamingo dataset has its own batch_size)
     grad_accum: int = 1
     precision: str = "bf16"  # bf16 autocast (CPU and GPU) or fp32
     seed: int = 0
@@ -149,30 +155,45 @@ def build_flamingo(cfg: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
 
 
 def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tuple[float, object]]:
-    """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream."""
+    """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream of
+    this rank's slices."""
     if cfg.model_kind == "flamingo":
         if cfg.cache_features:
             raise ValueError("cache_features is for BLIP-2 recipes only")
         return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
                 for i, d in enumerate(cfg.datasets)}
     pool = ShapesWorldPool(cfg.data)
-    cache = None
-    if cfg.cache_features:
+    cache, (rank, world_size) = None, dist.world()
+    if cfg.cache_features:  # rank 0 computes and stores the features, then the others load them
+        if rank > 0:
+            dist.barrier()
         cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
+        if rank == 0:
+            dist.barrier()
     return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
-                                  (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache))}
+                                  (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache,
+                                  rank, world_size))}
 
 
-def loss_of(model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    if cfg.model_kind == "flamingo":
-        return model(**batch).loss, {}  # next-token loss on the chunks' text (FlamingoProcessor.labels)
-    return blip2_loss(model, batch, cfg.stage)
+class Objective(torch.nn.Module):
+    """The model with its training loss as forward(batch, generator) -> (loss, logged parts).
+    DistributedDataParallel only syncs gradients of work done in forward(), and BLIP-2 stage 1 trains
+    through pretrain_losses, not Blip2.forward."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.model_kind == "flamingo":
+            return self.model(**batch).loss, {}  # next-token loss on the chunks' text (FlamingoProcessor.labels)
+        return blip2_loss(self.model, batch, self.cfg.stage, generator)
 
 
-def blip2_loss(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
+def blip2_loss(model: Blip2, batch: dict, stage: int, generator=None) -> tuple[torch.Tensor, dict[str, float]]:
     if stage == 1:
         out = model.pretrain_losses(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                    batch.get("image_features"), batch["image_ids"])
+                                    batch.get("image_features"), batch["image_ids"], generator)
         return out.loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(),
                           "loss_itg": out.loss_itg.item()}
     out = model(batch.get("pixel_values"), batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -180,17 +201,25 @@ def blip2_loss(model: Blip2, batch: dict, stage: int) -> tuple[torch.Tensor, dic
     return out.loss, {}
 
 
+def step_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
+    """The RNG of one micro-batch's random draws (ITM hard negatives): the same on every rank, and the
+    same for 1 or N processes and after a resume."""
+    seed = int(np.random.SeedSequence([seed, 17, step, micro]).generate_state(1)[0])
+    return torch.Generator(device).manual_seed(seed)
+
+
 def accumulate(model, streams: dict, step: int, cfg: TrainConfig, autocast, device) -> tuple[float, dict, int]:
     """Forward and backward over all of one optimizer step's micro-batches: the gradient of
     sum_m weight_m * mean_micro(loss_m), every dataset m in every step (Flamingo's mixing). Returns the
     weighted loss, the parts averaged over micro-batches (loss_<dataset> per named dataset) and the
-    number of samples."""
+    number of samples, all of this rank. model: the model, or (torchrun) its Objective wrapped in DDP."""
+    objective = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else Objective(model, cfg)
     loss_sum, parts_sum, seen = 0.0, {}, 0
     for ds, (weight, stream) in streams.items():
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
             with autocast:
-                loss, parts = loss_of(model, batch, cfg)
+                loss, parts = objective(batch, step_generator(cfg.seed, step, micro, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, parts {parts})")
             (weight * loss / cfg.grad_accum).backward()
@@ -288,15 +317,19 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
 
     callback(step, model, processor, elapsed_s) -> dict, if given, runs every `callback_every` steps and at the
     end (e.g. a quick evaluation); what it returns is logged with the step. It gets the model in
-    eval mode; training resumes in train mode.
+    eval mode; training resumes in train mode. Under torchrun only rank 0 logs, saves and calls it.
     """
     from tqdm import tqdm
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    rank, world_size, device = dist.init_from_env(cfg.device)
+    if world_size > 1 and cfg.model_kind != "blip2":
+        raise ValueError("data-parallel training (torchrun) is implemented for BLIP-2 recipes only")
+    master = rank == 0
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, out / "recipe.json")
+    if master:
+        save_json(cfg, out / "recipe.json")
 
     model, processor = build_model(cfg)
     model.to(device)
@@ -319,15 +352,22 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     if (out / "last" / "trainer_state.json").exists():
         start = load_checkpoint(out / "last", model, opt)
         log.info("resumed from %s at step %d", out / "last", start)
-    loggers = Loggers(cfg, out)
+    step_model = model
+    if world_size > 1:
+        # Only trainable parameters take part (the frozen backbones have requires_grad False).
+        ids = [device] if device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(Objective(model, cfg), device_ids=ids)
+        log.info("data-parallel over %d ranks: global batch %d x %d", world_size, cfg.batch_size * world_size,
+                 cfg.grad_accum)
+    loggers = Loggers(cfg, out) if master else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     model.train()
     t0, seen = time.time(), 0
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name):
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not master):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss_sum, parts_sum, n = accumulate(model, streams, step, cfg, autocast, device)
-        seen += n
+        loss_sum, parts_sum, n = accumulate(step_model, streams, step, cfg, autocast, device)
+        seen += n * world_size
         grad_norm = None
         if cfg.optim.clip_grad > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -335,21 +375,26 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            loggers.write({"step": step + 1, "loss": loss_sum, **parts_sum, "lr": opt.param_groups[0]["lr"],
-                           "grad_norm": grad_norm, "samples_per_s": seen / (time.time() - t0),
-                           "elapsed_s": time.time() - t0})
-        if callback is not None and ((callback_every and (step + 1) % callback_every == 0) or step + 1 == cfg.steps):
+            means = dist.mean_over_ranks({"loss": loss_sum, **parts_sum})  # every rank takes part
+            if master:
+                loggers.write({"step": step + 1, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                               "samples_per_s": seen / (time.time() - t0), "elapsed_s": time.time() - t0})
+        last = step + 1 == cfg.steps
+        if master and callback is not None and ((callback_every and (step + 1) % callback_every == 0) or last):
             tc = time.time()
             model.eval()
             loggers.write({"step": step + 1, "elapsed_s": tc - t0, **callback(step + 1, model, processor, tc - t0)})
             model.train()
             t0 += time.time() - tc  # elapsed_s and samples_per_s count training time only
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if master and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(out / "last", step + 1, model, opt, processor)
-    loggers.close()
     final = out / "final"
-    model.save_pretrained(final, processor=processor)
-    log.info("saved %s", final)
+    if master:
+        loggers.close()
+        model.save_pretrained(final, processor=processor)
+        log.info("saved %s", final)
+    dist.barrier()  # the other ranks return once the final model is on disk
+    dist.shutdown()
     return final
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import shapesworld as sw
@@ -151,6 +152,10 @@ class BatchStream:
             batch = {"pixel_values": self.processor.images([self.pool.image(i) for i in idx])}
         if self.stage == 1:
             q = self.processor.qformer_text([s["caption"] for s in samples], truncate=True)
+            if self.world_size > 1:  # the ranks all-gather their texts (ITM negatives): one common length
+                pad = (0, self.processor.max_text_length - q["input_ids"].shape[1])
+                q = {"input_ids": F.pad(q["input_ids"], pad, value=self.processor.qformer_tokenizer.pad_token_id),
+                     "attention_mask": F.pad(q["attention_mask"], pad)}
             batch.update(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
                          image_ids=torch.tensor([s["image_id"] for s in samples]))
         else:
