@@ -63,7 +63,7 @@ def build_mask(kind: str, num_query: int, text_mask: torch.Tensor | None, batch:
 def attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v; q (B, H, L, e), k/v (B, H, S, e), mask additive (B, 1, L, S).
 
-    On CPU in bf16 (autocast), torch's fused SDPA kernel was measured ~1.8x slower than these three
+    On CPU in bf16 (autocast), torch's fused SDPA kernel was measured 1.6-1.8x slower than these three
     explicit ops for a whole stage-1 step (forward + backward; `make bench` re-measures it), so
     low-precision CPU runs take the explicit path; fp32 and GPU use the fused kernel.
     """
