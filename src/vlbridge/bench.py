@@ -66,11 +66,9 @@ def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
 
     rows = []
     original = qf.attention
-    fused = lambda q, k, v, m, p: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
-    explicit = lambda q, k, v, m, p: ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (0 if m is None else m)).softmax(-1) @ v
     try:
         for precision in ("fp32", "bf16"):
-            for path, fn in (("fused", fused), ("explicit", explicit)):
+            for path, fn in (("fused", qf.fused_attention), ("explicit", qf.explicit_attention)):
                 qf.attention = fn
                 step(precision)  # warm-up
                 if device.type == "cuda":

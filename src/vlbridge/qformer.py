@@ -60,20 +60,27 @@ def build_mask(kind: str, num_query: int, text_mask: torch.Tensor | None, batch:
     return mask[:, None]
 
 
-def attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v; q (B, H, L, e), k/v (B, H, S, e), mask additive (B, 1, L, S).
+def explicit_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v; q (B, H, L, e), k/v (B, H, S, e), mask additive (B, 1, L, S)."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    probs = F.dropout(scores.softmax(-1), dropout_p) if dropout_p else scores.softmax(-1)
+    return probs @ v
 
-    On CPU in bf16 (autocast), torch's fused SDPA kernel was measured 1.6-1.8x slower than these three
-    explicit ops for a whole stage-1 step (forward + backward; `make bench` re-measures it), so
-    low-precision CPU runs take the explicit path; fp32 and GPU use the fused kernel.
-    """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores + mask
-        probs = F.dropout(scores.softmax(-1), dropout_p) if dropout_p else scores.softmax(-1)
-        return probs @ v
+
+def fused_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
+    """The same function by the faster path: on CPU in bf16 (autocast), torch's fused SDPA kernel was
+    measured 1.6-1.8x slower than the explicit ops for a whole stage-1 step (forward + backward;
+    `make bench` re-measures it), so low-precision CPU runs take the explicit path; fp32 and GPU use
+    the fused kernel."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return explicit_attention(q, k, v, mask, dropout_p)
+    return fused_attention(q, k, v, mask, dropout_p)
 
 
 class Attention(nn.Module):
