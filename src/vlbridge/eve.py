@@ -62,6 +62,8 @@ class EVEConfig:
     image_token_id: int | None = None  # filled from the tokenizer by create_eve
     image_mean: list[float] | None = None  # None: the teacher's (filled by create_eve), else 0.5
     image_std: list[float] | None = None
+    caption_prompt: str = "a photo of"  # the prompts training and evaluation put after the image
+    vqa_prompt: str = "Question: {} Answer:"
 
     @property
     def cell_size(self) -> int:  # pixels a side of one token: EVE pools 2x2 patches, Fuyu does not
@@ -263,9 +265,10 @@ class EVE(nn.Module):
             raise ValueError(f"checkpoint {root} does not match the model: missing {missing}, unexpected {unexpected}")
         return model
 
-    def save_pretrained(self, path: str | Path, processor=None):
-        """config.json + model.safetensors (PEL, PAL) + lm/ in transformers' format (always: from stage
-        2 on the LM is trained) + the processor's tokenizer. The teacher is only named in the config."""
+    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True):
+        """config.json + model.safetensors (PEL, PAL) + lm/ in transformers' format + the processor's
+        tokenizer. The teacher is only named in the config. The LM is written even with
+        include_backbones=False (a trainer's checkpoint): from stage 2 on it is trained."""
         from safetensors.torch import save_file
 
         path = Path(path)

@@ -8,8 +8,9 @@ resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when ask
 takes its slice of the same global batch (batch_size is the per-rank micro-batch: global batch =
 batch_size * N * grad_accum), gradients are averaged by DistributedDataParallel and only rank 0 writes.
 
-`model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`) or "flamingo"
-(`flamingo` + `datasets`). Each kind has a small build and loss function below; the loop is shared.
+`model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`), "flamingo"
+(`flamingo` + `datasets`) or "eve" (stage 1, 2 or 3, `eve` + `data`). Each kind has a small build and
+loss function below; the loop is shared.
 A Flamingo recipe mixes datasets as the paper does: every optimizer step accumulates the gradient of
 sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-robin), and logs each loss_m.
 """
@@ -20,17 +21,18 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import dist
-from .blip2 import Blip2, create_blip2
+from .blip2 import Blip2, create_blip2, local_dir
 from .config import Blip2Config, from_dict, load_json, save_json, to_dict
-from .data.batches import BatchStream, DataConfig, FeatureCache, ShapesWorldPool
+from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, ShapesWorldPool
 from .data.interleaved import DocumentData, DocumentStream, make_source
+from .eve import EVE, EVEConfig, EVEProcessor, create_eve
 from .flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
 from .processor import Blip2Processor
 
@@ -51,11 +53,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    model_kind: str = "blip2"  # "blip2" (model, data, stage) or "flamingo" (flamingo, datasets)
-    stage: int = 1  # BLIP-2 stage 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM)
+    model_kind: str = "blip2"  # "blip2" (model, data, stage), "flamingo" (flamingo, datasets), "eve" (eve, data, stage)
+    # BLIP-2: 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM). EVE: 1 (pre-align: patch embedding,
+    # projector and PAL train, LM frozen), 2 (generative pre-training: all but the teacher), 3 (SFT).
+    stage: int = 1
     model: Blip2Config = field(default_factory=Blip2Config)
     flamingo: FlamingoConfig | None = None
-    init_from: str = ""  # a checkpoint to start from (stage 2 starts from stage 1's)
+    # EVE. With init_from the checkpoint's architecture is kept and only pal_weight and the prompts are
+    # taken from here (they change between stages).
+    eve: EVEConfig | None = None
+    init_from: str = ""  # a checkpoint to start from (a later stage starts from the previous one's)
     data: DataConfig = field(default_factory=DataConfig)
     datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -74,8 +81,10 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.model_kind not in ("blip2", "flamingo"):
-            raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2' or 'flamingo'")
+        if self.model_kind not in ("blip2", "flamingo", "eve"):
+            raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2', 'flamingo' or 'eve'")
+        if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
+            raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
         self.datasets = [d if isinstance(d, DocumentData) else from_dict(DocumentData, d) for d in self.datasets]
         if self.model_kind == "flamingo" and (self.flamingo is None or not self.datasets):
@@ -104,7 +113,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             node[leaf] = value
     cfg = from_dict(TrainConfig, data)
     flamingo = (cfg.flamingo.vision, cfg.flamingo.lm) if cfg.flamingo is not None else ()
-    for c in (cfg.model.vision, cfg.model.lm, *flamingo):
+    eve = (cfg.eve.lm, cfg.eve.teacher) if cfg.eve is not None else ()
+    for c in (cfg.model.vision, cfg.model.lm, *flamingo, *eve):
         if c is not None:
             c.name_or_path = expand(c.name_or_path)
     cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
@@ -129,7 +139,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: TrainConfig):
-    return build_flamingo(cfg) if cfg.model_kind == "flamingo" else build_blip2(cfg)
+    return {"blip2": build_blip2, "flamingo": build_flamingo, "eve": build_eve}[cfg.model_kind](cfg)
 
 
 def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
@@ -154,6 +164,24 @@ def build_flamingo(cfg: TrainConfig) -> tuple[Flamingo, FlamingoProcessor]:
     return create_flamingo(cfg.flamingo)
 
 
+def build_eve(cfg: TrainConfig) -> tuple[EVE, EVEProcessor]:
+    """Stage 1 from the recipe (fresh patch embedding), later stages from the previous stage's
+    checkpoint; the teacher is loaded only while PAL has weight. Logs what trains in this stage."""
+    if not cfg.init_from:
+        model, processor = create_eve(cfg.eve if cfg.eve.pal_weight > 0 else replace(cfg.eve, teacher=None))
+    else:
+        pal_weight = (cfg.eve or load_json(EVEConfig, local_dir(cfg.init_from) / "config.json")).pal_weight
+        model = EVE.from_pretrained(cfg.init_from, load_teacher=pal_weight > 0)
+        processor = EVEProcessor.from_pretrained(cfg.init_from)
+        if cfg.eve is not None:
+            for name in ("pal_weight", "caption_prompt", "vqa_prompt"):
+                setattr(model.config, name, getattr(cfg.eve, name))
+    if model.config.pal_weight > 0 and model.pal is None:
+        raise ValueError("pal_weight > 0 needs a teacher (eve.teacher) to align to")
+    model.freeze_for_stage(cfg.stage)
+    return model, processor
+
+
 def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tuple[float, object]]:
     """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream of
     this rank's slices."""
@@ -164,15 +192,20 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
                 for i, d in enumerate(cfg.datasets)}
     pool = ShapesWorldPool(cfg.data)
     cache, (rank, world_size) = None, dist.world()
+    prompts = (model.config.caption_prompt, model.config.vqa_prompt)
+    if cfg.model_kind == "eve":
+        if cfg.cache_features:
+            raise ValueError("cache_features: EVE has no frozen encoder in front of the LM to cache")
+        return {"": (1.0, ProcessorStream(pool, processor, cfg.batch_size, cfg.grad_accum, prompts, cfg.seed,
+                                          rank, world_size))}
     if cfg.cache_features:  # rank 0 computes and stores the features, then the others load them
         if rank > 0:
             dist.barrier()
         cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
         if rank == 0:
             dist.barrier()
-    return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage,
-                                  (model.config.caption_prompt, model.config.vqa_prompt), cfg.seed, cache,
-                                  rank, world_size))}
+    return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
+                                  cache, rank, world_size))}
 
 
 class Objective(torch.nn.Module):
@@ -187,6 +220,10 @@ class Objective(torch.nn.Module):
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cfg.model_kind == "flamingo":
             return self.model(**batch).loss, {}  # next-token loss on the chunks' text (FlamingoProcessor.labels)
+        if self.cfg.model_kind == "eve":
+            out = self.model(**batch)  # CE on the target text + pal_weight * PAL
+            return out.loss, {k: v.item() for k, v in (("loss_ce", out.loss_ce), ("loss_pal", out.loss_pal))
+                              if v is not None}
         return blip2_loss(self.model, batch, self.cfg.stage, generator)
 
 
@@ -248,11 +285,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def save_checkpoint(path: Path, step: int, model, opt, processor):
-    """Bridge weights + optimizer state + RNG, all as safetensors/JSON (nothing pickled)."""
+    """Bridge weights + every trainable parameter (EVE trains its LM) + optimizer state + RNG, all as
+    safetensors/JSON (nothing pickled)."""
     from safetensors.torch import save_file
 
     model.save_pretrained(path, processor=processor, include_backbones=False)
     tensors, meta = {"rng.torch": torch.get_rng_state()}, {"step": step, "param_state": []}
+    tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
@@ -269,9 +308,14 @@ def load_checkpoint(path: Path, model, opt) -> int:
     tensors = load_file(str(path / "trainer_state.safetensors"))
     meta = json.loads((path / "trainer_state.json").read_text())
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    missing = [k for k in missing if not k.startswith(("vision.", "lm."))]
+    missing = [k for k in missing if not k.startswith(("vision.", "lm.", "teacher."))]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                params[key[len("param."):]].copy_(value)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, (p, keys) in enumerate(zip(params, meta["param_state"])):
         if keys:
@@ -341,7 +385,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         if cfg.model_kind != "blip2":
             raise ValueError("grad_checkpointing is implemented for the BLIP-2 Q-Former only")
         model.qformer.set_grad_checkpointing(True)
-    name = f"stage {cfg.stage}" if cfg.model_kind == "blip2" else cfg.model_kind
+    name = {"blip2": f"stage {cfg.stage}", "flamingo": "flamingo", "eve": f"eve stage {cfg.stage}"}[cfg.model_kind]
     counts = model.parameter_counts()
     log.info("%s: trainable %s / frozen %s parameters", name, f"{counts['trainable']:,}", f"{counts['frozen']:,}")
 

@@ -161,3 +161,20 @@ class BatchStream:
         else:
             batch.update(self.processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples]))
         return batch
+
+
+class ProcessorStream(BatchStream):
+    """Image + prompt -> target batches built by a processor's __call__(images=, text=, targets=) (EVE,
+    whose images become LM tokens and so cannot be cached as encoder features). Same indices, tasks
+    and rank slices as BatchStream's stage 2."""
+
+    def __init__(self, pool: ShapesWorldPool, processor, batch_size: int, grad_accum: int, prompts: tuple[str, str],
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(pool, processor, batch_size, grad_accum, 2, prompts, seed, None, rank, world_size)
+
+    def batch(self, step: int, micro: int = 0) -> dict:
+        idx = self.indices(step, micro)
+        rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
+        samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
+        return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
+                              targets=[s["target"] for s in samples])
