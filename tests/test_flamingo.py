@@ -149,6 +149,17 @@ def test_gated_block_is_identity_at_init():
     assert torch.equal(block(x, torch.randn(2, 2, 3, 12), torch.tensor([[0, 1, 1, 2, 2]] * 2)), x)
 
 
+def test_ungated_ablation_adds_the_block_outputs_in_full():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=16, dim_visual=12, heads=2, dim_head=8, ff_mult=4, tanh_gating=False)
+    x, media, time = torch.randn(2, 5, 16), torch.randn(2, 2, 3, 12), torch.tensor([[0, 1, 1, 2, 2]] * 2)
+    h = x + block.attn(x, media, time)
+    torch.testing.assert_close(block(x, media, time), h + block.ff(h))  # x + f(x): no gate at all
+    assert not block.attn_gate.requires_grad and not block.ff_gate.requires_grad
+    with pytest.raises(ValueError, match="gating"):
+        FlamingoConfig(gating="sigmoid")
+
+
 # ---------------------------------------------------------------------- the model around a frozen LM
 @pytest.mark.parametrize("kind", KINDS)
 def test_init_equals_the_frozen_lm(build, paths, kind):

@@ -14,7 +14,7 @@ from vlbridge.data import shapesworld as sw
 from vlbridge.data.interleaved import (ANSWERS, DocumentData, DocumentStream, InContextDocs, make_source,
                                        read_mmc4)
 from vlbridge.data.readers import SkipCounter
-from vlbridge.fewshot import fewshot_eval, incontext_eval, rices
+from vlbridge.fewshot import fewshot_eval, fewshot_summary, incontext_eval, rices, shapesworld_fewshot
 from vlbridge.flamingo import Flamingo, FlamingoConfig, create_flamingo
 from vlbridge.testing import make_lm, make_vision
 from vlbridge.train import accumulate, load_recipe, param_groups, train
@@ -178,3 +178,16 @@ def test_fewshot_prompts_and_metrics_on_a_tiny_model(tiny):
     src = InContextDocs(DocumentData(kind="shapesworld_incontext", max_images=3, num_samples=50, width=32, height=32))
     ic = incontext_eval(model, processor, src, shots=(0, 2), num_queries=4, decode={"max_new_tokens": 2})
     assert set(ic["shots"]) == {0, 2} and 0 <= ic["shots"][2]["format_accuracy"] <= 1
+
+
+def test_shapesworld_fewshot_scores_caption_attributes(tiny):
+    torch.manual_seed(0)
+    model, processor = create_flamingo(tiny)
+    world = sw.ShapesWorldConfig(width=32, height=32)
+    report = shapesworld_fewshot(model.eval(), processor, shots=(0, 1), n=3, beams=1, support_size=6, world=world)
+    summary = fewshot_summary(report)
+    assert set(summary) == {"caption_random", "caption_rices", "vqa", "incontext"}
+    for k in (0, 1):
+        attrs = report["caption"]["random"]["shots"][k]["attributes"]
+        assert set(attrs) >= {"color", "shape", "size", "count", "relation"} and all(0 <= v <= 1 for v in attrs.values())
+    assert report["vqa"]["template"].startswith("<image>Question: ") and report["vqa"]["shots"][1]["n"] == 3

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from .data import shapesworld as sw
 from .data.interleaved import ANSWERS, IMAGE, InContextDocs
 from .metrics import normalize_vqa_answer, vqa_accuracy
 
@@ -81,7 +82,8 @@ def fewshot_eval(model, processor, task: str, support: list[dict], queries: list
                  zero_shot_text_demos: int = 2, seed: int = 0, batch_size: int = 16) -> dict:
     """k-shot captioning ("caption": samples {"image", "answer"}) or VQA ("vqa": {"image", "question",
     "answer", optional "answers": [10 answers]}). Returns {"shots": {k: metrics}, "decode", ...}:
-    captions: exact match; VQA: VQA accuracy (official when "answers" are given)."""
+    captions: exact match, plus per-attribute accuracy (colour, shape, size, count, relation) when
+    the queries carry their ShapesWorld "scene"; VQA: VQA accuracy (official when "answers" are given)."""
     if task not in ("caption", "vqa"):
         raise ValueError(f"task {task!r}: expected 'caption' or 'vqa'")
     template = template or (CAPTION_TEMPLATE if task == "caption" else VQA_TEMPLATE)
@@ -111,6 +113,8 @@ def fewshot_eval(model, processor, task: str, support: list[dict], queries: list
             metrics = {"vqa_accuracy": vqa_accuracy(preds, refs, official=all("answers" in q for q in queries))}
         else:
             metrics = {"exact_match": float(np.mean([_exact(p, q["answer"]) for p, q in zip(preds, queries)]))}
+            if all("scene" in q for q in queries):
+                metrics["attributes"] = sw.attribute_accuracy(preds, [q["scene"] for q in queries])
         results[k] = {**metrics, "n": len(queries), "seconds": time.time() - t0, "examples": preds[:5],
                       "prompt_example": prompts[0]}
     return {"task": task, "selection": selection, "template": template, "decode": decode,
@@ -146,15 +150,61 @@ def incontext_eval(model, processor, source: InContextDocs, shots=(0, 4), num_qu
     return {"task": "shapesworld_incontext", "template": template, "decode": decode, "shots": results}
 
 
+SHAPESWORLD_CAPTION = "<image>{answer}<|endofchunk|>"  # how the ShapesWorld Flamingo recipe pairs images and text
+SHAPESWORLD_VQA = "<image>Question: {question} Answer: {answer}<|endofchunk|>"  # the shipped LM's QA format
+
+
+def shapesworld_fewshot(model, processor, shots=(0, 1, 4, 8), n: int = 64, beams: int = 3, support_size: int = 200,
+                        world=None) -> dict:
+    """0/1/4/8-shot ShapesWorld captioning (random and RICES demonstrations; exact match and per-attribute
+    accuracy), VQA (one question per query scene, demonstrations of other scenes and questions) and
+    the in-context task, on the val split."""
+    from .data.interleaved import DocumentData
+
+    world = world or sw.ShapesWorldConfig()
+    scenes = sw.make_split("val", support_size + n, world)
+    images = [sw.render(s, world) for s in scenes]
+    captions = [{"image": im, "answer": s.caption, "scene": s} for im, s in zip(images, scenes)]
+    rng = np.random.default_rng([0, 29])
+    vqa = []
+    for im, s in zip(images, scenes):
+        q, a = s.qa[int(rng.integers(len(s.qa)))]
+        vqa.append({"image": im, "question": q, "answer": a})
+    decode = {"num_beams": beams}
+    report = {"caption": {sel: fewshot_eval(model, processor, "caption", captions[:support_size], captions[support_size:],
+                                            shots, sel, template=SHAPESWORLD_CAPTION, decode=decode)
+                          for sel in ("random", "rices")},
+              "vqa": fewshot_eval(model, processor, "vqa", vqa[:support_size], vqa[support_size:], shots, "random",
+                                  template=SHAPESWORLD_VQA, decode=decode)}
+    source = InContextDocs(DocumentData(kind="shapesworld_incontext", split="val", max_images=max(shots) + 1,
+                                        num_samples=500, width=world.width, height=world.height))
+    report["incontext"] = incontext_eval(model, processor, source, shots, n)
+    for r in (*report["caption"].values(), report["vqa"], report["incontext"]):
+        for m in r["shots"].values():
+            m.pop("prompt_example", None)
+    return report
+
+
+def fewshot_summary(report: dict) -> dict:
+    """The headline numbers per shot count."""
+    out = {}
+    for sel, r in report["caption"].items():
+        out[f"caption_{sel}"] = {k: {"exact": m["exact_match"],
+                                     **{a: m["attributes"][a] for a in ("color", "shape", "size", "count")}}
+                                 for k, m in r["shots"].items()}
+    out["vqa"] = {k: m["vqa_accuracy"] for k, m in report["vqa"]["shots"].items()}
+    out["incontext"] = {k: {"accuracy": m["accuracy"], "format_accuracy": m["format_accuracy"]}
+                        for k, m in report["incontext"]["shots"].items()}
+    return out
+
+
 def main(argv=None):
     """python -m vlbridge.fewshot RUN/final [--shots 0,1,4,8] [--n 64]: ShapesWorld val few-shot
-    captioning (random and RICES demonstrations) and the in-context task; prints and writes JSON."""
+    captioning (random and RICES demonstrations), VQA and the in-context task; prints and writes JSON."""
     import argparse
     import json
     from pathlib import Path
 
-    from .data import shapesworld as sw
-    from .data.interleaved import DocumentData
     from .flamingo import Flamingo, FlamingoProcessor
 
     p = argparse.ArgumentParser(prog="python -m vlbridge.fewshot", description=main.__doc__)
@@ -166,25 +216,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     shots = [int(k) for k in args.shots.split(",")]
     model, processor = Flamingo.from_pretrained(args.model).eval(), FlamingoProcessor.from_pretrained(args.model)
-    world = sw.ShapesWorldConfig()
-    scenes = sw.make_split("val", 200 + args.n, world)
-    samples = [{"image": sw.render(s, world), "answer": s.caption} for s in scenes]
-    # The model was trained on "<image>caption<|endofchunk|>", so the caption prompt has no "Output:".
-    caption = {sel: fewshot_eval(model, processor, "caption", samples[:200], samples[200:], shots, sel,
-                                 template="<image>{answer}<|endofchunk|>", decode={"num_beams": args.beams})
-               for sel in ("random", "rices")}
-    source = InContextDocs(DocumentData(kind="shapesworld_incontext", split="val", max_images=max(shots) + 1,
-                                        num_samples=500))
-    report = {"model": args.model, "caption": caption, "incontext": incontext_eval(model, processor, source, shots, args.n)}
-    for r in (*caption.values(), report["incontext"]):
-        for k, m in r["shots"].items():
-            m.pop("prompt_example", None)
+    report = {"model": args.model, **shapesworld_fewshot(model, processor, shots, args.n, args.beams)}
     out = Path(args.out or Path(args.model) / "fewshot.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"caption_exact_match": {sel: {k: m["exact_match"] for k, m in r["shots"].items()}
-                                              for sel, r in caption.items()},
-                      "incontext": {k: {"accuracy": m["accuracy"], "format_accuracy": m["format_accuracy"]}
-                                    for k, m in report["incontext"]["shots"].items()}}, indent=1))
+    print(json.dumps(fewshot_summary(report), indent=1))
     print(f"wrote {out}")
 
 

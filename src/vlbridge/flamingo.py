@@ -63,10 +63,17 @@ class FlamingoConfig:
     xattn_dim_head: int = 64
     xattn_ff_mult: int = 4
     only_attend_immediate_media: bool = True  # False: each token sees all images up to its latest one
+    # "tanh": x + tanh(alpha) * f(x), alpha = 0 at init (the frozen LM exactly). "none": x + f(x), the
+    # paper's ablation without gating (the LM is perturbed from the first step).
+    gating: str = "tanh"
     image_token: str = "<image>"
     eoc_token: str = "<|endofchunk|>"
     image_token_id: int | None = None  # filled from the tokenizer by create_flamingo
     eoc_token_id: int | None = None
+
+    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
+        if self.gating not in ("tanh", "none"):
+            raise ValueError(f"FlamingoConfig.gating must be 'tanh' or 'none', got {self.gating!r}")
 
 
 @dataclass
@@ -169,17 +176,24 @@ class MaskedCrossAttention(nn.Module):
 
 class GatedCrossAttentionBlock(nn.Module):
     """x + tanh(a) * xattn(LN(x), media); then x + tanh(b) * FFN(LN(x)). a = b = 0 at init, so the
-    frozen LM is unchanged until training opens the gates."""
+    frozen LM is unchanged until training opens the gates. tanh_gating=False (ablation): gates of 1."""
 
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int,
-                 only_attend_immediate_media: bool = True):
+                 only_attend_immediate_media: bool = True, tanh_gating: bool = True):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.tanh_gating = tanh_gating
+        if not tanh_gating:  # the gates stay in the state dict (same layout) but take no part
+            self.attn_gate.requires_grad_(False)
+            self.ff_gate.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        if not self.tanh_gating:
+            x = x + self.attn(x, media, text_time)
+            return x + self.ff(x)
         x = x + self.attn_gate.tanh() * self.attn(x, media, text_time)
         return x + self.ff_gate.tanh() * self.ff(x)
 
@@ -275,7 +289,7 @@ class Flamingo(nn.Module):
         self.decoder_path, layers = decoder_layers(lm)
         self.xattn = nn.ModuleDict({
             str(i): GatedCrossAttentionBlock(d, dv, c.xattn_heads, c.xattn_dim_head, c.xattn_ff_mult,
-                                             c.only_attend_immediate_media)
+                                             c.only_attend_immediate_media, c.gating == "tanh")
             for i in range(len(layers)) if (i + 1) % c.cross_attn_every == 0})
         for i in range(len(layers)):
             layers[i] = FlamingoLayer(self.xattn[str(i)] if str(i) in self.xattn else None, layers[i])
