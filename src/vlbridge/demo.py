@@ -1,11 +1,16 @@
-"""make demo: BLIP-2 trained and evaluated on ShapesWorld with the shipped tiny backbones, on a CPU.
+"""make demo: the three designs trained and evaluated on ShapesWorld with the shipped tiny backbones, on a CPU.
 
-Stage 1 (ITC + ITM + ITG) then stage 2 (soft prompt into the frozen LM), both from the shipped
-recipes; then evaluation on the held-out test split and the compositional split (colour-shape
-pairs never seen in training). Writes <out>/report.json (metrics, decode settings, timings, curves)
-and <out>/report.html (samples, retrieval examples, training curves, query attention maps).
+blip2     stage 1 (ITC + ITM + ITG) then stage 2 (soft prompt into the frozen LM), both from the shipped
+          recipes; evaluation on the held-out test split and the compositional split (colour-shape
+          pairs never seen in training)
+flamingo  the shipped recipe and the tanh-gating / immediate-vs-all-images ablations, 0/1/4/8-shot
+          (vlbridge.flamingo_study)
+eve       the three-stage recipe and its ablations against BLIP-2, language ability, latency
+          (vlbridge.eve_study)
+Writes <out>/report.json (metrics, decode settings, timings, curves) and <out>/report.html (samples,
+retrieval examples, training curves, query attention maps, the Flamingo and EVE tables).
 
-    python -m vlbridge.demo --out demo-output [--quick]
+    python -m vlbridge.demo --out demo-output [--parts blip2,flamingo,eve] [--quick]
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import eve_study, flamingo_study
 from . import evaluate as ev
 from .assets import SHAPESWORLD
 from .blip2 import Blip2
 from .data import shapesworld as sw
 from .processor import Blip2Processor
-from .report import write_html
+from .report import choose, write_html
 from .train import load_recipe, train
 
 log = logging.getLogger("vlbridge.demo")
@@ -37,7 +43,11 @@ TARGETS = {"caption_color": 0.90, "caption_shape": 0.90, "caption_count": 0.95, 
            "itc_i2t_r1": 0.80}
 
 
-def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] = ([], [])) -> dict:
+PARTS = ("blip2", "flamingo", "eve")
+
+
+def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] = ([], []), parts=PARTS) -> dict:
+    """BLIP-2 always runs (the other parts compare against it); flamingo and eve when in `parts`."""
     size = SIZES["quick" if quick else "full"]
     t_start = time.time()
     report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
@@ -87,9 +97,22 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     report["backbone_ceilings"] = {name: json.loads((SHAPESWORLD / f"{name}.json").read_text())
                                    for name in ("lm_ceiling", "vision_probe")}
     report["targets"] = _targets(report)
+    report["timings_s"]["blip2_total"] = time.time() - t_start
+    sections = []
+    if "flamingo" in parts:
+        t = time.time()
+        report["flamingo"] = flamingo_study.run(out / "flamingo", list(flamingo_study.VARIANTS), quick=quick)
+        report["timings_s"]["flamingo"] = time.time() - t
+        sections.append(flamingo_study.html_section(report["flamingo"], out))
+    if "eve" in parts:
+        t = time.time()
+        report["eve"] = eve_study.run(out / "eve", list(eve_study.VARIANTS), blip2=str(stage2_dir), quick=quick)
+        report["timings_s"]["eve"] = time.time() - t
+        sections.append(eve_study.html_section(report["eve"], {"captions": report["test_captions"],
+                                                                "vqa": report["test_vqa"]}))
     report["timings_s"]["total"] = time.time() - t_start
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    write_html(report, out, m1, p1, m2, p2, world)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_html(report, out, m1, p1, m2, p2, world, sections)
     return report
 
 
@@ -112,15 +135,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-output")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test of the pipeline)")
+    p.add_argument("--parts", default=",".join(PARTS), help="blip2 always runs; add flamingo and/or eve")
     args = p.parse_args(argv)
+    parts = choose(args.parts, PARTS, "parts")
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("vlbridge").setLevel(logging.INFO)
     out = Path(args.out)
-    for stage in ("stage1", "stage2"):  # a demo always starts from scratch (no resume, fresh logs)
+    for stage in ("stage1", "stage2", "flamingo", "eve"):  # a demo always starts from scratch (no resume, fresh logs)
         shutil.rmtree(out / stage, ignore_errors=True)
     quick = (["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"],
              ["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"]) if args.quick else ([], [])
-    report = run(out, args.quick, quick)
+    report = run(out, args.quick, quick, parts)
     print(json.dumps({"targets": report["targets"], "timings_s": report["timings_s"]}, indent=2))
     print(f"wrote {out / 'report.json'}")
 

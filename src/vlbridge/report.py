@@ -261,6 +261,15 @@ def curve_panels(curves: dict) -> list[tuple[str, str, list]]:
 # ---------------------------------------------------------------- HTML pieces
 
 
+def choose(text: str, known, what: str = "variants") -> list[str]:
+    """A comma-separated command-line choice, checked against `known` (exits with the known names)."""
+    chosen = [v for v in text.split(",") if v]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; known: {list(known)}")
+    return chosen
+
+
 def png_b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -430,11 +439,12 @@ th{background:#f3f3f3}.small{font-size:85%}.ok{color:#18794e}.no{color:#c0392b}
 img{image-rendering:pixelated}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}ul{margin:.2em 0}"""
 
 
-def write_html(report: dict, out: Path, m1, p1, m2, p2, world) -> Path:
+def write_html(report: dict, out: Path, m1, p1, m2, p2, world, sections: list[str] = ()) -> Path:
     """Write out/report.html (self-contained) and the PNG plots beside it; returns the HTML's path.
 
     report: the demo's report dict (targets, {split}_{captions,vqa,retrieval}, curves, timings_s,
     machine). m1/p1: stage-1 model and processor (retrieval); m2/p2: stage-2 (samples, attention).
+    sections: more HTML sections (the Flamingo and EVE studies), placed before the timings.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,13 +452,14 @@ def write_html(report: dict, out: Path, m1, p1, m2, p2, world) -> Path:
     m2.eval()
     timings = _table(["", "seconds"], [[html.escape(k), _fmt(v)] for k, v in report.get("timings_s", {}).items()], "small")
     machine = html.escape(", ".join(f"{k} {v}" for k, v in report.get("machine", {}).items()))
-    body = [f"<h1>vlbridge demo: BLIP-2 on ShapesWorld</h1><p>{machine}</p>",
+    body = [f"<h1>vlbridge demo: BLIP-2{', Flamingo and EVE' if sections else ''} on ShapesWorld</h1><p>{machine}</p>",
             "<p><a href='#targets'>targets</a> &middot; <a href='#metrics'>metrics</a> &middot; "
             "<a href='#curves'>curves</a> &middot; <a href='#samples'>samples</a> &middot; "
-            "<a href='#retrieval'>retrieval</a> &middot; <a href='#attention'>attention</a></p>",
+            "<a href='#retrieval'>retrieval</a> &middot; <a href='#attention'>attention</a>"
+            + "".join(f" &middot; <a href='#{k}'>{k}</a>" for k in ("flamingo", "eve") if k in report) + "</p>",
             targets_section(report), metrics_section(report), curves_section(report, out),
             samples_section(report, m2, p2, world), retrieval_section(m1, p1, world),
-            attention_section(m2, p2, world, out), "<h2 id='timings'>Timings</h2>" + timings]
+            attention_section(m2, p2, world, out), *sections, "<h2 id='timings'>Timings</h2>" + timings]
     page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>vlbridge demo report</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path = out / "report.html"

@@ -156,6 +156,14 @@ def _caption(objs: tuple[Obj, ...], rels: list[str] | None = None) -> str:
     return " ".join(words) + "."
 
 
+def object_pieces(scene: "Scene") -> list[str]:
+    """The caption cut into one piece per object, each with the word(s) that follow it:
+    ["a small red star above", ..., "a large blue circle ."]; " ".join gives the caption back."""
+    objs = scene.objects
+    rels = [relation(a, b) for a, b in zip(objs, objs[1:])] + ["."]
+    return [f"{_phrase(o)} {r}" for o, r in zip(objs, rels)]
+
+
 def question_kind(question: str) -> str:
     q = question.lower()
     if q.startswith("what color"):
