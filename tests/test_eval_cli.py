@@ -183,3 +183,35 @@ def test_eval_refuses_what_it_cannot_do(data, tmp_path):
     with pytest.raises(SystemExit, match="task vqa needs --vqa-questions"):
         _eval(data, "--captions", data["root"] / "coco.json", "--tasks", "vqa", "--out", tmp_path / "m.json")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_eval_takes_eve_and_flamingo_models(tiny_configs, tmp_path):
+    from vlbridge import LMConfig, VisionConfig
+    from vlbridge.eve import EVEConfig, create_eve
+    from vlbridge.flamingo import FlamingoConfig, create_flamingo
+
+    torch.manual_seed(0)
+    eve, eve_proc = create_eve(EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), patch_size=4, pel_width=16,
+                                         pel_heads=2, max_image_size=64))
+    eve.save_pretrained(tmp_path / "eve", processor=eve_proc)
+    out = tmp_path / "eve.json"
+    main(["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--n", "2", "--max-new-tokens", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["kind"] == "eve" and report["tasks"] == ["caption", "vqa"]  # no Q-Former: no retrieval
+    assert report["shapesworld"]["captions"]["n"] == 2 and report["shapesworld"]["vqa"]["n"] > 0
+    with pytest.raises(SystemExit, match="retrieval"):
+        main(["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--tasks", "retrieval", "--out", str(out)])
+
+    flamingo, fl_proc = create_flamingo(FlamingoConfig(
+        vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
+        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), perceiver_depth=1, num_latents=4, perceiver_heads=2,
+        perceiver_dim_head=8, xattn_heads=2, xattn_dim_head=8))
+    flamingo.save_pretrained(tmp_path / "flamingo", processor=fl_proc)
+    out = tmp_path / "flamingo.json"
+    main(["eval", str(tmp_path / "flamingo"), "--shapesworld", "val", "--n", "2", "--shots", "0", "1",
+          "--num-beams", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["kind"] == "flamingo" and set(report["summary"]["vqa"]) == {"0", "1"}
+    assert report["fewshot"]["caption"]["random"]["shots"]["1"]["n"] == 2
+    with pytest.raises(SystemExit, match="few-shot"):
+        main(["eval", str(tmp_path / "flamingo"), "--vqa-questions", "q.json", "--out", str(out)])

@@ -287,13 +287,34 @@ class EvalConfig:
     k: int = 128  # ITC candidates re-ranked by ITM
     batch_size: int = 16
     seed: int = 0
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4, 8])  # Flamingo: few-shot evaluation
+
+
+def load_model(name_or_path: str):
+    """(kind, model, processor) of a saved BLIP-2, EVE or Flamingo model, told apart by its config.json."""
+    from .blip2 import Blip2, local_dir
+
+    root = local_dir(name_or_path)
+    config = json.loads((root / "config.json").read_text())
+    if "perceiver_depth" in config:
+        from .flamingo import Flamingo, FlamingoProcessor
+
+        return "flamingo", Flamingo.from_pretrained(root).eval(), FlamingoProcessor.from_pretrained(root)
+    if "pel_width" in config:
+        from .eve import EVE, EVEProcessor
+
+        return "eve", EVE.from_pretrained(root).eval(), EVEProcessor.from_pretrained(root)
+    from .processor import Blip2Processor
+
+    return "blip2", Blip2.from_pretrained(root), Blip2Processor.from_pretrained(root)
 
 
 def _tasks(cfg: EvalConfig, model) -> list[str]:
     has_captions = bool(cfg.captions or cfg.karpathy or cfg.shapesworld)
     inputs = {"caption": has_captions, "vqa": bool(cfg.vqa_questions or cfg.shapesworld), "retrieval": has_captions}
+    qformer = getattr(model.config, "qformer", None)  # EVE has no Q-Former: no retrieval
     able = {"caption": model.lm is not None, "vqa": model.lm is not None,
-            "retrieval": model.config.qformer.text_branch}
+            "retrieval": qformer is not None and qformer.text_branch}
     if cfg.tasks is None:
         tasks = [t for t in TASKS if inputs[t] and able[t]]
         if not tasks:
@@ -308,7 +329,8 @@ def _tasks(cfg: EvalConfig, model) -> list[str]:
                                                     else "--captions, --karpathy or --shapesworld"))
         if not able[t]:
             raise ValueError(f"task {t}: this model " + ("has no LM (a stage-1 model)" if t != "retrieval"
-                                                         else "has no Q-Former text branch (dropped for stage 2)"))
+                                                         else "has no Q-Former text branch (dropped for stage 2, "
+                                                              "or not a BLIP-2)"))
     return list(cfg.tasks)
 
 
@@ -319,20 +341,21 @@ def _write_json(path: Path, obj) -> str:
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Load cfg.model, evaluate, write cfg.out (metrics JSON) and predictions beside it
-    (<out stem>_captions.json, <out stem>_vqa.json). Returns the metrics dict."""
-    from .blip2 import Blip2
+    """Load cfg.model (BLIP-2, EVE or Flamingo), evaluate, write cfg.out (metrics JSON) and predictions
+    beside it (<out stem>_captions.json, <out stem>_vqa.json). Returns the metrics dict. A Flamingo model
+    is evaluated few-shot on ShapesWorld (captions, VQA, the in-context task at cfg.shots)."""
     from .data.readers import read_coco_captions, read_karpathy, read_vqa
-    from .processor import Blip2Processor
 
     t_start = time.time()
     torch.manual_seed(cfg.seed)  # sampling, when asked for
     out = Path(cfg.out)
     if cfg.captions and cfg.karpathy:
         raise ValueError("give one caption file: --captions (COCO) or --karpathy")
-    model, processor = Blip2.from_pretrained(cfg.model), Blip2Processor.from_pretrained(cfg.model)
+    kind, model, processor = load_model(cfg.model)
+    if kind == "flamingo":
+        return _fewshot_run(cfg, model, processor, t_start)
     tasks = _tasks(cfg, model)
-    report: dict = {"model": str(cfg.model), "config": dataclasses.asdict(cfg), "tasks": tasks,
+    report: dict = {"model": str(cfg.model), "kind": kind, "config": dataclasses.asdict(cfg), "tasks": tasks,
                     "timings_s": {"load": time.time() - t_start}}
     decode, n = dict(cfg.decode), cfg.n
 
@@ -372,8 +395,25 @@ def run(cfg: EvalConfig) -> dict:
     return report
 
 
+def _fewshot_run(cfg: EvalConfig, model, processor, t_start: float) -> dict:
+    from .fewshot import fewshot_summary, shapesworld_fewshot
+
+    if not cfg.shapesworld or cfg.captions or cfg.karpathy or cfg.vqa_questions:
+        raise ValueError("a Flamingo model is evaluated few-shot on --shapesworld here; for your own files build "
+                         "support and query samples and call vlbridge.fewshot.fewshot_eval")
+    beams = cfg.decode.get("num_beams", 3)
+    r = shapesworld_fewshot(model, processor, tuple(cfg.shots), cfg.n or 64, beams,
+                            world=sw.ShapesWorldConfig(), split=cfg.shapesworld)
+    report = {"model": str(cfg.model), "kind": "flamingo", "config": dataclasses.asdict(cfg),
+              "fewshot": r, "summary": fewshot_summary(r), "timings_s": {"total": time.time() - t_start}}
+    _write_json(Path(cfg.out), report)
+    return report
+
+
 def headline(report: dict) -> dict:
     """The main numbers of a run() report, for printing."""
+    if report.get("kind") == "flamingo":
+        return report["summary"]
     out = {}
     if "captions" in report:
         metrics = report["captions"]["metrics"]

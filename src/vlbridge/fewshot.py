@@ -155,14 +155,14 @@ SHAPESWORLD_VQA = "<image>Question: {question} Answer: {answer}<|endofchunk|>"  
 
 
 def shapesworld_fewshot(model, processor, shots=(0, 1, 4, 8), n: int = 64, beams: int = 3, support_size: int = 200,
-                        world=None) -> dict:
+                        world=None, split: str = "val") -> dict:
     """0/1/4/8-shot ShapesWorld captioning (random and RICES demonstrations; exact match and per-attribute
     accuracy), VQA (one question per query scene, demonstrations of other scenes and questions) and
-    the in-context task, on the val split."""
+    the in-context task: n queries from `split`, demonstrations from the first support_size train scenes."""
     from .data.interleaved import DocumentData
 
     world = world or sw.ShapesWorldConfig()
-    scenes = sw.make_split("val", support_size + n, world)
+    scenes = sw.make_split("train", support_size, world) + sw.make_split(split, n, world)
     images = [sw.render(s, world) for s in scenes]
     captions = [{"image": im, "answer": s.caption, "scene": s} for im, s in zip(images, scenes)]
     rng = np.random.default_rng([0, 29])
@@ -176,7 +176,7 @@ def shapesworld_fewshot(model, processor, shots=(0, 1, 4, 8), n: int = 64, beams
                           for sel in ("random", "rices")},
               "vqa": fewshot_eval(model, processor, "vqa", vqa[:support_size], vqa[support_size:], shots, "random",
                                   template=SHAPESWORLD_VQA, decode=decode)}
-    source = InContextDocs(DocumentData(kind="shapesworld_incontext", split="val", max_images=max(shots) + 1,
+    source = InContextDocs(DocumentData(kind="shapesworld_incontext", split=split, max_images=max(shots) + 1,
                                         num_samples=500, width=world.width, height=world.height))
     report["incontext"] = incontext_eval(model, processor, source, shots, n)
     for r in (*report["caption"].values(), report["vqa"], report["incontext"]):
