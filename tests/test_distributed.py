@@ -60,3 +60,26 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert off < 0.01 * total, (off, total)
     # Only rank 0 wrote: one log, one checkpoint and final model, no stray files from rank 1.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_resume_on_another_world_size(tmp_path):
+    """Steps 1-2 on 1 process (batch 2B), steps 3-4 resumed from its checkpoint on 2 processes (B each):
+    the same global batches, so the same losses as 4 steps on 1 process."""
+    train(load_recipe(_recipe(tmp_path, "straight", 2 * B), ["steps=4"]))
+    straight = _log(tmp_path / "straight")
+    mixed = _recipe(tmp_path, "mixed", 2 * B)
+    train(load_recipe(mixed, ["steps=3", "save_every=2"]))  # checkpoint at step 2 (same learning rates so far)
+    log = tmp_path / "mixed" / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "vlbridge.train", str(mixed), "steps=4", "save_every=2", f"batch_size={B}"],
+                   check=True, env=env, cwd=tmp_path, timeout=120)
+    resumed = _log(tmp_path / "mixed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for ra, rb in zip(straight, resumed):
+        for k in ("loss", "loss_itc", "loss_itm", "loss_itg"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)

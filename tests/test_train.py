@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from vlbridge import create_blip2
 from vlbridge.config import to_dict
 from vlbridge.testing import tiny_blip2_config
 from vlbridge.train import OptimConfig, TrainConfig, load_recipe, lr_at, train
@@ -76,3 +77,49 @@ def test_stage2_from_stage1_with_feature_cache(tmp_path):
     assert model.lm is not None and not model.config.qformer.text_branch
     assert list((tmp_path / "feature-cache").glob("features-*.safetensors"))
     assert len(_losses(tmp_path / "s2")) == 6
+
+
+def _user_files(tmp_path):
+    """A JSONL of 12 captions over 6 rendered images (2 each), one image corrupt, one missing; a CSV of
+    questions with answers over the same images."""
+    from vlbridge.data import shapesworld as sw
+
+    world = sw.ShapesWorldConfig(width=32, height=32)
+    scenes = sw.make_split("train", 6, world)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, s in enumerate(scenes[:4]):
+        sw.render(s, world).save(images / f"{i}.png")
+    (images / "4.png").write_bytes(b"not a png")  # 5.png is never written
+    rows = [{"image": f"{i}.png", "caption": c, "image_id": i} for i, s in enumerate(scenes)
+            for c in (s.caption, s.caption.replace(".", " here."))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = ["image,question,answer"] + [f"{i}.png,{q},{a}" for i, s in enumerate(scenes) for q, a in s.qa[:2]]
+    (tmp_path / "vqa.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_training_on_your_files_skips_bad_images(tmp_path, caplog):
+    from vlbridge.data.batches import BatchStream, DataConfig, FilesPool
+
+    root = _user_files(tmp_path)
+    data = {"source": "jsonl", "path": str(root / "train.jsonl"), "image_root": str(root / "images"),
+            "num_samples": 0, "group_size": 1}
+    train(load_recipe(_recipe(tmp_path, "files", data=data, steps=3, batch_size=4)))
+    assert len(_losses(tmp_path / "files")) == 3
+
+    pool = FilesPool(DataConfig(**data))
+    assert len(pool) == 12 and pool.image_ids[:4] == [0, 0, 1, 1]  # two captions per image: one ITC id
+    assert [pool.usable(i) for i in (7, 8, 9, 10, 11)] == [7, 0, 0, 0, 0]  # images 4 and 5 -> wrap to 0
+    assert pool.bad == {8, 9, 10, 11} and pool.skips.skipped == 4  # counted per sample, each decoded once
+    assert any(ref.endswith("4.png") for ref, _ in pool.skips.examples)
+    assert any(ref.endswith("5.png") for ref, _ in pool.skips.examples)
+
+    _, proc = create_blip2(tiny_blip2_config(tmp_path / "b2", lm="gpt2"))
+    vqa = FilesPool(DataConfig(source="csv", path=str(root / "vqa.csv"), image_root=str(root / "images"), num_samples=0))
+    batch = BatchStream(vqa, proc, 4, 1, 2, ("a photo of", "Question: {} Answer:")).batch(2)
+    assert batch["pixel_values"].shape[0] == 4 and (batch["labels"] != -100).any()
+    with pytest.raises(ValueError, match="stage 1 learns from image-text pairs"):
+        train(load_recipe(_recipe(tmp_path, "v", data={"source": "vqa", "path": "q.json"})))
+    with pytest.raises(ValueError, match="data.source"):
+        load_recipe(_recipe(tmp_path, "bad", data={"source": "parquet", "path": "x"}))

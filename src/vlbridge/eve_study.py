@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import evaluate as ev
 from .data import shapesworld as sw
-from .eve import EVE, EVEProcessor
+from .eve import EVE, EVEConfig, EVEProcessor
 from .report import choose
 from .train import RECIPES, load_recipe, train
 
@@ -38,6 +38,8 @@ VARIANTS = {
     "eve_skip_stage1": {"skip_stage1": True},
     "eve_nonsquare": {"width": 96, "height": 64},
 }
+# text-only sequences for the language-ability measure: the prompts the recipes train with (EVEConfig's)
+TEXT_PROMPTS = (EVEConfig.caption_prompt, EVEConfig.vqa_prompt)
 SIZES = {"full": dict(captions=300, vqa_scenes=150, language=200, latency=32),
          "quick": dict(captions=8, vqa_scenes=4, language=8, latency=2)}
 
@@ -97,6 +99,12 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
     world = sw.ShapesWorldConfig(width=variant.get("width", 64), height=variant.get("height", 64))
     scenes = ev.split_scenes("test", max(size["captions"], size["language"]), world)
     res: dict = {"variant": variant, "timings_s": {}}
+    # the LM as shipped, before any EVE training (the same LM and tokenizer every variant starts from)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm_path = load_recipe("eve_shapesworld_stage1").eve.lm.name_or_path
+    res["language_loss_before"] = language_loss(AutoModelForCausalLM.from_pretrained(lm_path),
+                                                AutoTokenizer.from_pretrained(lm_path), scenes[:size["language"]], TEXT_PROMPTS)
     stage_dir = None
     for stage in (1, 2, 3):
         if stage == 1 and variant.get("skip_stage1"):
@@ -105,12 +113,9 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
         stage_dir = _stage(out, stage, name, None if stage_dir is None else str(stage_dir), variant, quick)
         res["timings_s"][f"stage{stage}"] = time.time() - t
         model, processor = EVE.from_pretrained(stage_dir), EVEProcessor.from_pretrained(stage_dir)
-        prompts = (model.config.caption_prompt, model.config.vqa_prompt)
-        if stage == 1 or (stage == 2 and variant.get("skip_stage1")):  # the LM as it was before any training
-            res["language_loss_before"] = language_loss(model.lm, processor.tokenizer, scenes[:size["language"]], prompts)
         if stage >= 2:
             res[f"language_loss_after_stage{stage}"] = language_loss(model.lm, processor.tokenizer,
-                                                                     scenes[:size["language"]], prompts)
+                                                                     scenes[:size["language"]], TEXT_PROMPTS)
     t = time.time()
     res["captions"] = ev.shapesworld_captions(model, processor, scenes[:size["captions"]], world)
     res["vqa"] = ev.shapesworld_vqa(model, processor, scenes[:size["vqa_scenes"]], world)

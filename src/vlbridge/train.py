@@ -30,7 +30,7 @@ import torch
 from . import dist
 from .blip2 import Blip2, create_blip2, local_dir
 from .config import Blip2Config, from_dict, load_json, save_json, to_dict
-from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, ShapesWorldPool
+from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, make_pool
 from .data.interleaved import DocumentData, DocumentStream, make_source
 from .eve import EVE, EVEConfig, EVEProcessor, create_eve
 from .flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
@@ -119,6 +119,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             c.name_or_path = expand(c.name_or_path)
     cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
     cfg.init_from = expand(cfg.init_from)
+    cfg.data.path, cfg.data.image_root = expand(cfg.data.path), expand(cfg.data.image_root)
     for d in cfg.datasets:
         d.path, d.image_root = expand(d.path), expand(d.image_root)
     return cfg
@@ -190,7 +191,9 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
             raise ValueError("cache_features is for BLIP-2 recipes only")
         return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
                 for i, d in enumerate(cfg.datasets)}
-    pool = ShapesWorldPool(cfg.data)
+    if cfg.model_kind == "blip2" and cfg.stage == 1 and cfg.data.source == "vqa":
+        raise ValueError("BLIP-2 stage 1 learns from image-text pairs: give captions (coco, karpathy, jsonl, csv)")
+    pool = make_pool(cfg.data)
     cache, (rank, world_size) = None, dist.world()
     prompts = (model.config.caption_prompt, model.config.vqa_prompt)
     if cfg.model_kind == "eve":

@@ -26,16 +26,35 @@ from . import shapesworld as sw
 log = logging.getLogger(__name__)
 
 
+SOURCES = ("shapesworld", "coco", "karpathy", "vqa", "jsonl", "csv")
+
+
 @dataclass
 class DataConfig:
+    """Where training samples come from. shapesworld: generated scenes (split, num_samples, group_size,
+    tasks, width, height, seed). Your files (one sample per caption or question, images decoded when a
+    batch needs them): coco (path = captions_*.json), karpathy (path = dataset_*.json at `split`), vqa
+    (path = questions JSON, annotations = its annotations JSON), jsonl / csv (see data.readers); image
+    paths relative to image_root."""
+
     source: str = "shapesworld"
     split: str = "train"
-    num_samples: int = 20000  # size of the pool of scenes
+    num_samples: int = 20000  # size of the pool of scenes (files: 0 = all samples, else the first N)
     group_size: int = 4  # stage 1: contrast groups of this many minimal edits share a batch
     tasks: list[str] = field(default_factory=lambda: ["caption"])  # stage 2: "caption" and/or "vqa"
     width: int = 64
     height: int = 64
     seed: int = 0
+    path: str = ""
+    image_root: str = ""
+    annotations: str = ""  # vqa: the annotations JSON (answers)
+    image_pattern: str = "COCO_{split}_{image_id:012d}.jpg"  # vqa: image file name from split and image_id
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source {self.source!r}: expected one of {SOURCES}")
+        if self.source != "shapesworld" and not self.path:
+            raise ValueError(f"data.source {self.source!r} needs data.path")
 
 
 class ShapesWorldPool:
@@ -71,6 +90,75 @@ class ShapesWorldPool:
         return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target}
 
 
+class FilesPool:
+    """A user's caption or VQA files as a training pool: one sample per caption / question, images
+    decoded when a batch needs them. A sample whose image is missing or corrupt is replaced by the next
+    usable one (so batches keep their size on every rank), and counted in `skips`."""
+
+    def __init__(self, cfg: DataConfig):
+        from . import readers as r
+
+        self.cfg, self.group_size, self.skips = cfg, 1, r.SkipCounter()
+        root = cfg.image_root or None
+        read = {"coco": lambda: r.read_coco_captions(cfg.path, root),
+                "karpathy": lambda: r.read_karpathy(cfg.path, root, cfg.split, per_image=False),
+                "vqa": lambda: r.read_vqa(cfg.path, cfg.annotations or None, root, cfg.image_pattern),
+                "jsonl": lambda: r.read_jsonl(cfg.path, root), "csv": lambda: r.read_csv(cfg.path, root)}
+        samples = read[cfg.source]()
+        self.samples = samples[: cfg.num_samples] if cfg.num_samples else samples
+        if not self.samples:
+            raise ValueError(f"{cfg.path}: no training samples")
+        if any(s.get("question") is not None and s.get("answer") is None for s in self.samples):
+            raise ValueError(f"{cfg.path}: questions without answers cannot be trained on (give data.annotations)")
+        ids: dict = {}  # ITC positives are samples of the same image: int ids per distinct image_id
+        self.image_ids = [ids.setdefault(s.get("image_id", str(s["image"])), len(ids)) for s in self.samples]
+        self.bad: set[int] = set()
+        self._decoded: dict[int, object] = {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _decode(self, i: int):
+        from .readers import decode_image
+
+        if i in self.bad:
+            return None
+        if i not in self._decoded:
+            if len(self._decoded) > 1024:
+                self._decoded.clear()
+            image = decode_image(self.samples[i]["image"], self.skips)
+            if image is None:
+                self.bad.add(i)
+                log.warning("training data: %s", self.skips.summary())
+                return None
+            self._decoded[i] = image
+        return self._decoded[i]
+
+    def usable(self, i: int) -> int:
+        """i, or the next pool index (cyclically) whose image decodes."""
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            if self._decode(j) is not None:
+                return j
+        raise ValueError(f"{self.cfg.path}: not one image decodes ({self.skips.summary()})")
+
+    def image(self, i: int):
+        image = self._decode(i)
+        return image if image is not None else self._decode(self.usable(i))
+
+    def sample(self, i: int, rng: np.random.Generator, vqa_prompt: str, caption_prompt: str) -> dict:
+        s = self.samples[i]
+        if s.get("question") is not None:
+            prompt, target = vqa_prompt.format(s["question"]), s["answer"]
+        else:
+            prompt, target = caption_prompt, s["caption"]
+        return {"key": i, "caption": s.get("caption"), "image_id": self.image_ids[i], "prompt": prompt, "target": target}
+
+
+def make_pool(cfg: DataConfig):
+    return ShapesWorldPool(cfg) if cfg.source == "shapesworld" else FilesPool(cfg)
+
+
 class FeatureCache:
     """The frozen vision encoder's output for every pool image, computed once and stored on disk
     (safetensors, bf16) under a name that hashes what determines it."""
@@ -87,8 +175,13 @@ class FeatureCache:
             h.update(name.encode())
             h.update(t.detach().float().contiguous().numpy().tobytes())
         c = pool.cfg
-        scenes = {k: getattr(c, k) for k in ("source", "split", "num_samples", "group_size", "width", "height", "seed")}
-        h.update(json.dumps([scenes, processor.image_processor.to_dict()], sort_keys=True, default=str).encode())
+        keys = ("source", "split", "num_samples", "group_size", "width", "height", "seed", "path", "image_root",
+                "annotations", "image_pattern")
+        data = {k: getattr(c, k) for k in keys}
+        if c.path:  # a user's file: its size and modification time stand for its content
+            st = Path(c.path).stat()
+            data["file"] = [st.st_size, st.st_mtime_ns]
+        h.update(json.dumps([data, processor.image_processor.to_dict()], sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 
     @classmethod
@@ -99,7 +192,10 @@ class FeatureCache:
         path = Path(cache_dir) / f"features-{cls.identity(vision, pool, processor)}.safetensors"
         if path.exists():
             log.info("feature cache: loading %s", path)
-            return cls(load_file(str(path))["features"])
+            stored = load_file(str(path))
+            if "bad" in stored:  # images that did not decode when the cache was written
+                pool.bad.update(stored["bad"].tolist())
+            return cls(stored["features"])
         chunks = []
         with torch.no_grad():
             for s in tqdm(range(0, len(pool), batch_size), desc="caching frozen image features"):
@@ -107,7 +203,10 @@ class FeatureCache:
                 chunks.append(vision(processor.images(images)).to(torch.bfloat16))
         features = torch.cat(chunks)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(path))
+        tensors = {"features": features.contiguous()}
+        if getattr(pool, "bad", None):
+            tensors["bad"] = torch.tensor(sorted(pool.bad))
+        save_file(tensors, str(path))
         log.info("feature cache: wrote %s %s", path, tuple(features.shape))
         return cls(features)
 
@@ -144,6 +243,8 @@ class BatchStream:
 
     def batch(self, step: int, micro: int = 0) -> dict:
         idx = self.indices(step, micro)
+        if isinstance(self.pool, FilesPool):  # a sample whose image does not decode: the next usable one
+            idx = [self.pool.usable(i) for i in idx]
         rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
         samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
         if self.cache is not None:
@@ -174,6 +275,8 @@ class ProcessorStream(BatchStream):
 
     def batch(self, step: int, micro: int = 0) -> dict:
         idx = self.indices(step, micro)
+        if isinstance(self.pool, FilesPool):
+            idx = [self.pool.usable(i) for i in idx]
         rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
         samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
         return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
