@@ -114,6 +114,10 @@ def test_accumulation_is_the_weighted_sum_of_dataset_gradients(tmp_path, tiny):
     xattn = {id(p) for p in model.xattn.parameters()}
     assert {id(p) for p in decay["params"]} == xattn and decay["weight_decay"] == 0.1
     assert not xattn & {id(p) for p in no_decay["params"]} and no_decay["params"]
+    decay, no_decay, gates = param_groups(model, 0.1, gate_lr_scale=10.0)  # the gates in a group of their own
+    assert {id(p) for p in gates["params"]} == {id(b.attn_gate) for b in model.xattn.values()} | {
+        id(b.ff_gate) for b in model.xattn.values()} and gates["lr_scale"] == 10.0
+    assert not {id(p) for p in gates["params"]} & {id(p) for p in decay["params"] + no_decay["params"]}
 
 
 def test_mmc4_reader_skips_and_counts_bad_images(tmp_path):
