@@ -83,3 +83,35 @@ def test_resume_on_another_world_size(tmp_path):
     for ra, rb in zip(straight, resumed):
         for k in ("loss", "loss_itc", "loss_itm", "loss_itg"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_eve_two_processes_match_one(tmp_path, tiny_configs):
+    """EVE stage 1 (patch embedding + PAL train, CE + PAL) under torchrun. One-word answers give every
+    rank the same number of target tokens, so the mean of the ranks' losses is the global mean."""
+    from vlbridge import LMConfig, VisionConfig
+    from vlbridge.eve import EVEConfig
+
+    eve = EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+                    teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
+                    patch_size=4, pel_width=16, pel_heads=2, max_image_size=32, pal_layers=[1, 2])
+
+    def recipe(name, batch_size):
+        r = {"model_kind": "eve", "stage": 1, "eve": to_dict(eve), "steps": 2, "batch_size": batch_size,
+             "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
+             "log_every": 1, "out_dir": str(tmp_path / name), "optim": {"warmup_steps": 1, "lr": 1e-3},
+             "precision": "fp32", "device": "cpu"}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        return tmp_path / f"{name}.json"
+
+    train(load_recipe(recipe("one", 2 * B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "vlbridge.train", str(recipe("two", B))], check=True, env=env, cwd=tmp_path, timeout=120)
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_ce", "loss_pal", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)

@@ -379,8 +379,8 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     from tqdm import tqdm
 
     rank, world_size, device = dist.init_from_env(cfg.device)
-    if world_size > 1 and cfg.model_kind != "blip2":
-        raise ValueError("data-parallel training (torchrun) is implemented for BLIP-2 recipes only")
+    if world_size > 1 and cfg.model_kind == "flamingo":
+        raise ValueError("data-parallel training (torchrun) is implemented for BLIP-2 and EVE recipes, not Flamingo yet")
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     out = Path(cfg.out_dir)

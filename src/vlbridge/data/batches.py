@@ -241,12 +241,17 @@ class BatchStream:
         units = perm[offset: offset + self.units_per_batch]
         return [int(u) * self.k + j for u in units for j in range(self.k)]
 
+    def sample_rng(self, step: int, micro: int, index: int) -> np.random.Generator:
+        """The draws of one sample (its task, its question): a function of the sample and the step, not of
+        the rank or its place in the batch, so N ranks draw what 1 process on their global batch draws."""
+        return np.random.default_rng([self.seed, 13, step, micro, index])
+
     def batch(self, step: int, micro: int = 0) -> dict:
         idx = self.indices(step, micro)
         if isinstance(self.pool, FilesPool):  # a sample whose image does not decode: the next usable one
             idx = [self.pool.usable(i) for i in idx]
-        rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
-        samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
+        samples = [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
+                   for i in idx]
         if self.cache is not None:
             batch = {"image_features": self.cache.features[idx].float()}
         else:
@@ -277,7 +282,7 @@ class ProcessorStream(BatchStream):
         idx = self.indices(step, micro)
         if isinstance(self.pool, FilesPool):
             idx = [self.pool.usable(i) for i in idx]
-        rng = np.random.default_rng([self.seed, 13, step, micro, self.rank])
-        samples = [self.pool.sample(i, rng, self.vqa_prompt, self.caption_prompt) for i in idx]
+        samples = [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
+                   for i in idx]
         return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
                               targets=[s["target"] for s in samples])
