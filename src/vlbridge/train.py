@@ -4,7 +4,7 @@ Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts)
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
 resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
 
-1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (BLIP-2 recipes) each rank
+1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (BLIP-2 and EVE recipes) each rank
 takes its slice of the same global batch (batch_size is the per-rank micro-batch: global batch =
 batch_size * N * grad_accum), gradients are averaged by DistributedDataParallel and only rank 0 writes.
 
