@@ -71,9 +71,13 @@ class ShapesWorldPool:
         else:
             self.scenes = sw.make_split(cfg.split, cfg.num_samples, self.world)
         self.group_size = k
+        self.bad: set[int] = set()  # generated scenes always render (FilesPool records its bad images here)
 
     def __len__(self):
         return len(self.scenes)
+
+    def usable(self, i: int) -> int:
+        return i
 
     def image(self, i: int):
         return sw.render(self.scenes[i], self.world)
@@ -204,7 +208,7 @@ class FeatureCache:
         features = torch.cat(chunks)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"features": features.contiguous()}
-        if getattr(pool, "bad", None):
+        if pool.bad:
             tensors["bad"] = torch.tensor(sorted(pool.bad))
         save_file(tensors, str(path))
         log.info("feature cache: wrote %s %s", path, tuple(features.shape))
@@ -246,12 +250,15 @@ class BatchStream:
         the rank or its place in the batch, so N ranks draw what 1 process on their global batch draws."""
         return np.random.default_rng([self.seed, 13, step, micro, index])
 
+    def samples(self, step: int, micro: int) -> tuple[list[int], list[dict]]:
+        """This rank's pool indices (a sample whose image does not decode replaced by the next usable one)
+        and their samples."""
+        idx = [self.pool.usable(i) for i in self.indices(step, micro)]
+        return idx, [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
+                     for i in idx]
+
     def batch(self, step: int, micro: int = 0) -> dict:
-        idx = self.indices(step, micro)
-        if isinstance(self.pool, FilesPool):  # a sample whose image does not decode: the next usable one
-            idx = [self.pool.usable(i) for i in idx]
-        samples = [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
-                   for i in idx]
+        idx, samples = self.samples(step, micro)
         if self.cache is not None:
             batch = {"image_features": self.cache.features[idx].float()}
         else:
@@ -279,10 +286,6 @@ class ProcessorStream(BatchStream):
         super().__init__(pool, processor, batch_size, grad_accum, 2, prompts, seed, None, rank, world_size)
 
     def batch(self, step: int, micro: int = 0) -> dict:
-        idx = self.indices(step, micro)
-        if isinstance(self.pool, FilesPool):
-            idx = [self.pool.usable(i) for i in idx]
-        samples = [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
-                   for i in idx]
+        idx, samples = self.samples(step, micro)
         return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
                               targets=[s["target"] for s in samples])
