@@ -1,4 +1,5 @@
-"""torchrun data parallelism: 2 CPU processes (gloo) on a global batch of 2B train exactly as 1 process on it."""
+"""torchrun data parallelism: 2 CPU processes (gloo) on a global batch of 2B train exactly as 1 process on it,
+with DDP or FSDP2, and checkpoints resume across world sizes and parallel modes."""
 
 import json
 import os
@@ -9,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlbridge.config import to_dict
+from vlbridge.config import from_dict, to_dict
 from vlbridge.testing import tiny_blip2_config
-from vlbridge.train import load_recipe, train
+from vlbridge.train import TrainConfig, load_recipe, train
 
 B = 8  # per-rank micro-batch; the global batch is 2B
 
@@ -33,31 +34,46 @@ def _log(out_dir):
     return [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    one = train(load_recipe(_recipe(tmp_path, "one", 2 * B)))
-    two = _recipe(tmp_path, "two", B)
+def _torchrun(tmp_path, recipe, *overrides):
+    """vlbridge.train RECIPE on 2 gloo processes (a fresh process group, whatever pytest runs under)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "vlbridge.train", str(two)], check=True, env=env, cwd=tmp_path, timeout=120)
+                    "-m", "vlbridge.train", str(recipe), *overrides], check=True, env=env, cwd=tmp_path, timeout=180)
+
+
+def _truncate_log(out_dir, rows):
+    """Drop the rows logged after the checkpoint a resumed run starts from."""
+    log = out_dir / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:rows]))
+
+
+def _assert_same_params(one, two, lr):
+    """Final weights of two runs agree. Logged grad_norms pin the averaged gradient; AdamW's first steps
+    move each weight by about +-lr whatever the gradient's size, so weights whose gradient is ~1e-7 (ITC
+    nearly cancels at init) can move differently by float noise: allow that on under 1% of the weights,
+    never more than one step."""
+    pa, pb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert pa.keys() == pb.keys()
+    off, total = 0, 0
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=lr, msg=k)
+        off, total = off + int(((pb[k] - pa[k]).abs() > 1e-5).sum()), total + pa[k].numel()
+    assert off < 0.01 * total, (off, total)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    one = train(load_recipe(_recipe(tmp_path, "one", 2 * B)))
+    _torchrun(tmp_path, _recipe(tmp_path, "two", B))
 
     a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert len(a) == len(b) == 2  # rank 0 alone wrote the log
     for ra, rb in zip(a, b):
         for k in ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
-    pa, pb = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    assert pa.keys() == pb.keys()
-    # grad_norm above pins the averaged gradient. AdamW's first steps move each weight by about +-lr
-    # whatever the gradient's size, so weights whose gradient is ~1e-7 (ITC nearly cancels at init) can
-    # move differently by float noise: allow that on under 1% of the weights, never more than one step.
-    lr, off, total = 1e-3, 0, 0
-    for k in pa:
-        torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=lr, msg=k)
-        off, total = off + int(((pb[k] - pa[k]).abs() > 1e-5).sum()), total + pa[k].numel()
-    assert off < 0.01 * total, (off, total)
+    _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     # Only rank 0 wrote: one log, one checkpoint and final model, no stray files from rank 1.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
@@ -70,14 +86,8 @@ def test_resume_on_another_world_size(tmp_path):
     straight = _log(tmp_path / "straight")
     mixed = _recipe(tmp_path, "mixed", 2 * B)
     train(load_recipe(mixed, ["steps=3", "save_every=2"]))  # checkpoint at step 2 (same learning rates so far)
-    log = tmp_path / "mixed" / "log.jsonl"
-    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "vlbridge.train", str(mixed), "steps=4", "save_every=2", f"batch_size={B}"],
-                   check=True, env=env, cwd=tmp_path, timeout=120)
+    _truncate_log(tmp_path / "mixed", 2)
+    _torchrun(tmp_path, mixed, "steps=4", "save_every=2", f"batch_size={B}")
     resumed = _log(tmp_path / "mixed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ra, rb in zip(straight, resumed):
@@ -105,13 +115,70 @@ def test_eve_two_processes_match_one(tmp_path, tiny_configs):
         return tmp_path / f"{name}.json"
 
     train(load_recipe(recipe("one", 2 * B)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "vlbridge.train", str(recipe("two", B))], check=True, env=env, cwd=tmp_path, timeout=120)
+    _torchrun(tmp_path, recipe("two", B))
     a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for k in ("loss", "loss_ce", "loss_pal", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+def _stage2_recipe(tmp_path, tiny_configs, name, batch_size, **kw):
+    """BLIP-2 stage 2 through the frozen tiny GPT-2, sharded with FSDP under torchrun. One-word VQA
+    answers give every rank as many target tokens, so the mean of the ranks' LM losses is the global
+    mean. min_lr = lr: a constant rate after the 1-step warm-up, the same whatever `steps` a run sets."""
+    r = {"stage": 2, "model": to_dict(tiny_configs["gpt2"]), "parallel": "fsdp", "steps": 2, "batch_size": batch_size,
+         "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
+         "log_every": 1, "out_dir": str(tmp_path / name), "optim": {"warmup_steps": 1, "lr": 1e-3, "min_lr": 1e-3},
+         "precision": "fp32", "device": "cpu", **kw}
+    (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    return tmp_path / f"{name}.json"
+
+
+def test_parallel_mode_round_trips_and_is_checked(tmp_path, tiny_configs):
+    cfg = load_recipe(_stage2_recipe(tmp_path, tiny_configs, "r", B))
+    assert cfg.parallel == "fsdp" and from_dict(TrainConfig, to_dict(cfg)).parallel == "fsdp"
+    assert load_recipe(_recipe(tmp_path, "d", B)).parallel == "ddp"  # the default
+    with pytest.raises(ValueError, match="parallel"):
+        load_recipe(tmp_path / "r.json", ["parallel=zero3"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_fsdp_two_processes_match_one(tmp_path, tiny_configs):
+    """FSDP2 shards the frozen LM's blocks, the vision tower's and the Q-Former's layers over 2 ranks: the
+    same losses, clipped grad norms (computed on the sharded DTensor grads) and final weights as 1
+    process on the combined batch, and rank 0 writes whole checkpoints and a final model with backbones."""
+    one = train(load_recipe(_stage2_recipe(tmp_path, tiny_configs, "one", 2 * B, save_every=1)))
+    _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "two", B, save_every=1))
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
+    for sub in ("final", "last"):  # the same files: the sharded run's model is whole on disk
+        assert sorted(p.name for p in (tmp_path / "two" / sub).iterdir()) == sorted(p.name for p in (tmp_path / "one" / sub).iterdir())
+    sa = load_file(str(tmp_path / "one" / "last" / "trainer_state.safetensors"))
+    sb = load_file(str(tmp_path / "two" / "last" / "trainer_state.safetensors"))
+    assert sa.keys() == sb.keys() and any(k.endswith(".exp_avg_sq") for k in sa)
+    for k in sa:
+        if k != "rng.torch":
+            assert sb[k].shape == sa[k].shape, k  # Adam moments gathered whole, not one rank's shard
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_fsdp_checkpoints_resume_on_one_process_and_back(tmp_path, tiny_configs):
+    """Steps 1-2 on 1 process, 3 on 2 FSDP processes (from the 1-process checkpoint; it writes its own at
+    step 3), 4-5 on 1 process again from the FSDP checkpoint: the losses of 5 uninterrupted steps."""
+    train(load_recipe(_stage2_recipe(tmp_path, tiny_configs, "straight", 2 * B, steps=5)))
+    mixed = _stage2_recipe(tmp_path, tiny_configs, "mixed", 2 * B)
+    train(load_recipe(mixed, ["steps=3", "save_every=2"]))
+    _truncate_log(tmp_path / "mixed", 2)
+    _torchrun(tmp_path, mixed, "steps=4", "save_every=3", f"batch_size={B}")
+    _truncate_log(tmp_path / "mixed", 3)
+    train(load_recipe(mixed, ["steps=5"]))
+    straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "mixed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(straight, resumed):
+        for k in ("loss", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)

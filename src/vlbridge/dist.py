@@ -2,6 +2,8 @@
 
 Contrastive losses need the global batch as negatives: features are all-gathered, with gradients
 flowing back to the rank that produced them (torch.distributed.nn's differentiable all_gather).
+Training runs data-parallel with DDP or, for models too large to replicate, FSDP2 (`fully_shard_blocks`):
+then parameters, gradients and optimizer state are DTensors sharded on dim 0 over the ranks.
 """
 
 from __future__ import annotations
@@ -85,6 +87,72 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=on)
     dist.all_reduce(t)
     return dict(zip(values, (t / world()[1]).tolist()))
+
+
+# ---------------------------------------------------------------- FSDP2 (TrainConfig.parallel = "fsdp")
+
+
+def fully_shard_blocks(root: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard `root` in place with FSDP2 over all ranks. Each transformer block is its own unit,
+    all-gathered only around its forward and backward: the blocks transformers names in a model's
+    `_no_split_modules` (GPT2Block, LlamaDecoderLayer, CLIPEncoderLayer, ...; also what accelerate's FSDP
+    wraps) and the Q-Former's layers. The root unit holds the rest (embeddings, norms, projections, query
+    tokens), so call the training step through root.forward (train.Objective): BLIP-2's pretrain_losses
+    is no forward of any unit. torch 2.13 allows frozen and trainable parameters in one unit (the frozen
+    LM's embeddings beside lm_proj in the root) as long as the trainable ones share one dtype; only those
+    get gradients reduce-scattered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import PreTrainedModel
+
+    from .qformer import QFormerLayer
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    blocks = {n for m in root.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}
+    for m in reversed(list(root.modules())):  # inner units before the ones that contain them
+        if m is not root and (type(m).__name__ in blocks or isinstance(m, QFormerLayer)):
+            fully_shard(m, mesh=mesh)
+    return fully_shard(root, mesh=mesh)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP has sharded `module`'s parameters (DTensors)."""
+    if world()[1] == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter or optimizer state as one whole CPU tensor. For an FSDP shard (DTensor) this
+    all-gathers: every rank must call it, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (e.g. Adam's exp_avg from a checkpoint) cut as `param` is: this rank's shard for
+    an FSDP parameter (every rank holds `value`, so nothing is sent), else `value` on param's device.
+    Scalars (Adam's step) stay as they are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if value.dim() == 0:
+        return value
+    if isinstance(param, DTensor):
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value.to(param.device)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """clip_grad_norm_ -> the global norm before clipping. FSDP grads are DTensor shards: torch reduces
+    their norms over the ranks and returns a replicated DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def shutdown():

@@ -6,7 +6,11 @@ resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when ask
 
 1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (BLIP-2 and EVE recipes) each rank
 takes its slice of the same global batch (batch_size is the per-rank micro-batch: global batch =
-batch_size * N * grad_accum), gradients are averaged by DistributedDataParallel and only rank 0 writes.
+batch_size * N * grad_accum) and only rank 0 writes. parallel "ddp": every rank holds the model and
+DistributedDataParallel averages the gradients. parallel "fsdp": FSDP2 shards every parameter, gradient
+and optimizer state over the ranks (for LMs too large to replicate); rank 0 keeps a CPU copy of the
+model to write checkpoints, which stay whole (safetensors), so a run resumes on any number of processes
+and either parallel mode.
 
 `model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`), "flamingo"
 (`flamingo` + `datasets`) or "eve" (stage 1, 2 or 3, `eve` + `data`). Each kind has a small build and
@@ -17,6 +21,7 @@ sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-rob
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -79,6 +84,9 @@ class TrainConfig:
     log_every: int = 10
     cache_features: bool = False  # run the frozen encoder once over the pool and train on stored features
     grad_checkpointing: bool = False
+    # Under torchrun: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 fully_shard: each transformer
+    # block sharded over the ranks and gathered only while it runs). One process ignores it.
+    parallel: str = "ddp"
     tensorboard: bool = False
     wandb: bool = False
     device: str = "auto"
@@ -86,6 +94,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.model_kind not in ("blip2", "flamingo", "eve"):
             raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2', 'flamingo' or 'eve'")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
@@ -216,8 +226,8 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
 
 class Objective(torch.nn.Module):
     """The model with its training loss as forward(batch, generator) -> (loss, logged parts).
-    DistributedDataParallel only syncs gradients of work done in forward(), and BLIP-2 stage 1 trains
-    through pretrain_losses, not Blip2.forward."""
+    DistributedDataParallel only syncs gradients of work done in forward(), and FSDP only gathers the
+    root's parameters around forward(); BLIP-2 stage 1 trains through pretrain_losses, not Blip2.forward."""
 
     def __init__(self, model, cfg: TrainConfig):
         super().__init__()
@@ -255,8 +265,9 @@ def accumulate(model, streams: dict, step: int, cfg: TrainConfig, autocast, devi
     """Forward and backward over all of one optimizer step's micro-batches: the gradient of
     sum_m weight_m * mean_micro(loss_m), every dataset m in every step (Flamingo's mixing). Returns the
     weighted loss, the parts averaged over micro-batches (loss_<dataset> per named dataset) and the
-    number of samples, all of this rank. model: the model, or (torchrun) its Objective wrapped in DDP."""
-    objective = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else Objective(model, cfg)
+    number of samples, all of this rank. model: the model, or (torchrun) its Objective wrapped in DDP or
+    sharded by FSDP."""
+    objective = model if isinstance(model, (Objective, torch.nn.parallel.DistributedDataParallel)) else Objective(model, cfg)
     loss_sum, parts_sum, seen = 0.0, {}, 0
     for ds, (weight, stream) in streams.items():
         for micro in range(cfg.grad_accum):
@@ -297,42 +308,70 @@ def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr_scale: flo
     return groups
 
 
-def save_checkpoint(path: Path, step: int, model, opt, processor):
+def full_model(model, writer):
+    """The whole model, to save or evaluate: the model itself, or under FSDP rank 0's CPU copy `writer`
+    with every trainable parameter gathered from the shards (None on the other ranks). Under FSDP every
+    rank must call this (the gathers are collectives). Frozen parameters never change, so the copy's are
+    current and the frozen LM is never gathered."""
+    if not dist.is_sharded(model):
+        return model
+    values = {n: dist.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
+    if writer is not None:
+        with torch.no_grad():
+            for n, p in writer.named_parameters():
+                if n in values:
+                    p.copy_(values[n])
+    return writer
+
+
+def save_checkpoint(path: Path, step: int, model, opt, processor, writer=None):
     """Bridge weights + every trainable parameter (EVE trains its LM) + optimizer state + RNG, all as
-    safetensors/JSON (nothing pickled)."""
+    safetensors/JSON (nothing pickled), written by rank 0. Whole tensors even under FSDP (gathered here:
+    every rank calls this), so any world size and parallel mode can resume from it."""
+    if dist.world()[0] > 0 and not dist.is_sharded(model):
+        return  # DDP: rank 0's replica is the whole model
     from safetensors.torch import save_file
 
-    model.save_pretrained(path, processor=processor, include_backbones=False)
-    tensors, meta = {"rng.torch": torch.get_rng_state()}, {"step": step, "param_state": []}
-    tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    full = full_model(model, writer)
     params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        st = opt.state.get(p, {})
-        meta["param_state"].append(sorted(st))
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+    states = [{k: dist.full_tensor(v) if torch.is_tensor(v) else torch.tensor(v) for k, v in opt.state.get(p, {}).items()}
+              for p in params]
+    if dist.world()[0] > 0:
+        return
+    full.save_pretrained(path, processor=processor, include_backbones=False)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors.update({f"param.{n}": p.detach().clone() for n, p in full.named_parameters() if p.requires_grad})
+    tensors.update({f"opt.{i}.{k}": v.clone() for i, st in enumerate(states) for k, v in st.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "trainer_state.safetensors"))
+    meta = {"step": step, "param_state": [sorted(st) for st in states]}
     (path / "trainer_state.json").write_text(json.dumps(meta))
 
 
-def load_checkpoint(path: Path, model, opt) -> int:
+def load_weights(path: Path, model):
+    """A checkpoint's bridge weights and trainable parameters into the whole (not yet sharded) model."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "trainer_state.safetensors"))
-    meta = json.loads((path / "trainer_state.json").read_text())
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     missing = [k for k in missing if not k.startswith(("vision.", "lm.", "teacher."))]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, value in tensors.items():
+        for key, value in load_file(str(path / "trainer_state.safetensors")).items():
             if key.startswith("param."):
                 params[key[len("param."):]].copy_(value)
+
+
+def load_trainer_state(path: Path, opt) -> int:
+    """A checkpoint's optimizer state (cut into this rank's shards under FSDP) and RNG; returns its step."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    meta = json.loads((path / "trainer_state.json").read_text())
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, (p, keys) in enumerate(zip(params, meta["param_state"])):
         if keys:
-            opt.state[p] = {k: tensors[f"opt.{i}.{k}"] for k in keys}
+            opt.state[p] = {k: dist.shard_like(tensors[f"opt.{i}.{k}"], p) for k in keys}
     torch.set_rng_state(tensors["rng.torch"])
     return meta["step"]
 
@@ -374,7 +413,9 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
 
     callback(step, model, processor, elapsed_s) -> dict, if given, runs every `callback_every` steps and at the
     end (e.g. a quick evaluation); what it returns is logged with the step. It gets the model in
-    eval mode; training resumes in train mode. Under torchrun only rank 0 logs, saves and calls it.
+    eval mode; training resumes in train mode. Under torchrun only rank 0 logs, saves and calls it; under
+    FSDP it gets rank 0's CPU copy of the model, and every rank must be given the callback (the model is
+    gathered for it).
     """
     from tqdm import tqdm
 
@@ -389,6 +430,13 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         save_json(cfg, out / "recipe.json")
 
     model, processor = build_model(cfg)
+    resume = out / "last" if (out / "last" / "trainer_state.json").exists() else None
+    if resume is not None:  # the weights now, into the whole model; the optimizer state once it exists
+        load_weights(resume, model)
+    fsdp = world_size > 1 and cfg.parallel == "fsdp"
+    # Under FSDP no rank holds the whole model: rank 0 keeps this CPU copy (one more model in host memory)
+    # to write checkpoints and the final model with the gathered trained values (full_model).
+    writer = copy.deepcopy(model) if fsdp and master else None
     model.to(device)
     if cfg.precision == "bf16" and device.type == "cpu" and model.lm is not None:
         # Gradients flow through the frozen LM (to the soft prompt / the gated blocks); its fused attention kernel is slow
@@ -404,19 +452,23 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
 
     streams = build_streams(cfg, model, processor, out)
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.gate_lr_scale), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas)
-    start = 0
-    if (out / "last" / "trainer_state.json").exists():
-        start = load_checkpoint(out / "last", model, opt)
-        log.info("resumed from %s at step %d", out / "last", start)
     step_model = model
-    if world_size > 1:
+    if fsdp:
+        step_model = dist.fully_shard_blocks(Objective(model, cfg), device)
+    elif world_size > 1:
         # Only trainable parameters take part (the frozen backbones have requires_grad False).
         ids = [device] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(Objective(model, cfg), device_ids=ids)
-        log.info("data-parallel over %d ranks: global batch %d x %d", world_size, cfg.batch_size * world_size,
-                 cfg.grad_accum)
+    if world_size > 1:
+        log.info("data-parallel (%s) over %d ranks: global batch %d x %d", cfg.parallel, world_size,
+                 cfg.batch_size * world_size, cfg.grad_accum)
+    # After sharding: FSDP replaces the parameters by DTensor shards, and the optimizer steps those.
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.gate_lr_scale), lr=cfg.optim.lr,
+                            betas=cfg.optim.betas)
+    start = 0
+    if resume is not None:
+        start = load_trainer_state(resume, opt)
+        log.info("resumed from %s at step %d", resume, start)
     loggers = Loggers(cfg, out) if master else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     model.train()
@@ -428,8 +480,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         seen += n * world_size
         grad_norm = None
         if cfg.optim.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for g in opt.param_groups for p in g["params"]], cfg.optim.clip_grad))
+            grad_norm = dist.clip_grad_norm([p for g in opt.param_groups for p in g["params"]], cfg.optim.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -438,18 +489,21 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
                 loggers.write({"step": step + 1, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
                                "samples_per_s": seen / (time.time() - t0), "elapsed_s": time.time() - t0})
         last = step + 1 == cfg.steps
-        if master and callback is not None and ((callback_every and (step + 1) % callback_every == 0) or last):
+        if callback is not None and ((callback_every and (step + 1) % callback_every == 0) or last):
             tc = time.time()
-            model.eval()
-            loggers.write({"step": step + 1, "elapsed_s": tc - t0, **callback(step + 1, model, processor, tc - t0)})
-            model.train()
+            full = full_model(model, writer)  # under FSDP every rank takes part in the gather
+            if master:
+                full.eval()
+                loggers.write({"step": step + 1, "elapsed_s": tc - t0, **callback(step + 1, full, processor, tc - t0)})
+                full.train()
             t0 += time.time() - tc  # elapsed_s and samples_per_s count training time only
-        if master and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(out / "last", step + 1, model, opt, processor)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(out / "last", step + 1, model, opt, processor, writer)
     final = out / "final"
+    full = full_model(model, writer)
     if master:
         loggers.close()
-        model.save_pretrained(final, processor=processor)
+        full.save_pretrained(final, processor=processor)
         log.info("saved %s", final)
     dist.barrier()  # the other ranks return once the final model is on disk
     dist.shutdown()
