@@ -182,3 +182,34 @@ def test_fsdp_checkpoints_resume_on_one_process_and_back(tmp_path, tiny_configs)
     for ra, rb in zip(straight, resumed):
         for k in ("loss", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_flamingo_two_processes_match_one(tmp_path, tiny_configs, parallel):
+    """Flamingo (perceiver + gated blocks in the frozen tiny GPT-2) on a two-dataset mixture: each rank
+    takes its slice of every dataset's global batch of documents. In-context documents hold a fixed
+    number of images, each followed by a one-word answer, so every rank holds as many target tokens."""
+    from vlbridge import LMConfig, VisionConfig
+    from vlbridge.flamingo import FlamingoConfig
+
+    flamingo = FlamingoConfig(vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
+                              lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), perceiver_depth=1, num_latents=4,
+                              perceiver_heads=2, perceiver_dim_head=8, max_media=4, xattn_heads=2, xattn_dim_head=8)
+
+    def recipe(name, batch_size):
+        data = {"kind": "shapesworld_incontext", "batch_size": batch_size, "num_samples": 64, "width": 32, "height": 32}
+        r = {"model_kind": "flamingo", "flamingo": to_dict(flamingo), "parallel": parallel, "steps": 2, "log_every": 1,
+             "datasets": [{**data, "name": "a", "max_images": 2}, {**data, "name": "b", "weight": 0.5, "max_images": 3}],
+             "optim": {"warmup_steps": 1, "lr": 1e-3}, "precision": "fp32", "device": "cpu", "out_dir": str(tmp_path / name)}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        return tmp_path / f"{name}.json"
+
+    one = train(load_recipe(recipe("one", 2 * B // 2)))  # 8 documents per dataset and step
+    _torchrun(tmp_path, recipe("two", B // 2))
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_a", "loss_b", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)

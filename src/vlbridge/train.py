@@ -4,9 +4,9 @@ Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts)
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
 resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
 
-1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (BLIP-2 and EVE recipes) each rank
-takes its slice of the same global batch (batch_size is the per-rank micro-batch: global batch =
-batch_size * N * grad_accum) and only rank 0 writes. parallel "ddp": every rank holds the model and
+1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (any recipe) each rank
+takes its slice of the same global batch (batch_size, and a Flamingo dataset's batch_size, is the
+per-rank micro-batch: global batch = batch_size * N * grad_accum) and only rank 0 writes. parallel "ddp": every rank holds the model and
 DistributedDataParallel averages the gradients. parallel "fsdp": FSDP2 shards every parameter, gradient
 and optimizer state over the ranks (for LMs too large to replicate); rank 0 keeps a CPU copy of the
 model to write checkpoints, which stay whole (safetensors), so a run resumes on any number of processes
@@ -199,15 +199,16 @@ def build_eve(cfg: TrainConfig) -> tuple[EVE, EVEProcessor]:
 def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tuple[float, object]]:
     """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream of
     this rank's slices."""
+    rank, world_size = dist.world()
     if cfg.model_kind == "flamingo":
         if cfg.cache_features:
             raise ValueError("cache_features is for BLIP-2 recipes only")
-        return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
+        return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i, rank, world_size))
                 for i, d in enumerate(cfg.datasets)}
     if cfg.model_kind == "blip2" and cfg.stage == 1 and cfg.data.source == "vqa":
         raise ValueError("BLIP-2 stage 1 learns from image-text pairs: give captions (coco, karpathy, jsonl, csv)")
     pool = make_pool(cfg.data)
-    cache, (rank, world_size) = None, dist.world()
+    cache = None
     prompts = (model.config.caption_prompt, model.config.vqa_prompt)
     if cfg.model_kind == "eve":
         if cfg.cache_features:
@@ -420,8 +421,6 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     from tqdm import tqdm
 
     rank, world_size, device = dist.init_from_env(cfg.device)
-    if world_size > 1 and cfg.model_kind == "flamingo":
-        raise ValueError("data-parallel training (torchrun) is implemented for BLIP-2 and EVE recipes, not Flamingo yet")
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     out = Path(cfg.out_dir)
@@ -460,8 +459,8 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         ids = [device] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(Objective(model, cfg), device_ids=ids)
     if world_size > 1:
-        log.info("data-parallel (%s) over %d ranks: global batch %d x %d", cfg.parallel, world_size,
-                 cfg.batch_size * world_size, cfg.grad_accum)
+        log.info("data-parallel (%s) over %d ranks: global batch = %d x per-rank batch x grad_accum %d", cfg.parallel,
+                 world_size, world_size, cfg.grad_accum)
     # After sharding: FSDP replaces the parameters by DTensor shards, and the optimizer steps those.
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.gate_lr_scale), lr=cfg.optim.lr,
                             betas=cfg.optim.betas)

@@ -195,13 +195,18 @@ def make_source(cfg: DocumentData):
 
 
 class DocumentStream:
-    """batch(step, micro) -> FlamingoProcessor output with labels: batch_size documents drawn (with
-    replacement) by an rng seeded with (seed, dataset index, step, micro)."""
+    """batch(step, micro) -> FlamingoProcessor output with labels for this rank. The global batch,
+    batch_size * world_size documents, is drawn (with replacement) by an rng seeded with (seed, dataset
+    index, step, micro) and rank r takes its r-th slice: N ranks x batch_size see exactly the documents
+    1 process x N * batch_size sees, and a resumed run (any world size) sees what an uninterrupted one would."""
 
-    def __init__(self, source, processor, batch_size: int, seed: int, index: int):
+    def __init__(self, source, processor, batch_size: int, seed: int, index: int, rank: int = 0, world_size: int = 1):
         self.source, self.processor, self.batch_size, self.seed, self.index = source, processor, batch_size, seed, index
+        self.rank, self.world_size = rank, world_size
 
     def batch(self, step: int, micro: int = 0) -> dict:
         rng = np.random.default_rng([self.seed, 17, self.index, step, micro])
-        docs = [self.source.document(int(i)) for i in rng.integers(len(self.source), size=self.batch_size)]
+        drawn = rng.integers(len(self.source), size=self.batch_size * self.world_size)  # (N * batch_size,)
+        mine = drawn[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        docs = [self.source.document(int(i)) for i in mine]
         return self.processor([d["text"] for d in docs], [d["images"] for d in docs], return_labels=True)
