@@ -64,9 +64,12 @@ def _assert_same_params(one, two, lr):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, parallel):
+    """BLIP-2 stage 1: ITC negatives gathered with gradient; under FSDP each Q-Former layer runs three
+    times a step (ITC, ITM, ITG from the cached query keys/values) between gathers of its shards."""
     one = train(load_recipe(_recipe(tmp_path, "one", 2 * B)))
-    _torchrun(tmp_path, _recipe(tmp_path, "two", B))
+    _torchrun(tmp_path, _recipe(tmp_path, "two", B), f"parallel={parallel}")
 
     a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert len(a) == len(b) == 2  # rank 0 alone wrote the log

@@ -100,7 +100,11 @@ def fully_shard_blocks(root: torch.nn.Module, device: torch.device) -> torch.nn.
     tokens), so call the training step through root.forward (train.Objective): BLIP-2's pretrain_losses
     is no forward of any unit. torch 2.13 allows frozen and trainable parameters in one unit (the frozen
     LM's embeddings beside lm_proj in the root) as long as the trainable ones share one dtype; only those
-    get gradients reduce-scattered."""
+    get gradients reduce-scattered.
+
+    fully_shard refuses scalar parameters (BLIP-2's temperature): those stay whole on every rank, and a
+    hook averages their gradient over the ranks after each backward, as DDP would (averaging the part
+    accumulated by an earlier backward, equal on all ranks already, changes nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import PreTrainedModel
@@ -108,11 +112,15 @@ def fully_shard_blocks(root: torch.nn.Module, device: torch.device) -> torch.nn.
     from .qformer import QFormerLayer
 
     mesh = init_device_mesh(device.type, (world()[1],))
+    scalars = {p for p in root.parameters() if p.dim() == 0}
     blocks = {n for m in root.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}
     for m in reversed(list(root.modules())):  # inner units before the ones that contain them
         if m is not root and (type(m).__name__ in blocks or isinstance(m, QFormerLayer)):
-            fully_shard(m, mesh=mesh)
-    return fully_shard(root, mesh=mesh)
+            fully_shard(m, mesh=mesh, ignored_params=scalars)
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad, op=dist.ReduceOp.AVG))
+    return fully_shard(root, mesh=mesh, ignored_params=scalars)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -147,12 +155,23 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """clip_grad_norm_ -> the global norm before clipping. FSDP grads are DTensor shards: torch reduces
-    their norms over the ranks and returns a replicated DTensor."""
+    """clip_grad_norm_ -> the global norm before clipping. FSDP grads are DTensor shards, whose norm torch
+    reduces over the ranks; the scalars FSDP leaves whole are plain tensors, and torch cannot stack the
+    two kinds of norm, so under FSDP the two norms are combined here and the grads scaled as torch does."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    norm = torch.nn.utils.get_total_norm(sharded).full_tensor().cpu()
+    if plain:
+        norm = torch.linalg.vector_norm(torch.stack([norm, torch.nn.utils.get_total_norm(plain).cpu()]))
+    scale = min(1.0, max_norm / (float(norm) + 1e-6))
+    for g in grads:
+        g.mul_(scale)
+    return float(norm)
 
 
 def shutdown():
