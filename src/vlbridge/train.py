@@ -35,7 +35,7 @@ import torch
 from . import dist
 from .blip2 import Blip2, create_blip2, local_dir
 from .config import Blip2Config, from_dict, load_json, save_json, to_dict
-from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, make_pool
+from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, ShardStream, make_pool
 from .data.interleaved import DocumentData, DocumentStream, make_source
 from .eve import EVE, EVEConfig, EVEProcessor, create_eve
 from .flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
@@ -207,9 +207,14 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
                 for i, d in enumerate(cfg.datasets)}
     if cfg.model_kind == "blip2" and cfg.stage == 1 and cfg.data.source == "vqa":
         raise ValueError("BLIP-2 stage 1 learns from image-text pairs: give captions (coco, karpathy, jsonl, csv)")
+    prompts = (model.config.caption_prompt, model.config.vqa_prompt)
+    if cfg.data.source == "webdataset":  # streamed: no pool to cache features of or to index
+        if cfg.model_kind != "blip2" or cfg.cache_features:
+            raise ValueError("webdataset shards stream BLIP-2 training batches, without cache_features")
+        return {"": (1.0, ShardStream(cfg.data, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
+                                      rank, world_size))}
     pool = make_pool(cfg.data)
     cache = None
-    prompts = (model.config.caption_prompt, model.config.vqa_prompt)
     if cfg.model_kind == "eve":
         if cfg.cache_features:
             raise ValueError("cache_features: EVE has no frozen encoder in front of the LM to cache")

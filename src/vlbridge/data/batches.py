@@ -2,6 +2,8 @@
 
 Because a batch depends on nothing but its step, resuming at step s replays exactly the batches an
 uninterrupted run would have seen, and N ranks can each take their slice of the same global batch.
+Webdataset shards are streamed instead (ShardStream): each rank reads its own shards, and a batch
+is a function of (step, micro-step) through its position in this rank's stream.
 
 Samples are dicts: {"image": PIL image | None, "key": int (pool index), "caption": str,
 "image_id": int, "prompt": str, "target": str}. A `FeatureCache` replaces images by the frozen
@@ -11,6 +13,7 @@ encoder's stored features.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from . import shapesworld as sw
 log = logging.getLogger(__name__)
 
 
-SOURCES = ("shapesworld", "coco", "karpathy", "vqa", "jsonl", "csv")
+SOURCES = ("shapesworld", "coco", "karpathy", "vqa", "jsonl", "csv", "webdataset")
 
 
 @dataclass
@@ -35,7 +38,9 @@ class DataConfig:
     tasks, width, height, seed). Your files (one sample per caption or question, images decoded when a
     batch needs them): coco (path = captions_*.json), karpathy (path = dataset_*.json at `split`), vqa
     (path = questions JSON, annotations = its annotations JSON), jsonl / csv (see data.readers); image
-    paths relative to image_root."""
+    paths relative to image_root. webdataset: path = .tar shards as a brace list and/or glob
+    ("shards/{00000..00099}.tar", "shards/*.tar"), images with .txt or .json captions, streamed
+    (ShardStream; num_samples does not apply)."""
 
     source: str = "shapesworld"
     split: str = "train"
@@ -160,6 +165,8 @@ class FilesPool:
 
 
 def make_pool(cfg: DataConfig):
+    if cfg.source == "webdataset":
+        raise ValueError("webdataset shards are streamed (ShardStream), not held as an indexable pool")
     return ShapesWorldPool(cfg) if cfg.source == "shapesworld" else FilesPool(cfg)
 
 
@@ -263,17 +270,21 @@ class BatchStream:
             batch = {"image_features": self.cache.features[idx].float()}
         else:
             batch = {"pixel_values": self.processor.images([self.pool.image(i) for i in idx])}
-        if self.stage == 1:
-            q = self.processor.qformer_text([s["caption"] for s in samples], truncate=True)
-            if self.world_size > 1:  # the ranks all-gather their texts (ITM negatives): one common length
-                pad = (0, self.processor.max_text_length - q["input_ids"].shape[1])
-                q = {"input_ids": F.pad(q["input_ids"], pad, value=self.processor.qformer_tokenizer.pad_token_id),
-                     "attention_mask": F.pad(q["attention_mask"], pad)}
-            batch.update(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
-                         image_ids=torch.tensor([s["image_id"] for s in samples]))
-        else:
-            batch.update(self.processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples]))
-        return batch
+        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1)}
+
+
+def text_inputs(processor, samples: list[dict], stage: int, gathered: bool) -> dict:
+    """The text side of a BLIP-2 batch. Stage 1: Q-Former tokens (B, T) and ITC image ids (B,); when the
+    ranks all-gather their texts (ITM negatives) T is max_text_length on every rank. Stage 2: the LM's
+    prompt + target tokens with labels."""
+    if stage != 1:
+        return processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
+    q = processor.qformer_text([s["caption"] for s in samples], truncate=True)
+    if gathered:
+        pad = (0, processor.max_text_length - q["input_ids"].shape[1])
+        q = {"input_ids": F.pad(q["input_ids"], pad, value=processor.qformer_tokenizer.pad_token_id),
+             "attention_mask": F.pad(q["attention_mask"], pad)}
+    return {**q, "image_ids": torch.tensor([s["image_id"] for s in samples])}
 
 
 class ProcessorStream(BatchStream):
@@ -289,3 +300,82 @@ class ProcessorStream(BatchStream):
         idx, samples = self.samples(step, micro)
         return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
                               targets=[s["target"] for s in samples])
+
+
+class ShardStream:
+    """batch(step, micro) -> model inputs streamed from webdataset .tar shards (data.source "webdataset").
+
+    Rank r of N reads its own shards (read_webdataset: shards[r::N] of an order shuffled per epoch by
+    the seed; within a shard, the order written) and its micro-batch (step, micro) is the batch_size
+    samples at position (step * grad_accum + micro) * batch_size of its stream. A sample without a
+    caption or whose image does not decode is counted in `skips`, logged, and its place taken by the
+    next usable sample of the same micro-batch (cyclically), so batches keep their size and positions
+    depend on the step alone. Resuming at step s therefore skips s * grad_accum * batch_size samples
+    of each rank's stream (tar members read, images not decoded) and, with the same world size and
+    batch size, sees exactly what an uninterrupted run would. On another world size the shards are
+    split differently: the run goes on deterministically, but not with the same samples."""
+
+    def __init__(self, cfg: DataConfig, processor, batch_size: int, grad_accum: int, stage: int,
+                 prompts: tuple[str, str], seed: int = 0, rank: int = 0, world_size: int = 1):
+        from .readers import SkipCounter, find_shards
+
+        if stage == 2 and list(cfg.tasks) != ["caption"]:
+            raise ValueError(f"webdataset shards hold captions: stage 2 trains data.tasks ['caption'], not {cfg.tasks}")
+        self.shards = find_shards(cfg.path)
+        self.processor, self.batch_size, self.grad_accum, self.stage = processor, batch_size, grad_accum, stage
+        self.caption_prompt, self.seed, self.rank, self.world_size = prompts[0], seed, rank, world_size
+        self.skips = SkipCounter()  # what this process read: a resumed run counts from its restart
+        self._it, self._pos = self._stream(), 0
+
+    def _stream(self):
+        """This rank's samples, epoch after epoch."""
+        from .readers import read_webdataset
+
+        for epoch in itertools.count():
+            order = np.random.default_rng([self.seed, 23, epoch]).permutation(len(self.shards))
+            n = 0
+            for sample in read_webdataset([self.shards[i] for i in order], rank=self.rank, world_size=self.world_size,
+                                          worker_id=0, num_workers=1, skips=self.skips):
+                n += 1
+                yield sample
+            if n == 0:
+                raise ValueError(f"rank {self.rank}: its shards hold no samples ({self.skips.summary()})")
+
+    def _take(self, start: int) -> list[dict]:
+        """Stream positions start .. start + batch_size - 1; a position behind us restarts the stream."""
+        if start < self._pos:
+            self._it, self._pos = self._stream(), 0
+        for _ in range(start - self._pos):
+            next(self._it)
+        self._pos = start + self.batch_size
+        return [next(self._it) for _ in range(self.batch_size)]
+
+    def batch(self, step: int, micro: int = 0) -> dict:
+        from .readers import decode_image
+
+        raw = self._take((step * self.grad_accum + micro) * self.batch_size)
+        images = []
+        for s in raw:
+            ref = f"{s['shard']}:{s['key']}"
+            if not s["caption"]:
+                self.skips.skip(ref, "no caption")
+                images.append(None)
+            else:
+                images.append(decode_image(s["image"], self.skips, name=ref))
+        usable = [i for i, im in enumerate(images) if im is not None]
+        if not usable:
+            raise ValueError(f"rank {self.rank}, step {step}: no sample of the micro-batch is usable ({self.skips.summary()})")
+        if len(usable) < len(raw):
+            log.warning("training data: %s", self.skips.summary())
+        pick = [min((j for j in usable if j >= i), default=usable[0]) for i in range(len(raw))]
+        samples = [{"caption": raw[j]["caption"], "image_id": image_id(raw[j]), "prompt": self.caption_prompt,
+                    "target": raw[j]["caption"]} for j in pick]
+        batch = {"pixel_values": self.processor.images([images[j] for j in pick])}
+        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1)}
+
+
+def image_id(sample: dict) -> int:
+    """A streamed sample's ITC id: a 56-bit hash of shard and key, equal on every rank for the same sample
+    (a replaced bad sample shares its stand-in's id, so the two count as one image)."""
+    digest = hashlib.blake2b(f"{sample['shard']}:{sample['key']}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")

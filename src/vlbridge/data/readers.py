@@ -20,13 +20,14 @@ Readers
                         optional image_id, question_id. In CSV, list columns (captions, answers) are
                         "|"-separated strings; in JSONL they are lists. Rows are not grouped by image.
     read_webdataset     numbered .tar shards (img2dataset layout), streamed with tarfile; sharded over
-                        ranks x DataLoader workers.
+                        ranks x DataLoader workers. find_shards: shard paths from brace lists and globs.
 The JSON readers return lists (map-style, len() known); read_webdataset is a generator (no length).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
@@ -293,6 +294,20 @@ def expand_shards(pattern: str | Iterable[str]) -> list[str]:
     else:
         raise ValueError(f"shard pattern {pattern!r}: {{{body}}} is neither a range a..b nor a list a,b")
     return [s for p in parts for s in expand_shards(head + p + tail)]
+
+
+def find_shards(pattern: str | Iterable[str]) -> list[str]:
+    """Shard paths from brace patterns (expand_shards) whose parts may be globs: "d/*.tar" (sorted),
+    "{a,b}/part-*.tar". A glob that matches nothing is an error, not an empty run."""
+    out = []
+    for p in expand_shards(pattern):
+        if any(c in p for c in "*?["):
+            if not (found := sorted(glob.glob(p))):
+                raise ValueError(f"shard pattern {p!r} matches no file")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
 
 
 def _split_name(name: str) -> tuple[str, str]:
