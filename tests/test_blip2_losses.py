@@ -178,6 +178,25 @@ def test_itm_loss_by_hand(stage1, monkeypatch):
     assert torch.allclose(out.loss_itm, F.cross_entropy(logits, labels), atol=1e-5)
 
 
+def test_itc_itm_only_and_indexed_images(stage1):
+    model, _, ids, mask, feats = stage1
+    full = model.pretrain_losses(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(3))
+    short = model.pretrain_losses(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(3), itg=False)
+    assert float(full.loss_itg) > 0 and float(short.loss_itg) == 0.0
+    assert torch.allclose(short.loss_itc, full.loss_itc) and torch.allclose(short.loss_itm, full.loss_itm)
+    assert torch.allclose(short.loss, short.loss_itc + short.loss_itm)
+    # Pairs that repeat images: indexing 4 distinct images (with an image mask) = the repeated images.
+    img = model.image_embeds(image_features=feats)
+    index = torch.tensor([2, 0, 2, 3])
+    image_mask = torch.ones(4, img.shape[1], dtype=torch.long)
+    image_mask[2, -3:] = 0
+    with torch.no_grad():
+        indexed = model.qformer(ids, mask, image_embeds=img, image_mask=image_mask, image_index=index)
+        repeated = model.qformer(ids, mask, image_embeds=img[index], image_mask=image_mask[index])
+        assert torch.allclose(indexed, repeated, atol=1e-5)
+        assert not torch.allclose(indexed, model.qformer(ids, mask, image_embeds=img[index]), atol=1e-4)
+
+
 def test_itg_loss_by_hand(stage1):
     model, proc, ids, mask, feats = stage1
     dec_id = model.config.qformer.bos_token_id

@@ -270,14 +270,21 @@ class Blip2(nn.Module):
         text = self.qformer(input_ids, attention_mask)
         return text, F.normalize(self.text_proj(text[:, 0]), dim=-1)
 
-    def _itm_logits(self, img, input_ids, attention_mask) -> torch.Tensor:
-        """(B, 2): the ITM head on each query after the bidirectional pass, averaged over queries."""
-        h = self.qformer(input_ids, attention_mask, image_embeds=img, mask_kind="bidirectional")
+    def _itm_logits(self, img, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+        """(B, 2): the ITM head on each query after the bidirectional pass, averaged over queries.
+        image_index (B,): pair b shows img[image_index[b]]; the pairs repeat images (hard negatives,
+        re-ranking), so the Q-Former projects each distinct image to keys/values once."""
+        if image_index is not None:
+            used, image_index = image_index.unique(return_inverse=True)
+            img = img[used]
+        h = self.qformer(input_ids, attention_mask, image_embeds=img, mask_kind="bidirectional",
+                         image_index=image_index)
         return self.itm_head(h[:, : self.config.qformer.num_query_tokens]).mean(dim=1)
 
     # ------------------------------------------------------------------ stage 1
     def pretrain_losses(self, input_ids, attention_mask, pixel_values=None, image_features=None,
-                        image_ids=None, generator: torch.Generator | None = None) -> Blip2PretrainOutput:
+                        image_ids=None, generator: torch.Generator | None = None, itg: bool = True
+                        ) -> Blip2PretrainOutput:
         """ITC + ITM + ITG. input_ids/attention_mask: Q-Former tokens (B, T) starting with [CLS].
 
         image_ids (B,): samples with equal ids show the same image (several captions per image);
@@ -285,6 +292,8 @@ class Blip2(nn.Module):
         generator: draws the ITM hard negatives (else torch's global RNG). Every rank draws for all
         rows of the global batch and keeps its own, so with one generator seeded per step the
         negatives depend on the global batch only, not on how many processes share it.
+        itg=False: ITC + ITM only (loss_itg is 0), e.g. a retrieval fine-tune or a like-for-like
+        comparison with transformers' Blip2ForImageTextRetrieval, which has no ITG head.
         """
         self._require_text_branch()
         eps = self.config.label_smoothing
@@ -295,7 +304,7 @@ class Blip2(nn.Module):
             image_ids = torch.arange(B, device=img.device) + rank * B
 
         # ITC: unimodal passes (queries alone with the image; text alone).
-        query, image_feats, query_cache = self._image_feats(img, use_cache=True)
+        query, image_feats, query_cache = self._image_feats(img, use_cache=itg)
         _, text_feat = self._text_feat(input_ids, attention_mask)
         image_feats_all, text_feat_all = gather_with_grad(image_feats), gather_with_grad(text_feat)
         ids_all = gather_no_grad(image_ids)
@@ -316,10 +325,14 @@ class Blip2(nn.Module):
         neg_img, valid_t, neg_txt, valid_i = neg_img[mine], valid_t[mine], neg_txt[mine], valid_i[mine]
         itm_ids = torch.cat([input_ids, input_ids[valid_t], ids_text_all[neg_txt[valid_i]]])
         itm_mask = torch.cat([attention_mask, attention_mask[valid_t], mask_text_all[neg_txt[valid_i]]])
-        itm_img = torch.cat([img, img_all[neg_img[valid_t]], img[valid_i]])
+        own = torch.arange(rank * B, (rank + 1) * B, device=img.device)  # this rank's rows of img_all
+        itm_img = torch.cat([own, neg_img[valid_t], own[valid_i]])  # (~3B,) rows of img_all
         itm_labels = torch.zeros(len(itm_ids), dtype=torch.long, device=img.device)
         itm_labels[:B] = 1
-        loss_itm = F.cross_entropy(self._itm_logits(itm_img, itm_ids, itm_mask).float(), itm_labels)
+        loss_itm = F.cross_entropy(self._itm_logits(img_all, itm_ids, itm_mask, itm_img).float(), itm_labels)
+        if not itg:
+            zero = loss_itm.new_zeros(())
+            return Blip2PretrainOutput(loss_itc + loss_itm, loss_itc, loss_itm, zero)
 
         # ITG: [DEC] replaces [CLS]; text attends to the cached query keys/values (queries never see
         # text, so the ITC pass computed exactly the query states ITG needs) and causally to itself.
@@ -458,7 +471,7 @@ class Blip2(nn.Module):
                 for s in range(0, top.shape[1], batch_size):
                     cols = top[row, s:s + batch_size]
                     im, tx = image_of(row, cols), text_of(row, cols)
-                    logit = self._itm_logits(img[im], input_ids[tx], attention_mask[tx])[:, 1]
+                    logit = self._itm_logits(img, input_ids[tx], attention_mask[tx], im)[:, 1]
                     scores[row, cols] = logit.float() + top_sim[row, s:s + batch_size]
             return scores
 

@@ -104,13 +104,17 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, x, kv=None, mask=None, past=None):
+    def forward(self, x, kv=None, mask=None, past=None, kv_index=None):
         """x (B, L, d); kv (B, S, kv_dim), default x; mask bool (B, 1, L, P+S); past (k, v) of P earlier keys.
+        kv_index (B,): kv holds U distinct sources (U, S, kv_dim) and row b attends to kv[kv_index[b]]:
+        keys and values are projected once per source, not once per row.
 
         Returns (B, L, d) and this call's full (k, v), each (B, H, P+S, d/H), for caching.
         """
         src = x if kv is None else kv
         q, k, v = self._heads(self.query(x)), self._heads(self.key(src)), self._heads(self.value(src))
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if mask is not None:
@@ -143,7 +147,7 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(cfg)
         self.ffn = FeedForward(cfg) if cfg.text_branch else None  # text positions
 
-    def forward(self, h, num_query, mask, image_embeds, image_mask, past):
+    def forward(self, h, num_query, mask, image_embeds, image_mask, past, image_index=None):
         """h (B, Q+T, d), the first `num_query` rows are queries. Returns h and this layer's (k, v)."""
         h, present = self.attention(h, mask=mask, past=past)
         parts = []
@@ -152,7 +156,7 @@ class QFormerLayer(nn.Module):
             if self.crossattention is not None:
                 if image_embeds is None:
                     raise ValueError("query positions need image_embeds for cross-attention")
-                q = self.crossattention(q, kv=image_embeds, mask=image_mask)[0]
+                q = self.crossattention(q, kv=image_embeds, mask=image_mask, kv_index=image_index)[0]
             parts.append(self.ffn_query(q))
         if h.shape[1] > num_query:
             if self.ffn is None:
@@ -237,11 +241,14 @@ class QFormer(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, image_embeds=None, image_mask=None,
                 use_queries: bool | None = None, mask_kind: str = "bidirectional",
-                past_key_values=None, use_cache: bool = False):
+                past_key_values=None, use_cache: bool = False, image_index=None):
         """Run the Q-Former.
 
         input_ids (B, T) / attention_mask (B, T): text, optional.
         image_embeds (B, N, encoder_hidden_size), image_mask (B, N): what queries cross-attend to.
+        image_index (B,): image_embeds (and image_mask) then hold U distinct images (U, N, ...) and
+            row b sees image image_index[b], e.g. ITM pairs that repeat images: each layer projects
+            an image to keys/values once instead of once per pair.
         use_queries: include the learned queries (default: when image_embeds is given).
         past_key_values: per-layer (k, v) of the queries from an earlier call (ITG reuses the ITC
             pass this way); then only text is computed, with `mask_kind` "causal" or "bidirectional".
@@ -254,6 +261,7 @@ class QFormer(nn.Module):
         parts = []
         if use_queries:
             B = image_embeds.shape[0] if image_embeds is not None else input_ids.shape[0]
+            B = len(image_index) if image_index is not None else B
             parts.append(self.query_tokens.expand(B, -1, -1))
         if input_ids is not None:
             parts.append(self.embed_text(input_ids))
@@ -270,13 +278,16 @@ class QFormer(nn.Module):
             keys_q = self.config.num_query_tokens if cached else num_query
             mask = build_mask(mask_kind, keys_q, text_mask, B, cached_query=cached)
         img_mask = None if image_mask is None else image_mask.bool()[:, None, None, :]
+        if img_mask is not None and image_index is not None:
+            img_mask = img_mask[image_index]  # (B, 1, 1, N): cheap, unlike the keys and values
         presents = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if cached else None
             if self.grad_checkpointing and self.training:
-                h, kv = checkpoint(layer, h, num_query, mask, image_embeds, img_mask, past, use_reentrant=False)
+                h, kv = checkpoint(layer, h, num_query, mask, image_embeds, img_mask, past, image_index,
+                                   use_reentrant=False)
             else:
-                h, kv = layer(h, num_query, mask, image_embeds, img_mask, past)
+                h, kv = layer(h, num_query, mask, image_embeds, img_mask, past, image_index)
             presents.append(kv)
         return (h, presents) if use_cache else h
 
