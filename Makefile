@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m vlbridge.bench --out bench-output
+	$(BIN)/python -m vlbridge.bench_transformers --out bench-output
 	$(BIN)/python -m vlbridge.bench_memory --out bench-output
 
 clean:

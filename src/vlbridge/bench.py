@@ -48,6 +48,12 @@ def environment(device: torch.device) -> dict:
             "threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
+def write_results(path: Path, env: dict, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
     spec = SIZES[size]
     torch.manual_seed(0)
@@ -164,10 +170,7 @@ def main(argv=None):
     for r in cache_rows:
         print(f"{r['bench']:12} {r['mode']:9} {r['s_per_step']:8.3f} {r['samples_per_s']:10.1f} "
               f"{r['speedup_vs_pixels']:9.2f}x {r['first_epoch_s']:12.0f} {r['later_epoch_s']:15.0f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"environment": env, "results": rows + cache_rows}, indent=2) + "\n")
-    print(f"wrote {out / 'bench.json'}")
+    write_results(Path(args.out) / "bench.json", env, rows + cache_rows)
 
 
 if __name__ == "__main__":
