@@ -65,6 +65,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int = 5, trials:
     return best
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_step(fn, device: torch.device) -> dict:
+    """Self time by op of one call of `fn` (device time on a GPU), the matmul ops' share and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages()}  # seconds
+    total = sum(times.values())
+    top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:10])
+    return {"matmul_share": sum(t for k, t in times.items() if k in MATMUL_OPS) / total, "op_time_s": total,
+            "top_ops_s": top}
+
+
 # ------------------------------------------------------------------------------------ training step
 def retrieval_checkpoint(path: Path, image_width: int = IMAGE_WIDTH, **qformer) -> None:
     """A random transformers Blip2ForImageTextRetrieval, by default at BLIP-2's Q-Former size (`qformer`
@@ -231,7 +250,19 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
         for r in rows:
             if r["precision"] == precision:
                 r["speedup_vs_transformers_best"] = best_hf / r["s_per_step"]
-    meta = {"parity_max_abs_loss_diff": parity, "matmul_peak": peaks,
+    # Where the time goes (one bf16 step each, torch.profiler): the matmul share says how much a
+    # faster step could still come from anything other than doing fewer matmul FLOPs.
+    best_hf = min((r for r in rows if r["precision"] == "bf16" and r["mode"].startswith("transformers")),
+                  key=lambda r: r["s_per_step"])["mode"]
+    profiles = {}
+    for mode in ("vlbridge itc+itm", best_hf):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            profiles[mode] = profile_step(lambda: losses(mode, 0).backward(), device)
+        for p in (p for v in params.values() for p in v):
+            p.grad = None
+        print(f"profile {mode}: matmul {100 * profiles[mode]['matmul_share']:.0f}% of op time; top: "
+              + ", ".join(f"{k} {v:.2f}s" for k, v in list(profiles[mode]["top_ops_s"].items())[:5]), flush=True)
+    meta = {"parity_max_abs_loss_diff": parity, "matmul_peak": peaks, "profile_bf16": profiles,
             "shape": {"hidden": 768, "layers": 12, "queries": 32, "image_tokens": IMAGE_TOKENS,
                       "image_width": IMAGE_WIDTH, "text_len": TEXT_LEN}}
     return [dict(r, **meta) for r in rows]
