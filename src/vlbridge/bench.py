@@ -48,6 +48,12 @@ def environment(device: torch.device) -> dict:
             "threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
+def sync(device: torch.device):
+    """Wait for the GPU's queued work, so that a timer read after it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def write_results(path: Path, env: dict, rows: list[dict]):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
@@ -80,13 +86,11 @@ def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
             for path, fn in (("fused", qf.fused_attention), ("explicit", qf.explicit_attention)):
                 qf.attention = fn
                 step(precision)  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     step(precision)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 dt = (time.perf_counter() - t0) / steps
                 rows.append({"bench": "stage1_step", "size": size, "precision": precision, "attention": path,
                              "s_per_step": dt, "samples_per_s": B / dt, "batch": B})
@@ -132,8 +136,7 @@ def caching(device: torch.device, steps: int) -> list[dict]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if step:  # the first is a warm-up
                 times[name].append(time.perf_counter() - t0)
     rows = []

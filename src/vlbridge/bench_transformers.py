@@ -34,16 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import environment, write_results
+from .bench import environment, sync, write_results
 from .blip2 import Blip2, sample_hard_negatives, soft_cross_entropy
 
 IMAGE_TOKENS, IMAGE_WIDTH, TEXT_LEN = 257, 1024, 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int = 5, trials: int = 3) -> dict:
@@ -190,14 +185,21 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
         ours, wrapped = retrieval_pair(Path(tmp), device)
     feats, ids, mask = make_inputs(batch, ours.config.qformer.vocab_size, device)
 
-    def losses(mode: str, step: int):
-        gen = torch.Generator(device=device).manual_seed(step)  # same hard negatives for every mode
-        if mode.startswith("transformers"):
-            return sum(wrapped[mode.split(" ")[0].split("-")[1]](feats, ids, mask, gen))
-        out = ours.pretrain_losses(ids, mask, image_features=feats, generator=gen, itg=mode == "vlbridge full")
-        return out.loss
+    # mode -> (whose parameters it trains, its loss). One generator seeded per step: the same hard negatives.
+    def ours_loss(itg):
+        return lambda gen: ours.pretrain_losses(ids, mask, image_features=feats, generator=gen, itg=itg).loss
 
-    modes = ["vlbridge itc+itm", "transformers-sdpa itc+itm", "transformers-eager itc+itm", "vlbridge full"]
+    def transformers_loss(impl):
+        return lambda gen: sum(wrapped[impl](feats, ids, mask, gen))
+
+    modes = {"vlbridge itc+itm": ("vlbridge", ours_loss(False)),
+             "transformers-sdpa itc+itm": ("transformers-sdpa", transformers_loss("sdpa")),
+             "transformers-eager itc+itm": ("transformers-eager", transformers_loss("eager")),
+             "vlbridge full": ("vlbridge", ours_loss(True))}
+
+    def losses(mode: str, step: int):
+        return modes[mode][1](torch.Generator(device=device).manual_seed(step))
+
     # Parity: the same losses from the same weights and inputs (fp32, before any update).
     parity, itc, itm = loss_parity(ours, wrapped, feats, ids, mask)
     print(f"parity (fp32, max |loss difference| vs vlbridge): {parity}  (ITC {float(itc):.4f}, ITM {float(itm):.4f})")
@@ -212,8 +214,12 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
         print(f"  {mode}: {flops[mode] / 1e9:.0f} GFLOP a step", flush=True)
     params = {"vlbridge": [p for p in ours.parameters() if p.requires_grad]}
     params.update({f"transformers-{k}": [p for p in w.parameters() if p.requires_grad] for k, w in wrapped.items()})
-    for p in (p for v in params.values() for p in v):
-        p.grad = None  # the counted steps' gradients
+
+    def clear_grads():  # after steps that are counted or profiled, not taken
+        for p in (p for v in params.values() for p in v):
+            p.grad = None
+
+    clear_grads()
     counts = {k: sum(p.numel() for p in v) for k, v in params.items()}
     # vlbridge's ITG head and the ITM-only path share one optimizer: params without grads are skipped
     opts = {k: torch.optim.AdamW(v, lr=1e-6) for k, v in params.items()}
@@ -224,7 +230,7 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
         times = {m: [] for m in modes}
         for step in range(steps + 1):  # step 0 warms up
             for mode in modes:
-                opt = opts[mode.split(" ")[0]]
+                opt = opts[modes[mode][0]]
                 sync(device)
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -245,7 +251,7 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
                          "s_per_step": dt, "samples_per_s": batch / dt, "flops_per_step": flops[mode],
                          "flops_per_s": flops[mode] / dt,
                          "fraction_of_matmul_peak": flops[mode] / dt / peaks[precision]["flops_per_s"],
-                         "trainable_params": counts[mode.split(" ")[0]], "times": times[mode]})
+                         "trainable_params": counts[modes[mode][0]], "times": times[mode]})
         best_hf = min(r["s_per_step"] for r in rows if r["precision"] == precision and r["mode"].startswith("transf"))
         for r in rows:
             if r["precision"] == precision:
@@ -258,8 +264,7 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
     for mode in ("vlbridge itc+itm", best_hf):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             profiles[mode] = profile_step(lambda: losses(mode, 0).backward(), device)
-        for p in (p for v in params.values() for p in v):
-            p.grad = None
+        clear_grads()
         print(f"profile {mode}: matmul {100 * profiles[mode]['matmul_share']:.0f}% of op time; top: "
               + ", ".join(f"{k} {v:.2f}s" for k, v in list(profiles[mode]["top_ops_s"].items())[:5]), flush=True)
     meta = {"parity_max_abs_loss_diff": parity, "matmul_peak": peaks, "profile_bf16": profiles,

@@ -260,8 +260,10 @@ class QFormer(nn.Module):
             raise ValueError("queries are either computed (use_queries) or cached (past_key_values), not both")
         parts = []
         if use_queries:
-            B = image_embeds.shape[0] if image_embeds is not None else input_ids.shape[0]
-            B = len(image_index) if image_index is not None else B
+            if image_index is not None:
+                B = len(image_index)
+            else:
+                B = image_embeds.shape[0] if image_embeds is not None else input_ids.shape[0]
             parts.append(self.query_tokens.expand(B, -1, -1))
         if input_ids is not None:
             parts.append(self.embed_text(input_ids))
