@@ -37,7 +37,7 @@ from .train import load_recipe, train
 log = logging.getLogger("vlbridge.demo")
 
 # Evaluation sizes (full / --quick).
-SIZES = {"full": dict(retrieval=1000, captions=500, vqa_scenes=300, curve=200, curve_every=250),
+SIZES = {"full": dict(retrieval=1000, captions=500, vqa_scenes=300, curve=200, curve_every=100),
          "quick": dict(retrieval=32, captions=16, vqa_scenes=8, curve=16, curve_every=2)}
 TARGETS = {"caption_color": 0.90, "caption_shape": 0.90, "caption_count": 0.95, "vqa_accuracy": 0.85,
            "itc_i2t_r1": 0.80}
