@@ -263,7 +263,7 @@ def cell_probe(xtr, ytr, tests: dict, ridge: float = 1e-2) -> dict:
     """Linear probe, one map shared by all cells: ridge regression from a cell's pooled features (N, 9, H)
     onto its one-hot (shape, color, size); accuracy of the argmax on occupied cells, occupancy over all
     cells, count = all 9 occupancy calls of a scene right. What a cross-attention over the cell can read."""
-    heads = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
+    heads = DENSE_HEADS
     onehot = lambda y: torch.cat([F.one_hot(y[..., j], h).float() for j, h in enumerate(heads)], -1)
     X = xtr.flatten(0, 1).double()
     mu, sd = X.mean(0), X.std(0) + 1e-5
