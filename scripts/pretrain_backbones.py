@@ -9,16 +9,17 @@ Writes, all in Hugging Face's own format (load with from_pretrained, no vlbridge
     lm_ceiling.json     how well the LM answers / copies given the true caption as context: as tokens, or
                         pooled (one averaged vector per object phrase, what BLIP-2's soft prompt imitates)
 
-Run (the shipped models, each on one thread of this project's 2-core machine with another job on the
-other core; bf16 autocast): CLIP 2500 steps with --clip-dense 3, 10 min; LM 6 layers x 128, untied
-embeddings, 6000 steps at lr 1e-3, 26 min:
-    PYTHONPATH=src .venv/bin/python scripts/pretrain_backbones.py --skip-lm --threads 1    # vision
+Run (the shipped models on this project's 2-core machine, bf16 autocast): CLIP 2500 steps with
+--clip-dense 3 --clip-pos 1, both threads, 4 min; LM 6 layers x 128, untied embeddings, 6000 steps at
+lr 1e-3, one thread with another job on the other core, 26 min:
+    PYTHONPATH=src .venv/bin/python scripts/pretrain_backbones.py --skip-lm                # vision
     PYTHONPATH=src .venv/bin/python scripts/pretrain_backbones.py --skip-clip --threads 1  # lm
     add --eval-only to re-measure saved models (with --out DIR, models trained elsewhere).
 What they reach (test split; the JSON files): a linear probe reads shape / colour / size of a grid cell
-from the layer BLIP-2 reads at 0.92 / 0.99 / 0.97 (random-init encoder 0.32 / 0.85 / 0.74); given the
-true caption as context (tokens, or pooled to 8 vectors) the LM copies it exactly (1.00) and answers
-0.91 of the questions about it (every kind >= 0.99 except the yes/no relation questions, 0.67).
+from the layer BLIP-2 reads at 0.99 / 1.00 / 1.00 (random-init encoder 0.32 / 0.85 / 0.74) and the row
+and column of a patch from its token at 0.999; given the true caption as context (tokens, or pooled to
+8 vectors) the LM copies it exactly (1.00) and answers 0.91 of the questions about it (every kind >= 0.99
+except the yes/no relation questions, 0.67).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip-patch", type=int, default=8, help="ViT patch size (pixels) of the 64x64 images")
     p.add_argument("--clip-dense", type=float, default=3.0,
                    help="weight of the per-cell attribute loss on the layer BLIP-2 reads (0: contrastive only)")
+    p.add_argument("--clip-pos", type=float, default=1.0,
+                   help="weight of the per-patch position loss (row and column) on the layer BLIP-2 reads")
     p.add_argument("--lm-steps", type=int, default=6000)
     p.add_argument("--lm-batch", type=int, default=64)
     p.add_argument("--lm-layers", type=int, default=6)
@@ -180,7 +183,15 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
     random-init encoder's 0.32: cell_probe in vision_probe.json, `--eval-only` on the encoder shipped
     before this loss). A web-scale CLIP encodes shape; this tiny one needs the direct signal to do so
     in minutes. Measured (2500 steps, probe at the read layer, test split): weight 1 -> shape 0.46,
-    weight 3 -> 0.92 (shipped). The head is thrown away; only CLIPModel is saved."""
+    weight 3 -> 0.92.
+
+    Why the position loss (weight --clip-pos; a linear head on each patch token of the same layer
+    predicts the patch's row and column): a query can only attend to a place if the keys say where
+    they are. A fresh Q-Former regressed for 600 steps onto the object in each grid cell
+    (scripts/query_readout.py) reads colour / shape 0.45 / 0.43 without it and 1.00 / 0.997 with it;
+    BLIP-2's demo captions at 600 stage-1 steps go from 0.53 / 0.46 to 0.65 / 0.64, but its ITC
+    retrieval learns later (README). Weight 0.25 gave the same demo within noise; 1 is shipped.
+    The heads are thrown away; only CLIPModel is saved."""
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
@@ -192,9 +203,13 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
     model = CLIPModel(config)
     model.set_attn_implementation("eager")  # see autocast() below
     head = torch.nn.Sequential(torch.nn.LayerNorm(128), torch.nn.Linear(128, sum(DENSE_HEADS)))
+    side = cfg.height // args.clip_patch
+    pos_head = torch.nn.Sequential(torch.nn.LayerNorm(128), torch.nn.Linear(128, 2 * side))
+    heads = [*head.parameters(), *pos_head.parameters()]
+    patch_row, patch_col = torch.arange(side * side) // side, torch.arange(side * side) % side  # ViT patch order
     n_params = sum(p.numel() for p in model.parameters())
     print(f"CLIP: {n_params / 1e6:.2f}M params (vision {sum(p.numel() for p in model.vision_model.parameters()) / 1e6:.2f}M)")
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.clip_lr, weight_decay=0.05)
+    opt = torch.optim.AdamW([*model.parameters(), *heads], lr=args.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng([args.seed, 1])
     pool = cell_pooling(cfg.height, config.vision_config.patch_size)
     model.train()
@@ -205,20 +220,23 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
         with autocast(args):
             out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
                         pixel_values=pixels(scenes, cfg, mean, std), output_hidden_states=True)
-            cells = pool @ out.vision_model_output.hidden_states[-2][:, 1:]  # (B, 9, 128), CLS dropped
-            logits = head(cells)  # (B, 9, 7 + 7 + 3)
+            patches = out.vision_model_output.hidden_states[-2][:, 1:]  # (B, P, 128), CLS dropped
+            logits = head(pool @ patches)  # (B, 9, 7 + 7 + 3)
+            pos_logits = pos_head(patches).float()  # (B, P, 2 * side): row and column of each patch
         contrastive = clip_loss(out, captions)
         y = cell_labels(scenes)  # (B, 9, 3)
         dense = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[..., j].flatten())
                     for j, lg in enumerate(logits.split(DENSE_HEADS, -1))) / len(DENSE_HEADS)
-        loss = contrastive + args.clip_dense * dense
+        position = (F.cross_entropy(pos_logits[..., :side].flatten(0, 1), patch_row.repeat(len(scenes)))
+                    + F.cross_entropy(pos_logits[..., side:].flatten(0, 1), patch_col.repeat(len(scenes)))) / 2
+        loss = contrastive + args.clip_dense * dense + args.clip_pos * position
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.clip_steps, args.clip_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads], 1.0)
         opt.step()
-        bar.set_postfix(clip=f"{contrastive.item():.3f}", dense=f"{dense.item():.3f}")
+        bar.set_postfix(clip=f"{contrastive.item():.3f}", dense=f"{dense.item():.3f}", pos=f"{position.item():.3f}")
     return model.eval()
 
 
@@ -279,6 +297,31 @@ def cell_probe(xtr, ytr, tests: dict, ridge: float = 1e-2) -> dict:
     return result
 
 
+@torch.no_grad()
+def position_probe(model, train, test, cfg, mean, std, ridge: float = 1e-2) -> dict:
+    """Per layer: a ridge map from one patch token onto its one-hot (row, column); the fraction of test
+    patches with both right. Where a patch is must be readable for a query to attend to a place."""
+    def tokens(scenes):  # (L + 1, N * P, H)
+        out = model.vision_model(pixel_values=pixels(scenes, cfg, mean, std), output_hidden_states=True)
+        return torch.stack([h[:, 1:] for h in out.hidden_states]).flatten(1, 2).double()
+    htr, hte = tokens(train), tokens(test)
+    P = htr.shape[1] // len(train)
+    side = int(round(P ** 0.5))
+    rc = lambda n: (torch.arange(P).repeat(n) // side, torch.arange(P).repeat(n) % side)
+    (rtr, ctr), (rte, cte) = rc(len(train)), rc(len(test))
+    Y = torch.cat([F.one_hot(rtr, side), F.one_hot(ctr, side)], -1).double()
+    result = {}
+    for i, (xtr, xte) in enumerate(zip(htr, hte)):
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-5
+        design = lambda x: torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], -1)
+        X = design(xtr)
+        W = torch.linalg.solve(X.T @ X + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y)
+        pred = design(xte) @ W
+        ok = (pred[:, :side].argmax(-1) == rte) & (pred[:, side:].argmax(-1) == cte)
+        result[f"layer_{i}" + (" (read by BLIP-2)" if i == len(htr) - 2 else "")] = round(ok.float().mean().item(), 4)
+    return result
+
+
 def evaluate_clip(model, random_model, tok, cfg, mean, std, args) -> dict:
     res: dict = {}
     # 1) in-group retrieval: image -> the 4 captions of its own contrast group, split by edit kind
@@ -314,6 +357,7 @@ def evaluate_clip(model, random_model, tok, cfg, mean, std, args) -> dict:
         res[name] = {f"layer_{i}" + (" (read by BLIP-2)" if i == len(ftr) - 2 else ""):
                      cell_probe(ftr[i], ytr, {"test": (fte[i], yte), "compositional": (fco[i], yco)})
                      for i in range(len(ftr))}
+    res["patch_position_probe"] = position_probe(model, train[:500], test[:200], cfg, mean, std)
     return res
 
 

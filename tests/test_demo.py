@@ -22,3 +22,11 @@ def test_quick_demo_writes_every_part(tmp_path):
     for anchor in ("targets", "curves", "samples", "attention", "flamingo", "eve"):
         assert f"id='{anchor}'" in page
     assert (tmp_path / "curve_flamingo_loss.png").exists()
+
+
+def test_recipe_overrides_reach_the_blip2_stages(tmp_path):
+    demo.main(["--out", str(tmp_path), "--quick", "--parts", "blip2", "--stage1", "steps=3", "--stage2", "steps=2"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["recipes"]["stage1"]["steps"] == 3 and report["recipes"]["stage2"]["steps"] == 2
+    assert [r["step"] for r in report["curves"]["stage1"] if "loss" in r][-1] == 3
+    assert "flamingo" not in report and "eve" not in report

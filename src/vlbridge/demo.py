@@ -11,6 +11,9 @@ Writes <out>/report.json (metrics, decode settings, timings, curves) and <out>/r
 retrieval examples, training curves, query attention maps, the Flamingo and EVE tables).
 
     python -m vlbridge.demo --out demo-output [--parts blip2,flamingo,eve] [--quick]
+                            [--stage1 KEY=VALUE ...] [--stage2 KEY=VALUE ...]
+--stage1 / --stage2 override the BLIP-2 recipes as `vlbridge train` does, e.g. `--stage1 steps=600` or
+`--stage1 model.vision.name_or_path=DIR` (stage 2 and the evaluation take stage 1's encoder).
 """
 
 from __future__ import annotations
@@ -136,6 +139,8 @@ def main(argv=None):
     p.add_argument("--out", default="demo-output")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test of the pipeline)")
     p.add_argument("--parts", default=",".join(PARTS), help="blip2 always runs; add flamingo and/or eve")
+    p.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the stage-1 recipe")
+    p.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the stage-2 recipe")
     args = p.parse_args(argv)
     parts = choose(args.parts, PARTS, "parts")
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
@@ -143,9 +148,8 @@ def main(argv=None):
     out = Path(args.out)
     for stage in ("stage1", "stage2", "flamingo", "eve"):  # a demo always starts from scratch (no resume, fresh logs)
         shutil.rmtree(out / stage, ignore_errors=True)
-    quick = (["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"],
-             ["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"]) if args.quick else ([], [])
-    report = run(out, args.quick, quick, parts)
+    quick = ["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"] if args.quick else []
+    report = run(out, args.quick, (quick + args.stage1, quick + args.stage2), parts)
     print(json.dumps({"targets": report["targets"], "timings_s": report["timings_s"]}, indent=2))
     print(f"wrote {out / 'report.json'}")
 
