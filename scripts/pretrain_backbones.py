@@ -207,7 +207,7 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
     side = cfg.height // args.clip_patch
     pos_head = torch.nn.Sequential(torch.nn.LayerNorm(128), torch.nn.Linear(128, 2 * side))
     heads = [*head.parameters(), *pos_head.parameters()]
-    patch_row, patch_col = torch.arange(side * side) // side, torch.arange(side * side) % side  # ViT patch order
+    patch_row, patch_col = patch_rows_cols(side)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"CLIP: {n_params / 1e6:.2f}M params (vision {sum(p.numel() for p in model.vision_model.parameters()) / 1e6:.2f}M)")
     opt = torch.optim.AdamW([*model.parameters(), *heads], lr=args.clip_lr, weight_decay=0.05)
@@ -278,18 +278,27 @@ def cell_labels(scenes) -> torch.Tensor:
     return y
 
 
+def ridge_probe(xtr: torch.Tensor, ytr: torch.Tensor, ridge: float = 1e-2):
+    """A closed-form linear probe: ridge regression (with a bias) from standardised features xtr (N, H)
+    onto targets ytr (N, K), in double precision. Returns x (M, H) -> scores (M, K)."""
+    xtr, ytr = xtr.double(), ytr.double()
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-5
+    design = lambda x: torch.cat([(x.double() - mu) / sd, torch.ones(len(x), 1, dtype=torch.double)], -1)
+    X = design(xtr)
+    W = torch.linalg.solve(X.T @ X + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype), X.T @ ytr)
+    return lambda x: design(x) @ W
+
+
 def cell_probe(xtr, ytr, tests: dict, ridge: float = 1e-2) -> dict:
     """Linear probe, one map shared by all cells: ridge regression from a cell's pooled features (N, 9, H)
     onto its one-hot (shape, color, size); accuracy of the argmax on occupied cells, occupancy over all
     cells, count = all 9 occupancy calls of a scene right. What a cross-attention over the cell can read."""
     onehot = lambda y: torch.cat([F.one_hot(y[..., j], h).float() for j, h in enumerate(DENSE_HEADS)], -1)
-    mu, sd = xtr.flatten(0, 1).double().mean(0), xtr.flatten(0, 1).double().std(0) + 1e-5
-    design = lambda x: torch.cat([(x.double() - mu) / sd, torch.ones(*x.shape[:-1], 1, dtype=torch.double)], -1)
-    X, Y = design(xtr).flatten(0, 1), onehot(ytr).flatten(0, 1).double()  # (N * 9, H + 1), (N * 9, 17)
-    W = torch.linalg.solve(X.T @ X + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y)
+    predict = ridge_probe(xtr.flatten(0, 1), onehot(ytr).flatten(0, 1), ridge)  # (N * 9, H) -> (N * 9, 17)
     result = {}
     for name, (x, y) in tests.items():
-        preds = [sc.argmax(-1) for sc in (design(x) @ W).split(DENSE_HEADS, dim=-1)]
+        scores = predict(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        preds = [sc.argmax(-1) for sc in scores.split(DENSE_HEADS, dim=-1)]
         occupied = y[..., 0] > 0
         acc = {a: (p == y[..., j])[occupied].float().mean().item() for j, (a, p) in enumerate(zip(("shape", "color", "size"), preds))}
         acc["occupancy"] = ((preds[0] > 0) == occupied).float().mean().item()
@@ -298,26 +307,27 @@ def cell_probe(xtr, ytr, tests: dict, ridge: float = 1e-2) -> dict:
     return result
 
 
+def patch_rows_cols(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each patch, in the ViT's (row-major) patch order."""
+    index = torch.arange(side * side)
+    return index // side, index % side
+
+
 @torch.no_grad()
 def position_probe(model, train, test, cfg, mean, std, ridge: float = 1e-2) -> dict:
     """Per layer: a ridge map from one patch token onto its one-hot (row, column); the fraction of test
     patches with both right. Where a patch is must be readable for a query to attend to a place."""
     def tokens(scenes):  # (L + 1, N * P, H)
         out = model.vision_model(pixel_values=pixels(scenes, cfg, mean, std), output_hidden_states=True)
-        return torch.stack([h[:, 1:] for h in out.hidden_states]).flatten(1, 2).double()
+        return torch.stack([h[:, 1:] for h in out.hidden_states]).flatten(1, 2)
     htr, hte = tokens(train), tokens(test)
-    P = htr.shape[1] // len(train)
-    side = int(round(P ** 0.5))
-    rc = lambda n: (torch.arange(P).repeat(n) // side, torch.arange(P).repeat(n) % side)
-    (rtr, ctr), (rte, cte) = rc(len(train)), rc(len(test))
-    Y = torch.cat([F.one_hot(rtr, side), F.one_hot(ctr, side)], -1).double()
+    side = int(round((htr.shape[1] // len(train)) ** 0.5))
+    row, col = patch_rows_cols(side)
+    rte, cte = row.repeat(len(test)), col.repeat(len(test))
+    Y = torch.cat([F.one_hot(row.repeat(len(train)), side), F.one_hot(col.repeat(len(train)), side)], -1)
     result = {}
     for i, (xtr, xte) in enumerate(zip(htr, hte)):
-        mu, sd = xtr.mean(0), xtr.std(0) + 1e-5
-        design = lambda x: torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], -1)
-        X = design(xtr)
-        W = torch.linalg.solve(X.T @ X + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y)
-        pred = design(xte) @ W
+        pred = ridge_probe(xtr, Y, ridge)(xte)
         ok = (pred[:, :side].argmax(-1) == rte) & (pred[:, side:].argmax(-1) == cte)
         result[f"layer_{i}" + (" (read by BLIP-2)" if i == len(htr) - 2 else "")] = round(ok.float().mean().item(), 4)
     return result
