@@ -53,7 +53,9 @@ VQA_PROMPT = "Question: {q} Answer:"  # downstream VQA prompt; the answer follow
 # what one LM training sequence is (lm_example): a caption or question alone (the priors), or with the
 # caption in its context
 LM_MIX = {"caption": 0.02, "photo": 0.04, "qa": 0.02, "ctx_qa": 0.8, "ctx_photo": 0.12}
-POOLED_SLOTS = 8  # pooled contexts are padded to this many vectors: the ShapesWorld recipes' query count
+# pooled contexts (what the BLIP-2 soft prompt imitates; see pooled_context): "grid" = 9 vectors, one per grid
+# cell, the ShapesWorld recipes' query count; "caption" = one per object in caption order, padded to 8
+POOLED_SLOTS = {"grid": GRID * GRID, "caption": 8}
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,13 +76,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lm-layers", type=int, default=6)
     p.add_argument("--lm-width", type=int, default=128)
     p.add_argument("--lm-lr", type=float, default=1e-3)
+    p.add_argument("--lm-layout", choices=tuple(POOLED_SLOTS), default="grid",
+                   help="the pooled contexts the LM learns to read (pooled_context)")
     p.add_argument("--lm-mix", type=json.loads, default=LM_MIX, help="JSON: share of each kind of sequence (lm_example)")
     p.add_argument("--lm-tied", action="store_true",
                    help="tie input and output embeddings (the old default; see train_lm for why not)")
+    p.add_argument("--bert-steps", type=int, default=3000)
+    p.add_argument("--bert-batch", type=int, default=128)
+    p.add_argument("--bert-lr", type=float, default=1e-3)
     p.add_argument("--eval-scenes", type=int, default=300)
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--skip-clip", action="store_true")
-    p.add_argument("--skip-lm", action="store_true")
+    p.add_argument("--only", nargs="+", choices=("clip", "lm", "bert"), default=["clip", "lm", "bert"],
+                   help="which backbones to train (or, with --eval-only, measure)")
     p.add_argument("--eval-only", action="store_true", help="load the saved models from --out and only measure")
     return p.parse_args()
 
@@ -376,15 +383,25 @@ def evaluate_clip(model, random_model, tok, cfg, mean, std, args) -> dict:
 # language model: a tiny Llama that reads a caption and answers / re-describes from it
 
 
-def pooled_context(scene, tok, slots: int = POOLED_SLOTS) -> list[list[int]]:
-    """The caption as `slots` context vectors: each object's piece averaged into one vector (in caption
-    order), then "." vectors up to `slots`. This is what a few soft-prompt vectors can carry; see lm_example."""
+def pooled_context(scene, tok, layout: str = "grid") -> list[list[int]]:
+    """The scene as a few context vectors, each the average of a phrase's tokens (see lm_example).
+    grid:    one vector per grid cell, column-major (cell col * 3 + row, the caption's own order):
+             "a small red star" where an object is, "." where none is. The LM must infer the relation
+             words from which slots are filled - and a query can own a place, which a fresh Q-Former
+             learns to fill at 1.00 colour / shape vs 0.86 for the caption layout (query_readout.py).
+    caption: one vector per object in caption order with its relation word ("a small red star above"),
+             then "." vectors up to 8 (the layout shipped before)."""
     ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    if layout == "grid":
+        cells = [ids(".")] * POOLED_SLOTS["grid"]
+        for o in scene.objects:
+            cells[o.col * GRID + o.row] = ids(f"a {o.size} {o.color} {o.shape}")
+        return cells
     chunks = [ids(c) for c in object_pieces(scene)]
-    return chunks + [ids(".")] * max(slots - len(chunks), 0)
+    return chunks + [ids(".")] * max(POOLED_SLOTS["caption"] - len(chunks), 0)
 
 
-def lm_example(scene, rng, tok, mix: dict = LM_MIX) -> tuple[list[list[int]], int]:
+def lm_example(scene, rng, tok, mix: dict = LM_MIX, layout: str = "grid") -> tuple[list[list[int]], int]:
     """One training sequence and the index of its first scored position. A sequence is a list of
     positions, each a list of token ids whose embeddings are averaged (one id: an ordinary token;
     several: a pooled context vector, never scored).
@@ -412,7 +429,7 @@ def lm_example(scene, rng, tok, mix: dict = LM_MIX) -> tuple[list[list[int]], in
     prompt, target = (VQA_PROMPT.format(q=q), a) if kind == "ctx_qa" else (CAPTION_PROMPT, scene.caption)
     form = rng.random()
     if form < 0.5:
-        head = pooled_context(scene, tok) + [[bos]]
+        head = pooled_context(scene, tok, layout) + [[bos]]
     elif form < 0.75:
         head = one(ids(scene.caption)) + [[bos]]
     else:
@@ -458,27 +475,38 @@ def train_lm(args, cfg, tok) -> LlamaForCausalLM:
     # priori had merged (cos(small, large) 0.997, cos(yes, no) 0.995). Measured on 150 test scenes after
     # 1500 steps: untied alone, size copy 0.52 / VQA 0.50; + no decay + targets only, 1.00 / 0.63; with
     # 80% question sequences after 2000 steps, lr 1e-3 0.77 vs lr 3e-3 0.51.
-    groups: dict[bool, list] = {True: [], False: []}  # decayed: the matrices inside the blocks
-    for n, p in model.named_parameters():
-        groups[p.ndim == 2 and "embed" not in n and "lm_head" not in n].append(p)
-    opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": 0.01},
-                             {"params": groups[False], "weight_decay": 0.0}], lr=args.lm_lr)
-    rng = np.random.default_rng([args.seed, 3])
-    model.train()
-    for step in (bar := tqdm(range(args.lm_steps), desc="lm")):
+    def batch(rng):
         scenes = [split_scene("train", int(i), cfg) for i in rng.integers(0, 1_000_000, size=args.lm_batch)]
-        seqs, scored_from = zip(*(lm_example(s, rng, tok, args.lm_mix) for s in scenes))
+        seqs, scored_from = zip(*(lm_example(s, rng, tok, args.lm_mix, args.lm_layout) for s in scenes))
         x, mask, labels = embed_positions(model, seqs, tok.pad_token_id, scored_from)
+        return dict(inputs_embeds=x, attention_mask=mask, labels=labels)
+
+    # decayed: the matrices inside the blocks
+    fit(model, args, "lm", args.lm_steps, args.lm_lr, lambda n, p: p.ndim == 2 and "embed" not in n and "lm_head" not in n,
+        batch, np.random.default_rng([args.seed, 3]))
+    return model.eval()
+
+
+def fit(model, args, desc: str, steps: int, lr: float, decayed, batch, rng) -> None:
+    """AdamW (weight decay 0.01 on the parameters `decayed(name, param)` picks, none elsewhere), warm-up
+    + cosine, clipping at 1, bf16 autocast; batch(rng) gives the model's keyword arguments, labels included."""
+    groups: dict[bool, list] = {True: [], False: []}
+    for n, p in model.named_parameters():
+        groups[bool(decayed(n, p))].append(p)
+    opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": 0.01},
+                             {"params": groups[False], "weight_decay": 0.0}], lr=lr)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc=desc)):
+        inputs = batch(rng)
         with autocast(args):
-            loss = model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+            loss = model(**inputs).loss
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lm_steps, args.lm_lr)
+            g["lr"] = lr_at(step, steps, lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
 
 
 @torch.no_grad()
@@ -507,7 +535,7 @@ def greedy(model, tok, prompts: list[list[list[int]]], max_new: int) -> list[str
 
 
 @torch.no_grad()
-def context_losses(model, tok, scenes) -> dict[str, float]:
+def context_losses(model, tok, scenes, layout: str = "grid") -> dict[str, float]:
     """Mean loss (nats/token) of the targets - the caption after "a photo of", the answers to two
     questions - with the caption as context in different forms. A reader of its context gains from any
     of them; a copier by position gains only from the exact caption (and loses from partial ones)."""
@@ -517,7 +545,7 @@ def context_losses(model, tok, scenes) -> dict[str, float]:
     contexts = {
         "no_context": lambda s: [],
         "caption_tokens": lambda s: ids(s.caption),
-        "pooled": lambda s: pooled_context(s, tok),
+        "pooled": lambda s: pooled_context(s, tok, layout),
         "first_8_caption_tokens": lambda s: ids(s.caption)[:8],
         "shuffled_caption_tokens": lambda s: [ids(s.caption)[i] for i in rng.permutation(len(ids(s.caption)))],
     }
@@ -553,10 +581,10 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
     contexts = {
         "bos_caption": lambda s: bos + ids(s.caption),
         "caption_bos": lambda s: ids(s.caption) + bos,
-        "pooled_bos": lambda s: pooled_context(s, tok) + bos,
+        "pooled_bos": lambda s: pooled_context(s, tok, args.lm_layout) + bos,
         "no_context": lambda s: bos,
     }
-    res: dict = {"val/target_loss_by_context": context_losses(model, tok, make_split("val", 200, cfg))}
+    res: dict = {"val/target_loss_by_context": context_losses(model, tok, make_split("val", 200, cfg), args.lm_layout)}
     for split in ("test", "compositional"):
         scenes = make_split(split, args.eval_scenes, cfg)
         qa = [(s, q, a) for s in scenes for q, a in s.qa]
@@ -578,6 +606,97 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# BERT: the Q-Former's starting point, as BLIP-2 starts its Q-Former from bert-base-uncased
+
+
+def bert_example(scene, rng, tok, mask_p: float = 0.15) -> tuple[list[int], list[int]]:
+    """One masked-LM sequence (input ids, labels with -100 where unscored): the caption alone (30%) or
+    "[CLS] caption [SEP] question answer [SEP]" with the answer always masked (70%). ShapesWorld's
+    attributes are independent, so masking caption words alone teaches only grammar; predicting the
+    answer from the caption makes the encoder tie every attribute to its object and place - what
+    bert-base-uncased brings from web text, and what ITM and ITC need from the Q-Former's text side."""
+    if rng.random() < 0.3:
+        ids = tok(scene.caption).input_ids
+        answer_at = None
+    else:
+        q, a = scene.qa[int(rng.integers(len(scene.qa)))]
+        ids = tok(scene.caption, f"{q} {a}").input_ids
+        answer_at = len(ids) - 2  # one-word answers, before the final [SEP]
+    ids = list(ids)
+    labels = [-100] * len(ids)
+    special = set(tok.all_special_ids)
+    for i, t in enumerate(ids):
+        if t in special or not (i == answer_at or rng.random() < mask_p):
+            continue
+        labels[i] = t
+        r = rng.random()  # BERT's 80 / 10 / 10: [MASK], a random word, the word itself
+        ids[i] = tok.mask_token_id if (i == answer_at or r < 0.8) else \
+            int(rng.integers(len(special), len(tok))) if r < 0.9 else t
+    return ids, labels
+
+
+def bert_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    T = max(len(i) for i, _ in examples)
+    ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in examples])
+    labels = torch.tensor([lab + [-100] * (T - len(lab)) for _, lab in examples])
+    return ids, (ids != pad_id).long(), labels
+
+
+def train_bert(args, cfg, tok, qcfg: dict):
+    """A BertForMaskedLM shaped like the ShapesWorld recipes' Q-Former (qcfg), trained with masked LM."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=len(tok), hidden_size=qcfg["hidden_size"], num_hidden_layers=qcfg["num_layers"],
+                        num_attention_heads=qcfg["num_heads"], intermediate_size=qcfg["intermediate_size"],
+                        max_position_embeddings=qcfg["max_position_embeddings"], hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+    model = BertForMaskedLM(config)
+    model.set_attn_implementation("eager")  # see autocast()
+    print(f"BERT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tok)}")
+    def batch(rng):
+        scenes = [split_scene("train", int(i), cfg) for i in rng.integers(0, 1_000_000, size=args.bert_batch)]
+        ids, mask, labels = bert_batch([bert_example(s, rng, tok) for s in scenes], tok.pad_token_id)
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+    fit(model, args, "bert", args.bert_steps, args.bert_lr, lambda n, p: p.ndim == 2 and "embeddings" not in n,
+        batch, np.random.default_rng([args.seed, 4]))
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_bert(model, tok, cfg, args) -> dict:
+    """Masked-answer accuracy per question kind (the caption in context) and masked-word accuracy on
+    captions alone, split by what the word is (attribute words are chance by design)."""
+    from vlbridge.data.shapesworld import question_kind
+
+    res = {}
+    for split in ("test", "compositional"):
+        scenes = make_split(split, args.eval_scenes, cfg)
+        per: dict[str, list[float]] = {}
+        for s in scenes:
+            for q, a in s.qa:
+                ids = tok(s.caption, f"{q} {a}").input_ids
+                ids[-2] = tok.mask_token_id
+                pred = model(input_ids=torch.tensor([ids])).logits[0, -2].argmax().item()
+                per.setdefault(question_kind(q), []).append(float(tok.convert_ids_to_tokens(pred) == a))
+        acc = {k: round(float(np.mean(v)), 4) for k, v in sorted(per.items())}
+        acc["all"] = round(float(np.mean([v for vs in per.values() for v in vs])), 4)
+        res[f"{split}/masked_answer"] = acc
+        words: dict[str, list[float]] = {}
+        kinds = {**{c: "color" for c in COLORS}, **{x: "shape" for x in SHAPES}, **{z: "size" for z in SIZES}}
+        for s in scenes:
+            ids = tok(s.caption).input_ids
+            for i in range(1, len(ids) - 1):
+                masked = list(ids)
+                masked[i] = tok.mask_token_id
+                pred = model(input_ids=torch.tensor([masked])).logits[0, i].argmax().item()
+                word = tok.convert_ids_to_tokens(ids[i])
+                words.setdefault(kinds.get(word, "other"), []).append(float(pred == ids[i]))
+        res[f"{split}/masked_caption_word"] = {k: round(float(np.mean(v)), 4) for k, v in sorted(words.items())}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -593,7 +712,7 @@ def main() -> None:
     qtok = build_qformer_tokenizer(words)
     qtok.save_pretrained(args.out / "qformer_tokenizer")
 
-    if not args.skip_clip:
+    if "clip" in args.only:
         # --eval-only re-measures the saved model with its own tokenizer (BPE training is not reproducible)
         ctok = CLIPTokenizer.from_pretrained(args.out / "vision") if args.eval_only else build_clip_tokenizer(texts)
         # normalisation statistics of ShapesWorld images (mostly dark background)
@@ -625,7 +744,7 @@ def main() -> None:
         print(json.dumps(probe, indent=1))
         (args.out / "vision_probe.json").write_text(json.dumps(probe, indent=1) + "\n")
 
-    if not args.skip_lm:
+    if "lm" in args.only:
         ltok = PreTrainedTokenizerFast.from_pretrained(args.out / "lm") if args.eval_only else build_lm_tokenizer(words)
         t0 = time.time()
         if args.eval_only:
@@ -640,6 +759,23 @@ def main() -> None:
         ceiling["args"] = {k: str(v) for k, v in vars(args).items()}
         print(json.dumps(ceiling, indent=1))
         (args.out / "lm_ceiling.json").write_text(json.dumps(ceiling, indent=1) + "\n")
+
+    if "bert" in args.only:
+        from transformers import BertForMaskedLM
+
+        # shaped like the recipes' Q-Former, with its tokenizer ([DEC] is in the vocabulary, never trained)
+        recipe = json.loads((Path(__file__).resolve().parents[1] / "src/vlbridge/recipes/blip2_shapesworld_stage1.json").read_text())
+        t0 = time.time()
+        bert = BertForMaskedLM.from_pretrained(args.out / "bert").eval() if args.eval_only else \
+            train_bert(args, cfg, qtok, recipe["model"]["qformer"])
+        train_s = time.time() - t0
+        bert.save_pretrained(args.out / "bert")
+        qtok.save_pretrained(args.out / "bert")
+        probe = evaluate_bert(bert, qtok, cfg, args)
+        probe["train_seconds"] = None if args.eval_only else round(train_s, 1)
+        probe["args"] = {k: str(v) for k, v in vars(args).items()}
+        print(json.dumps(probe, indent=1))
+        (args.out / "bert_probe.json").write_text(json.dumps(probe, indent=1) + "\n")
 
 
 if __name__ == "__main__":

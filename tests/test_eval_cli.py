@@ -215,3 +215,16 @@ def test_eval_takes_eve_and_flamingo_models(tiny_configs, tmp_path):
     assert report["fewshot"]["caption"]["random"]["shots"]["1"]["n"] == 2
     with pytest.raises(SystemExit, match="few-shot"):
         main(["eval", str(tmp_path / "flamingo"), "--vqa-questions", "q.json", "--out", str(out)])
+
+
+def test_shapesworld_retrieval_candidates_have_distinct_captions():
+    """Scenes can share a caption (a lone object's caption does not say where it is); identical texts tie,
+    so retrieval draws its candidates with distinct captions and refuses a pool with duplicates."""
+    plain = sw.make_split("test", 500)
+    assert len({s.caption for s in plain}) < len(plain)  # the split itself repeats captions
+    first = {}
+    for s in plain:
+        first.setdefault(s.caption, s)
+    assert ev.retrieval_scenes("test", 300) == list(first.values())[:300]  # the split in order, repeats skipped
+    with pytest.raises(ValueError, match="share the caption"):
+        ev.shapesworld_retrieval(None, None, plain, sw.ShapesWorldConfig())

@@ -39,7 +39,7 @@ def _report(m1, p1, m2, p2) -> dict:
               "timings_s": {"stage1_train": 1.0, "stage2_train": 2.0, "evaluation": 0.5, "total": 3.5}}
     for split in ("test", "compositional"):
         scenes = sw.make_split(split, 4, WORLD)
-        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, scenes, WORLD, k=2)
+        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, ev.retrieval_scenes(split, 4, WORLD), WORLD, k=2)
         report[f"{split}_captions"] = ev.shapesworld_captions(m2, p2, scenes, WORLD, decode={"max_new_tokens": 4})
         report[f"{split}_vqa"] = ev.shapesworld_vqa(m2, p2, scenes[:1], WORLD)
     caps, ret = report["test_captions"]["metrics"], report["test_retrieval"]

@@ -41,6 +41,18 @@ def test_shipped_recipes_parse():
         assert cfg.stage in (1, 2) and "{assets}" not in cfg.model.vision.name_or_path
 
 
+def test_shipped_stage1_starts_from_the_shipped_bert():
+    import torch
+    from safetensors.torch import load_file
+
+    from vlbridge.train import build_blip2
+
+    cfg = load_recipe("blip2_shapesworld_stage1")
+    model, _ = build_blip2(cfg)
+    bert = load_file(f"{cfg.qformer_init}/model.safetensors")
+    assert torch.equal(model.qformer.state_dict()["layers.3.ffn.output.weight"], bert["bert.encoder.layer.3.output.dense.weight"])
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = TrainConfig(steps=110, optim=OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10))
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -77,6 +89,36 @@ def test_stage2_from_stage1_with_feature_cache(tmp_path):
     assert model.lm is not None and not model.config.qformer.text_branch
     assert list((tmp_path / "feature-cache").glob("features-*.safetensors"))
     assert len(_losses(tmp_path / "s2")) == 6
+
+
+def test_stage1_qformer_starts_from_bert(tmp_path):
+    """qformer_init: the fresh Q-Former's text path is the BERT checkpoint's (as BLIP-2 starts from
+    bert-base-uncased), what BERT lacks (queries, cross-attention) is fresh, and training runs from it."""
+    import torch
+    import transformers as tf
+
+    from vlbridge.testing import randomize_, word_tokenizer
+    from vlbridge.train import build_blip2
+
+    q = tiny_blip2_config(tmp_path / "backbones", lm=None).qformer
+    bert_cfg = tf.BertConfig(vocab_size=len(word_tokenizer("bert")), hidden_size=q.hidden_size,
+                             num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                             intermediate_size=q.intermediate_size, max_position_embeddings=q.max_position_embeddings)
+    torch.manual_seed(0)
+    randomize_(tf.BertForMaskedLM(bert_cfg)).save_pretrained(tmp_path / "bert")
+    bert = tf.BertForMaskedLM.from_pretrained(tmp_path / "bert").state_dict()
+    path = _recipe(tmp_path, "s1", qformer_init=str(tmp_path / "bert"), steps=2)
+    torch.manual_seed(0)
+    fresh, _ = build_blip2(load_recipe(path, ["qformer_init="]))
+    torch.manual_seed(0)
+    model, _ = build_blip2(load_recipe(path))
+    state = model.qformer.state_dict()
+    assert torch.equal(state["layers.1.attention.query.weight"], bert["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(state["lm_head.dense.weight"], bert["cls.predictions.transform.dense.weight"])
+    assert torch.equal(state["layers.0.ffn_query.intermediate.weight"], bert["bert.encoder.layer.0.intermediate.dense.weight"])
+    assert torch.equal(state["query_tokens"], fresh.qformer.state_dict()["query_tokens"])
+    assert not torch.equal(state["layers.0.attention.key.weight"], fresh.qformer.state_dict()["layers.0.attention.key.weight"])
+    assert len(_losses(train(load_recipe(path)).parent)) == 2
 
 
 def _user_files(tmp_path):

@@ -59,7 +59,7 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     # ---- stage 1
     cfg1 = load_recipe("blip2_shapesworld_stage1", [f"out_dir={out / 'stage1'}", *overrides[0]])
     world = sw.ShapesWorldConfig(width=cfg1.data.width, height=cfg1.data.height)
-    curve_scenes = ev.split_scenes("test", size["curve"], world)
+    curve_scenes = ev.retrieval_scenes("test", size["curve"], world)
 
     def stage1_probe(step, model, processor, elapsed):
         r = ev.shapesworld_retrieval(model, processor, curve_scenes, world, k=4)
@@ -87,18 +87,18 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     m1, p1 = Blip2.from_pretrained(stage1_dir), Blip2Processor.from_pretrained(stage1_dir)
     m2, p2 = Blip2.from_pretrained(stage2_dir), Blip2Processor.from_pretrained(stage2_dir)
     for split in ("test", "compositional"):
-        scenes = ev.split_scenes(split, size["retrieval"], world)
-        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, scenes, world)
+        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, ev.retrieval_scenes(split, size["retrieval"], world), world)
+        scenes = ev.split_scenes(split, max(size["captions"], size["vqa_scenes"]), world)
         report[f"{split}_captions"] = ev.shapesworld_captions(m2, p2, scenes[: size["captions"]], world)
         report[f"{split}_vqa"] = ev.shapesworld_vqa(m2, p2, scenes[: size["vqa_scenes"]], world)
     report["timings_s"]["evaluation"] = time.time() - t
     report["curves"] = {"stage1": _read_log(out / "stage1"), "stage2": _read_log(out / "stage2")}
     report["recipes"] = {"stage1": json.loads((out / "stage1" / "recipe.json").read_text()),
                          "stage2": json.loads((out / "stage2" / "recipe.json").read_text())}
-    # What the frozen backbones can do at best (measured by scripts/pretrain_backbones.py): the LM
-    # given the true caption as text, and linear probes of the vision features.
+    # What the backbones can do at best (measured by scripts/pretrain_backbones.py): the LM given the
+    # true caption as text, linear probes of the vision features, and the BERT the Q-Former starts from.
     report["backbone_ceilings"] = {name: json.loads((SHAPESWORLD / f"{name}.json").read_text())
-                                   for name in ("lm_ceiling", "vision_probe")}
+                                   for name in ("lm_ceiling", "vision_probe", "bert_probe")}
     report["targets"] = _targets(report)
     report["timings_s"]["blip2_total"] = time.time() - t_start
     sections = []

@@ -394,7 +394,7 @@ def samples_section(report: dict, m2, p2, world) -> str:
 @torch.no_grad()
 def retrieval_section(m1, p1, world) -> str:
     """Captions and their top-3 images among N_POOL by ITC + ITM (the stage-1 model)."""
-    scenes = sw.make_split("test", N_POOL, world)
+    scenes = ev.retrieval_scenes("test", N_POOL, world)
     images = [sw.render(s, world) for s in scenes]
     q = p1.qformer_text([s.caption for s in scenes[:N_RETRIEVAL]], truncate=True)
     t2i = m1.retrieval_scores(q["input_ids"], q["attention_mask"], pixel_values=p1.images(images), k=8).t2i

@@ -39,6 +39,7 @@ from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream
 from .data.interleaved import DocumentData, DocumentStream, make_source
 from .eve import EVE, EVEConfig, EVEProcessor, create_eve
 from .flamingo import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
+from .hf_blip2 import init_qformer_from_bert
 from .processor import Blip2Processor
 
 log = logging.getLogger("vlbridge.train")
@@ -71,6 +72,9 @@ class TrainConfig:
     # taken from here (they change between stages).
     eve: EVEConfig | None = None
     init_from: str = ""  # a checkpoint to start from (a later stage starts from the previous one's)
+    # BLIP-2 stage 1 without init_from: a BERT checkpoint (hub id or directory) the fresh Q-Former's text
+    # path starts from, as the paper's starts from bert-base-uncased (hf_blip2.init_qformer_from_bert)
+    qformer_init: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -131,7 +135,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         if c is not None:
             c.name_or_path = expand(c.name_or_path)
     cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
-    cfg.init_from = expand(cfg.init_from)
+    cfg.init_from, cfg.qformer_init = expand(cfg.init_from), expand(cfg.qformer_init)
     cfg.data.path, cfg.data.image_root = expand(cfg.data.path), expand(cfg.data.image_root)
     for d in cfg.datasets:
         d.path, d.image_root = expand(d.path), expand(d.image_root)
@@ -160,7 +164,10 @@ def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
     if cfg.stage == 1:
         if cfg.init_from:
             return Blip2.from_pretrained(cfg.init_from), Blip2Processor.from_pretrained(cfg.init_from)
-        return create_blip2(cfg.model)
+        model, processor = create_blip2(cfg.model)
+        if cfg.qformer_init:
+            init_qformer_from_bert(model.qformer, cfg.qformer_init)
+        return model, processor
     if cfg.model.lm is None:
         raise ValueError("a stage-2 recipe needs model.lm")
     if cfg.init_from:  # the stage-1 Q-Former, a fresh projection into this LM, no text branch
