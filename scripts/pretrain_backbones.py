@@ -699,6 +699,13 @@ def evaluate_bert(model, tok, cfg, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def write_measures(args, name: str, result: dict, train_s: float) -> None:
+    result["train_seconds"] = None if args.eval_only else round(train_s, 1)
+    result["args"] = {k: str(v) for k, v in vars(args).items()}
+    print(json.dumps(result, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -739,10 +746,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         random_model = CLIPModel(model.config).eval()
         probe = evaluate_clip(model, random_model, ctok, cfg, mean, std, args)
-        probe["train_seconds"] = None if args.eval_only else round(train_s, 1)
-        probe["args"] = {k: str(v) for k, v in vars(args).items()}
-        print(json.dumps(probe, indent=1))
-        (args.out / "vision_probe.json").write_text(json.dumps(probe, indent=1) + "\n")
+        write_measures(args, "vision_probe", probe, train_s)
 
     if "lm" in args.only:
         ltok = PreTrainedTokenizerFast.from_pretrained(args.out / "lm") if args.eval_only else build_lm_tokenizer(words)
@@ -755,10 +759,7 @@ def main() -> None:
         lm.save_pretrained(args.out / "lm")
         ltok.save_pretrained(args.out / "lm")
         ceiling = evaluate_lm(lm, ltok, cfg, args)
-        ceiling["train_seconds"] = None if args.eval_only else round(train_s, 1)
-        ceiling["args"] = {k: str(v) for k, v in vars(args).items()}
-        print(json.dumps(ceiling, indent=1))
-        (args.out / "lm_ceiling.json").write_text(json.dumps(ceiling, indent=1) + "\n")
+        write_measures(args, "lm_ceiling", ceiling, train_s)
 
     if "bert" in args.only:
         from transformers import BertForMaskedLM
@@ -772,10 +773,7 @@ def main() -> None:
         bert.save_pretrained(args.out / "bert")
         qtok.save_pretrained(args.out / "bert")
         probe = evaluate_bert(bert, qtok, cfg, args)
-        probe["train_seconds"] = None if args.eval_only else round(train_s, 1)
-        probe["args"] = {k: str(v) for k, v in vars(args).items()}
-        print(json.dumps(probe, indent=1))
-        (args.out / "bert_probe.json").write_text(json.dumps(probe, indent=1) + "\n")
+        write_measures(args, "bert_probe", probe, train_s)
 
 
 if __name__ == "__main__":
