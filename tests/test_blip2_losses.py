@@ -169,7 +169,7 @@ def test_itc_loss_by_hand(stage1, temp):
 def test_itm_loss_by_hand(stage1, monkeypatch):
     model, _, ids, mask, feats = stage1
     neg = torch.tensor([1, 2, 3, 0])
-    monkeypatch.setattr(blip2_module, "sample_hard_negatives", lambda sim, positives, uniform=0.0: (neg, torch.ones(4, dtype=torch.bool)))
+    monkeypatch.setattr(blip2_module, "sample_hard_negatives", lambda sim, positives: (neg, torch.ones(4, dtype=torch.bool)))
     out = model.pretrain_losses(ids, mask, image_features=feats)
     logits = torch.cat([model.itm(ids, mask, image_features=feats),  # positives
                         model.itm(ids, mask, image_features=feats[neg]),  # each text with a negative image
@@ -288,16 +288,3 @@ def test_extract_features(stage1):
     text_only = model.extract_features(ids, mask)
     assert text_only.image_embeds is None and text_only.multimodal_embeds is None
     assert torch.equal(text_only.text_embeds_proj, f.text_embeds_proj)
-
-
-def test_hard_negatives_uniform_share_mixes_in_every_negative():
-    """uniform=0.5: half the draws by similarity, half uniform over the 3 negatives; never the positive."""
-    sim = torch.tensor([[10.0, 30.0, 0.0, 0.0]]).repeat(6000, 1)  # column 1 takes all the softmax mass
-    positives = torch.zeros(6000, 4, dtype=torch.bool)
-    positives[:, 0] = True
-    torch.manual_seed(0)
-    idx, valid = sample_hard_negatives(sim, positives, uniform=0.5)
-    freq = torch.bincount(idx, minlength=4).float() / 6000
-    assert valid.all() and freq[0] == 0
-    assert abs(freq[1] - (0.5 + 0.5 / 3)) < 0.03
-    assert abs(freq[2] - 0.5 / 3) < 0.02 and abs(freq[3] - 0.5 / 3) < 0.02

@@ -3,7 +3,6 @@ stage-2 loss reads only target tokens, and a tiny batch can be overfitted in eve
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 CAPTIONS = ["a red circle", "two blue squares above a small triangle", "a green triangle", "yellow square left"]
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many", "what shape is there ?"]

@@ -3,7 +3,6 @@
 import time
 
 import numpy as np
-import pytest
 
 from vlbridge.data.shapesworld import (
     COLORS, HELD_OUT, SHAPES, Obj, ShapesWorldConfig, attribute_accuracy, contrast_group,

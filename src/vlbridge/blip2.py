@@ -78,10 +78,8 @@ def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, smoothing:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None,
-                          uniform: float = 0.0):
-    """For each row, draw one column from softmax(sim) with the positives masked out; with `uniform` > 0,
-    from the mixture (1 - uniform) * softmax(sim) + uniform * (uniform over the non-positives).
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None):
+    """For each row, draw one column from softmax(sim) with the positives masked out.
 
     Returns (index (B,), valid (B,)). A row whose columns are all positives has no negative to give:
     it is marked invalid (and gets a dummy index) instead of producing NaN weights.
@@ -91,9 +89,6 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator:
         raise FloatingPointError("non-finite ITC similarities: cannot sample ITM hard negatives")
     valid = ~positives.all(dim=1)
     weights = sim.float().masked_fill(positives, float("-inf")).softmax(dim=1)
-    if uniform > 0:
-        flat = (~positives).float()
-        weights = (1 - uniform) * weights + uniform * flat / flat.sum(1, keepdim=True).clamp(min=1)
     weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
 
@@ -325,9 +320,8 @@ class Blip2(nn.Module):
         # Drawn from the global (B_all, B_all) similarities for every global row; this rank keeps its rows.
         mine, positives_all = slice(rank * B, (rank + 1) * B), ids_all[:, None] == ids_all[None, :]
         draw = {"generator": generator} if generator is not None else {}
-        u = self.config.itm_uniform_negatives
-        neg_img, valid_t = sample_hard_negatives(gather_no_grad(sim_t2i.detach()), positives_all, **draw, uniform=u)
-        neg_txt, valid_i = sample_hard_negatives(gather_no_grad(sim_i2t.detach()), positives_all, **draw, uniform=u)
+        neg_img, valid_t = sample_hard_negatives(gather_no_grad(sim_t2i.detach()), positives_all, **draw)
+        neg_txt, valid_i = sample_hard_negatives(gather_no_grad(sim_i2t.detach()), positives_all, **draw)
         neg_img, valid_t, neg_txt, valid_i = neg_img[mine], valid_t[mine], neg_txt[mine], valid_i[mine]
         itm_ids = torch.cat([input_ids, input_ids[valid_t], ids_text_all[neg_txt[valid_i]]])
         itm_mask = torch.cat([attention_mask, attention_mask[valid_t], mask_text_all[neg_txt[valid_i]]])

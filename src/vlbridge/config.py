@@ -109,11 +109,6 @@ class Blip2Config:
     embed_dim: int = 256  # ITC embedding width
     init_temperature: float = 0.07
     label_smoothing: float = 0.1  # ITC and ITG, as in LAVIS
-    # Share of ITM negatives drawn uniformly from the batch instead of by ITC similarity (0: the paper's
-    # hard negatives only). When batches are built of minimal edits (ShapesWorld's contrast groups) the
-    # hardest negative is always a one-attribute edit, and an ITM head that sees nothing else scores
-    # unlike pairs arbitrarily (see the ShapesWorld recipe).
-    itm_uniform_negatives: float = 0.0
     max_text_length: int = 32  # Q-Former text tokens in stage 1
     # transformers' newer BLIP-2 layout: the LM prompt holds num_query_tokens copies of this token
     # and the projected queries are written there. None: queries are prepended to the text.
