@@ -1,0 +1,67 @@
+"""Is ITM a better judge than ITC? Image->text R@1 of a stage-1 BLIP-2 among ShapesWorld candidates.
+
+For each image, its ITC top k captions are scored by ITM, and the top caption is picked by:
+    itc                 the ITC similarity alone (max over queries of cosine)
+    itm                 the ITM match logit alone
+    itm+itc             match logit + similarity: BLIP-2's re-ranking (LAVIS), what `vlbridge eval` reports
+    logodds             ITM log-odds (match - no-match logit)
+    logodds+itc         log-odds + similarity
+    prob+itc            ITM match probability + similarity
+    logodds+itc/temp    log-odds + similarity / the learned ITC temperature (ITC's own logit scale)
+Re-ranking can only help when ITM, on the candidates ITC proposes, is right where ITC is wrong.
+
+    PYTHONPATH=src .venv/bin/python scripts/itm_rerank.py STAGE1_DIR [--n 1000] [--k 16]
+
+Measured on this project's 2-core machine, test split, 1,000 candidates, k 16 (stage 1 of
+`python -m vlbridge.demo --parts blip2 --stage1 steps=900 --stage2 steps=800`): itc 0.959, itm 0.805,
+itm+itc 0.835, logodds 0.812, logodds+itc 0.831, prob+itc 0.871, logodds+itc/temp 0.946.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vlbridge import Blip2, Blip2Processor
+from vlbridge import evaluate as ev
+from vlbridge.data import shapesworld as sw
+
+
+@torch.no_grad()
+def rerank_r1(model, processor, scenes, world, k: int = 16, batch_size: int = 128) -> dict[str, float]:
+    """Image->text R@1 of each scoring rule above over `scenes` (pairwise distinct captions)."""
+    model.eval()
+    pixels = processor.images([sw.render(s, world) for s in scenes])
+    q = processor.qformer_text([s.caption for s in scenes], truncate=True)
+    ids, mask = q["input_ids"], q["attention_mask"]
+    feats = torch.cat([model.vision(x) for x in pixels.split(batch_size)])  # (N, P, Dv) frozen features
+    itc = torch.cat([model.itc(ids, mask, image_features=f) for f in feats.split(batch_size)])  # (N, N)
+    sim, top = itc.topk(min(k, len(scenes)), dim=1)  # (N, k)
+    logits = torch.stack([model.itm(ids[top[i]], mask[top[i]], image_features=feats[i].expand(top.shape[1], -1, -1))
+                          for i in range(len(scenes))]).float()  # (N, k, 2)
+    match, logodds = logits[..., 1], logits[..., 1] - logits[..., 0]
+    rules = {"itc": sim, "itm": match, "itm+itc": match + sim, "logodds": logodds, "logodds+itc": logodds + sim,
+             "prob+itc": logodds.sigmoid() + sim, "logodds+itc/temp": logodds + sim / model.temp.item()}
+    truth = torch.arange(len(scenes))
+    return {name: round((top.gather(1, s.argmax(1, keepdim=True))[:, 0] == truth).float().mean().item(), 4)
+            for name, s in rules.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a stage-1 BLIP-2 directory (e.g. demo-output/stage1/final)")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--splits", nargs="+", default=["test", "compositional"])
+    args = p.parse_args()
+    model, processor = Blip2.from_pretrained(args.model), Blip2Processor.from_pretrained(args.model)
+    world = sw.ShapesWorldConfig()
+    out = {split: rerank_r1(model, processor, ev.retrieval_scenes(split, args.n, world), world, args.k)
+           for split in args.splits}
+    print(json.dumps({"model": args.model, "n": args.n, "k": args.k, **out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
