@@ -119,6 +119,8 @@ def test_stage1_qformer_starts_from_bert(tmp_path):
     assert torch.equal(state["query_tokens"], fresh.qformer.state_dict()["query_tokens"])
     assert not torch.equal(state["layers.0.attention.key.weight"], fresh.qformer.state_dict()["layers.0.attention.key.weight"])
     assert len(_losses(train(load_recipe(path)).parent)) == 2
+    with pytest.raises(ValueError, match="qformer_init"):
+        load_recipe(path, ["stage=2"])
 
 
 def _user_files(tmp_path):

@@ -87,7 +87,8 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     m1, p1 = Blip2.from_pretrained(stage1_dir), Blip2Processor.from_pretrained(stage1_dir)
     m2, p2 = Blip2.from_pretrained(stage2_dir), Blip2Processor.from_pretrained(stage2_dir)
     for split in ("test", "compositional"):
-        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, ev.retrieval_scenes(split, size["retrieval"], world), world)
+        candidates = ev.retrieval_scenes(split, size["retrieval"], world)  # pairwise distinct captions
+        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, candidates, world)
         scenes = ev.split_scenes(split, max(size["captions"], size["vqa_scenes"]), world)
         report[f"{split}_captions"] = ev.shapesworld_captions(m2, p2, scenes[: size["captions"]], world)
         report[f"{split}_vqa"] = ev.shapesworld_vqa(m2, p2, scenes[: size["vqa_scenes"]], world)

@@ -223,6 +223,8 @@ def retrieval_scenes(split: str, n: int, world: sw.ShapesWorldConfig | None = No
     R@1 at 0.77 whatever the model. With distinct captions each image has exactly one right text."""
     seen, scenes, i = set(), [], 0
     while len(scenes) < n:
+        if i >= 100 * n + 1000:
+            raise ValueError(f"{split}: only {len(scenes)} distinct captions in its first {i} scenes, {n} asked for")
         scene = sw.split_scene(split, i, world or sw.ShapesWorldConfig())
         if scene.caption not in seen:
             seen.add(scene.caption)

@@ -100,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2', 'flamingo' or 'eve'")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
+        if self.qformer_init and (self.model_kind != "blip2" or self.stage != 1 or self.init_from):
+            raise ValueError("qformer_init starts a fresh BLIP-2 stage-1 Q-Former from BERT: it needs model_kind "
+                             "'blip2', stage 1 and no init_from (a later stage starts from the previous one)")
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
