@@ -37,7 +37,11 @@ def rerank_r1(model, processor, scenes, world, k: int = 16, batch_size: int = 12
     q = processor.qformer_text([s.caption for s in scenes], truncate=True)
     ids, mask = q["input_ids"], q["attention_mask"]
     feats = torch.cat([model.vision(x) for x in pixels.split(batch_size)])  # (N, P, Dv) frozen features
-    itc = torch.cat([model.itc(ids, mask, image_features=f) for f in feats.split(batch_size)])  # (N, N)
+    # ITC as model.itc computes it, with each image and each text embedded once
+    image_emb = torch.cat([model.extract_features(image_features=f).image_embeds_proj for f in feats.split(batch_size)])
+    text_emb = torch.cat([model.extract_features(i, m).text_embeds_proj
+                          for i, m in zip(ids.split(batch_size), mask.split(batch_size))])
+    itc = torch.einsum("iqe,te->itq", image_emb, text_emb).amax(-1)  # (N, N)
     sim, top = itc.topk(min(k, len(scenes)), dim=1)  # (N, k)
     logits = torch.stack([model.itm(ids[top[i]], mask[top[i]], image_features=feats[i].expand(top.shape[1], -1, -1))
                           for i in range(len(scenes))]).float()  # (N, k, 2)

@@ -645,13 +645,13 @@ def bert_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, (ids != pad_id).long(), labels
 
 
-def train_bert(args, cfg, tok, qcfg: dict):
-    """A BertForMaskedLM shaped like the ShapesWorld recipes' Q-Former (qcfg), trained with masked LM."""
+def train_bert(args, cfg, tok, q):
+    """A BertForMaskedLM shaped like the ShapesWorld recipes' Q-Former (q, a QFormerConfig), trained with masked LM."""
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(vocab_size=len(tok), hidden_size=qcfg["hidden_size"], num_hidden_layers=qcfg["num_layers"],
-                        num_attention_heads=qcfg["num_heads"], intermediate_size=qcfg["intermediate_size"],
-                        max_position_embeddings=qcfg["max_position_embeddings"], hidden_dropout_prob=0.0,
+    config = BertConfig(vocab_size=len(tok), hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
+                        num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size,
+                        max_position_embeddings=q.max_position_embeddings, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
     model = BertForMaskedLM(config)
     model.set_attn_implementation("eager")  # see autocast()
@@ -767,11 +767,12 @@ def main() -> None:
     if "bert" in args.only:
         from transformers import BertForMaskedLM
 
+        from vlbridge.train import load_recipe
+
         # shaped like the recipes' Q-Former, with its tokenizer ([DEC] is in the vocabulary, never trained)
-        recipe = json.loads((Path(__file__).resolve().parents[1] / "src/vlbridge/recipes/blip2_shapesworld_stage1.json").read_text())
         t0 = time.time()
         bert = BertForMaskedLM.from_pretrained(args.out / "bert").eval() if args.eval_only else \
-            train_bert(args, cfg, qtok, recipe["model"]["qformer"])
+            train_bert(args, cfg, qtok, load_recipe("blip2_shapesworld_stage1").model.qformer)
         train_s = time.time() - t0
         bert.save_pretrained(args.out / "bert")
         qtok.save_pretrained(args.out / "bert")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from vlbridge.data import shapesworld as sw
-from vlbridge.train import build_blip2, expand, load_recipe
+from vlbridge.train import build_blip2, load_recipe
 
 SLOTS = 9
 
@@ -63,7 +63,7 @@ def main() -> None:
     overrides = [f"model.qformer.num_query_tokens={SLOTS}"] + ([f"model.vision.name_or_path={args.vision}"] if args.vision else [])
     cfg = load_recipe("blip2_shapesworld_stage2", overrides)
     model, processor = build_blip2(cfg)
-    tok = AutoTokenizer.from_pretrained(expand(cfg.model.lm.name_or_path))
+    tok = AutoTokenizer.from_pretrained(cfg.model.lm.name_or_path)  # load_recipe expanded {assets}
     emb = model.lm.get_input_embeddings().weight.detach()
     vec = lambda text: emb[tok(text, add_special_tokens=False).input_ids].mean(0)
     world = sw.ShapesWorldConfig()

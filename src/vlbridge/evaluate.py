@@ -221,11 +221,11 @@ def retrieval_scenes(split: str, n: int, world: sw.ShapesWorldConfig | None = No
     identically, and ties count against the model (retrieval_recall), so with them in the pool an image
     whose caption appears twice can never be a hit at R@1 - the first 1,000 test scenes cap image->text
     R@1 at 0.77 whatever the model. With distinct captions each image has exactly one right text."""
-    seen, scenes, i = set(), [], 0
+    world, seen, scenes, i = world or sw.ShapesWorldConfig(), set(), [], 0
     while len(scenes) < n:
         if i >= 100 * n + 1000:
             raise ValueError(f"{split}: only {len(scenes)} distinct captions in its first {i} scenes, {n} asked for")
-        scene = sw.split_scene(split, i, world or sw.ShapesWorldConfig())
+        scene = sw.split_scene(split, i, world)
         if scene.caption not in seen:
             seen.add(scene.caption)
             scenes.append(scene)
