@@ -3,11 +3,12 @@
 For each image, its ITC top k captions are scored by ITM, and the top caption is picked by:
     itc                 the ITC similarity alone (max over queries of cosine)
     itm                 the ITM match logit alone
-    itm+itc             match logit + similarity: BLIP-2's re-ranking (LAVIS), what `vlbridge eval` reports
+    itm+itc             match logit + similarity: BLIP-2's re-ranking (LAVIS), `vlbridge eval --rerank lavis`
     logodds             ITM log-odds (match - no-match logit)
     logodds+itc         log-odds + similarity
     prob+itc            ITM match probability + similarity
-    logodds+itc/temp    log-odds + similarity / the learned ITC temperature (ITC's own logit scale)
+    logodds+itc/temp    log-odds + similarity / the learned ITC temperature (ITC's own logit scale): what
+                        `vlbridge eval` reports (--rerank log_odds, the default)
 Re-ranking can only help when ITM, on the candidates ITC proposes, is right where ITC is wrong.
 
     PYTHONPATH=src .venv/bin/python scripts/itm_rerank.py STAGE1_DIR [--n 1000] [--k 16]

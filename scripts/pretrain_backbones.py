@@ -601,6 +601,12 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
                 per.setdefault(kind, []).append(float(p == a))
             acc = {k: round(float(np.mean(v)), 4) for k, v in sorted(per.items())}
             acc["all"] = round(float(np.mean([v for vs in per.values() for v in vs])), 4)
+            # relation splits into yes/no ("is the red circle above the blue star?") and open ("what
+            # shape is left of the red circle?") questions, which the LM answers very differently
+            for form, hit in (("yes_no", True), ("open", False)):
+                v = [float(p == a) for (s, q, a), p in zip(qa, preds)
+                     if next(x.kind for x in s.qa if x.question == q) == "relation" and (a in ("yes", "no")) == hit]
+                acc[f"relation_{form}"] = round(float(np.mean(v)), 4) if v else None
             res[f"{split}/vqa/{name}"] = acc
             if name != "no_context":
                 caps = greedy(model, tok, [ctx(s) + ids(CAPTION_PROMPT) for s in scenes], max_new=30)
@@ -703,10 +709,15 @@ def evaluate_bert(model, tok, cfg, args) -> dict:
 
 
 def write_measures(args, name: str, result: dict, train_s: float) -> None:
+    """Write OUT/NAME.json; re-measuring (--eval-only) keeps the training run's time and arguments."""
+    path = args.out / f"{name}.json"
     result["train_seconds"] = None if args.eval_only else round(train_s, 1)
     result["args"] = {k: str(v) for k, v in vars(args).items()}
+    if args.eval_only and path.exists():
+        before = json.loads(path.read_text())
+        result.update(train_seconds=before.get("train_seconds"), args=before.get("args"), measured_with=result["args"])
     print(json.dumps(result, indent=1))
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:

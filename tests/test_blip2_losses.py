@@ -256,14 +256,20 @@ def test_retrieval_scores(stage1, images):
         top = torch.zeros_like(finite).scatter(1, sim.topk(k, dim=1).indices, True)
         assert torch.equal(finite, top)  # re-ranked: exactly each row's ITC top k
         assert (scores[~finite] == float("-inf")).all()
+    temp = model.temp.clamp(0.001, 0.5).item()
+    lavis = model.retrieval_scores(ids, mask, image_features=feats, k=k, batch_size=2, rerank="lavis")
     for i, t in torch.isfinite(r.i2t).nonzero().tolist():
-        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0, 1]
-        assert torch.allclose(r.i2t[i, t], itm + itc[i, t], atol=1e-5), (i, t)
+        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0]
+        assert torch.allclose(r.i2t[i, t], itm[1] - itm[0] + itc[i, t] / temp, atol=1e-4), (i, t)
+        assert torch.allclose(lavis.i2t[i, t], itm[1] + itc[i, t], atol=1e-5), (i, t)
     for t, i in torch.isfinite(r.t2i).nonzero().tolist():
-        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0, 1]
-        assert torch.allclose(r.t2i[t, i], itm + itc[i, t], atol=1e-5), (t, i)
+        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0]
+        assert torch.allclose(r.t2i[t, i], itm[1] - itm[0] + itc[i, t] / temp, atol=1e-4), (t, i)
+        assert torch.allclose(lavis.t2i[t, i], itm[1] + itc[i, t], atol=1e-5), (t, i)
+    with pytest.raises(ValueError, match="rerank"):
+        model.retrieval_scores(ids, mask, image_features=feats, k=k, rerank="sum")
     # the ITM term matters: re-ranked scores are not just the ITC similarities
-    assert not torch.allclose(r.i2t[torch.isfinite(r.i2t)], itc[torch.isfinite(r.i2t)], atol=1e-3)
+    assert not torch.allclose(r.i2t[torch.isfinite(r.i2t)], itc[torch.isfinite(r.i2t)] / temp, atol=1e-3)
     everything = model.retrieval_scores(ids, mask, image_features=feats, k=100, batch_size=4)
     assert torch.isfinite(everything.i2t).all() and torch.isfinite(everything.t2i).all()
     assert torch.allclose(everything.i2t, everything.t2i.t(), atol=1e-5)

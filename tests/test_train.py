@@ -123,6 +123,20 @@ def test_stage1_qformer_starts_from_bert(tmp_path):
         load_recipe(path, ["stage=2"])
 
 
+def test_stage1_loss_weights(tmp_path):
+    """loss_weights: the logged loss is the weighted sum of the logged parts; itg=0 skips ITG; weights
+    are for BLIP-2 stage 1 only and must be >= 0."""
+    path = _recipe(tmp_path, "w", steps=2, loss_weights={"itc": 0.5, "itm": 3.0, "itg": 0.0})
+    train(load_recipe(path))
+    for row in map(json.loads, (tmp_path / "w" / "log.jsonl").read_text().splitlines()):
+        assert row["loss_itg"] == 0.0 and row["loss_itm"] > 0
+        assert row["loss"] == pytest.approx(0.5 * row["loss_itc"] + 3.0 * row["loss_itm"], rel=1e-5)
+    with pytest.raises(ValueError, match="loss_weights"):
+        load_recipe(path, ["loss_weights.itm=-1"])
+    with pytest.raises(ValueError, match="loss_weights"):
+        load_recipe(path, ["stage=2"])
+
+
 def _user_files(tmp_path):
     """A JSONL of 12 captions over 6 rendered images (2 each), one image corrupt, one missing; a CSV of
     questions with answers over the same images."""

@@ -62,8 +62,8 @@ class Blip2Features:
 @dataclass
 class RetrievalScores:
     itc: torch.Tensor  # (Ni, Nt) cosine similarity, max over queries
-    i2t: torch.Tensor  # (Ni, Nt) ITM + ITC for each image's top-k texts, -inf elsewhere
-    t2i: torch.Tensor  # (Nt, Ni) ITM + ITC for each text's top-k images, -inf elsewhere
+    i2t: torch.Tensor  # (Ni, Nt) ITM + ITC (retrieval_scores' rerank) for each image's top-k texts, -inf elsewhere
+    t2i: torch.Tensor  # (Nt, Ni) the same for each text's top-k images
 
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -452,10 +452,19 @@ class Blip2(nn.Module):
 
     @torch.no_grad()
     def retrieval_scores(self, input_ids, attention_mask, pixel_values=None, image_features=None,
-                         k: int = 128, batch_size: int = 64) -> RetrievalScores:
+                         k: int = 128, batch_size: int = 64, rerank: str = "log_odds") -> RetrievalScores:
         """Rank all images against all texts: ITC for every pair, then the top k of each row re-ranked
-        with ITM; re-ranked score = ITM match logit + ITC similarity (as in BLIP-2's evaluation)."""
+        with ITM. rerank picks the re-ranked score:
+            "log_odds": ITM log-odds (match - no-match logit) + ITC similarity / the learned temperature.
+                        The ITC logit is the log of ITC's softmax over candidates up to a constant, so the
+                        sum is the log posterior odds with ITC as the prior and ITM as the likelihood ratio.
+            "lavis":    ITM match logit + ITC cosine similarity, as BLIP-2's evaluation code (LAVIS)
+                        adds them; the cosine spans ~0.1 across a row's top k, the logit several units,
+                        so ITM alone decides. On ShapesWorld val (1,000 images, k 16; scripts/itm_rerank.py)
+                        "log_odds" gave R@1 0.948 vs 0.735 for "lavis" (ITC alone 0.952)."""
         self._require_text_branch()
+        if rerank not in ("log_odds", "lavis"):
+            raise ValueError(f"rerank {rerank!r}: expected 'log_odds' or 'lavis'")
         source = pixel_values if image_features is None else image_features
         img = torch.cat([self.image_embeds(**{("pixel_values" if image_features is None else "image_features"): x})
                          for x in source.split(batch_size)])  # (Ni, N, Dv)
@@ -463,20 +472,23 @@ class Blip2(nn.Module):
         text_feat = torch.cat([self._text_feat(i, m)[1] for i, m in
                                zip(input_ids.split(batch_size), attention_mask.split(batch_size))])  # (Nt, E)
         itc = torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1)  # (Ni, Nt)
+        temp = self.temp.clamp(0.001, 0.5).item()
 
-        def rerank(sim, image_of, text_of):
+        def rerank_rows(sim, image_of, text_of):
             scores = torch.full_like(sim, float("-inf"))
             top_sim, top = sim.topk(min(k, sim.shape[1]), dim=1)
             for row in range(sim.shape[0]):
                 for s in range(0, top.shape[1], batch_size):
                     cols = top[row, s:s + batch_size]
                     im, tx = image_of(row, cols), text_of(row, cols)
-                    logit = self._itm_logits(img, input_ids[tx], attention_mask[tx], im)[:, 1]
-                    scores[row, cols] = logit.float() + top_sim[row, s:s + batch_size]
+                    logits = self._itm_logits(img, input_ids[tx], attention_mask[tx], im).float()  # (n, 2)
+                    part = top_sim[row, s:s + batch_size]
+                    scores[row, cols] = (logits[:, 1] - logits[:, 0] + part / temp if rerank == "log_odds"
+                                         else logits[:, 1] + part)
             return scores
 
-        i2t = rerank(itc, lambda r, c: torch.full_like(c, r), lambda r, c: c)
-        t2i = rerank(itc.t(), lambda r, c: c, lambda r, c: torch.full_like(c, r))
+        i2t = rerank_rows(itc, lambda r, c: torch.full_like(c, r), lambda r, c: c)
+        t2i = rerank_rows(itc.t(), lambda r, c: c, lambda r, c: torch.full_like(c, r))
         return RetrievalScores(itc, i2t, t2i)
 
     @torch.no_grad()

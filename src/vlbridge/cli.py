@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", help="caption prompt (default: the model's)")
     e.add_argument("--vqa-prompt", help='VQA template with {} for the question (default: the model\'s)')
     e.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
+    e.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
+                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4, 8], help="Flamingo: shot counts (few-shot eval)")
     _generation_args(e)

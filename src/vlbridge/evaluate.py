@@ -167,22 +167,24 @@ def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = 
 
 @torch.no_grad()
 def retrieval_recalls(model, processor, pixel_values: torch.Tensor, texts: list[str], text_to_image: list[int],
-                      k: int, batch_size: int) -> dict:
+                      k: int, batch_size: int, rerank: str = "log_odds") -> dict:
     """Recall@1/5/10 both ways of `texts` against images (pixel_values (Ni, 3, H, W)), text j showing
-    image text_to_image[j]: ITC for all pairs, and each row's ITC top k re-ranked by ITM + ITC."""
+    image text_to_image[j]: ITC for all pairs, and each row's ITC top k re-ranked by ITM + ITC
+    (`rerank`: how the two are combined, Blip2.retrieval_scores)."""
     q = processor.qformer_text(texts, truncate=True)
     scores = model.retrieval_scores(q["input_ids"], q["attention_mask"], pixel_values=pixel_values, k=k,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, rerank=rerank)
     itc = retrieval_recall(scores.itc, text_to_image=text_to_image)
     # Re-ranked scores differ per direction: image->text from i2t (Ni, Nt), text->image from t2i (Nt, Ni).
     i2t = retrieval_recall(scores.i2t, text_to_image=text_to_image)
     t2i = retrieval_recall(scores.t2i.t(), text_to_image=text_to_image)
     reranked = {m: v for m, v in i2t.items() if m.startswith("i2t")} | {m: v for m, v in t2i.items() if m.startswith("t2i")}
     reranked["mean"] = sum(reranked.values()) / len(reranked)
-    return {"itc": itc, "itc_itm": reranked, "k": k}
+    return {"itc": itc, "itc_itm": reranked, "k": k, "rerank": rerank}
 
 
-def retrieval_eval(model, processor, samples: list[dict], k: int = 128, batch_size: int = 16) -> dict:
+def retrieval_eval(model, processor, samples: list[dict], k: int = 128, batch_size: int = 16,
+                   rerank: str = "log_odds") -> dict:
     """Image<->text retrieval over per-image caption samples: every image against every caption.
 
     All pixel_values are held at once (as retrieval_scores needs them): ~0.6 MB per 224px image.
@@ -200,7 +202,7 @@ def retrieval_eval(model, processor, samples: list[dict], k: int = 128, batch_si
     if not n_images:
         raise ValueError(f"retrieval: no usable image with captions ({skips.summary()})")
     truncated = processor.num_truncated
-    result = retrieval_recalls(model, processor, torch.cat(pixels), texts, text_to_image, k, batch_size)
+    result = retrieval_recalls(model, processor, torch.cat(pixels), texts, text_to_image, k, batch_size, rerank)
     return {**result, "n_images": n_images, "n_texts": len(texts), "texts_truncated": processor.num_truncated - truncated,
             "images": _skips(skips), "seconds": time.time() - t0}
 
@@ -271,7 +273,8 @@ def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64,
 
 
 @torch.no_grad()
-def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_size: int = 128) -> dict:
+def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_size: int = 128,
+                          rerank: str = "log_odds") -> dict:
     """Image<->caption retrieval among len(scenes) candidates: ITC alone, and ITC top-k re-ranked by ITM.
     The captions must be pairwise distinct (see retrieval_scenes)."""
     first: dict[str, int] = {}
@@ -284,7 +287,7 @@ def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_si
     pixel_values = torch.cat([processor.images([sw.render(s, world) for s in scenes[i:i + batch_size]])
                               for i in range(0, len(scenes), batch_size)])
     result = retrieval_recalls(model, processor, pixel_values, [s.caption for s in scenes], list(range(len(scenes))),
-                               k, batch_size)  # caption j belongs to image j
+                               k, batch_size, rerank)  # caption j belongs to image j
     return {**result, "n": len(scenes), "seconds": time.time() - t0}
 
 
@@ -311,6 +314,7 @@ class EvalConfig:
     prompt: str | None = None  # caption prompt (default: the model's)
     vqa_prompt: str | None = None  # VQA template with {} (default: the model's)
     k: int = 128  # ITC candidates re-ranked by ITM
+    rerank: str = "log_odds"  # how ITM and ITC scores combine (Blip2.retrieval_scores)
     batch_size: int = 16
     seed: int = 0
     shots: list[int] = field(default_factory=lambda: [0, 1, 4, 8])  # Flamingo: few-shot evaluation
@@ -393,7 +397,7 @@ def run(cfg: EvalConfig) -> dict:
             report["captions"]["predictions_file"] = _write_json(out.with_name(out.stem + "_captions.json"), preds)
             report["timings_s"]["captions"] = report["captions"]["seconds"]
         if "retrieval" in tasks:
-            report["retrieval"] = retrieval_eval(model, processor, samples, cfg.k, cfg.batch_size)
+            report["retrieval"] = retrieval_eval(model, processor, samples, cfg.k, cfg.batch_size, cfg.rerank)
             report["timings_s"]["retrieval"] = report["retrieval"]["seconds"]
 
     if cfg.vqa_questions and "vqa" in tasks:
@@ -413,7 +417,7 @@ def run(cfg: EvalConfig) -> dict:
             r["vqa"] = shapesworld_vqa(model, processor, scenes, world, decode, cfg.batch_size, cfg.vqa_prompt, True)
         if "retrieval" in tasks:
             r["retrieval"] = shapesworld_retrieval(model, processor, retrieval_scenes(cfg.shapesworld, n or 200, world),
-                                                   world, cfg.k, cfg.batch_size)
+                                                   world, cfg.k, cfg.batch_size, cfg.rerank)
         report["shapesworld"] = r
         report["timings_s"]["shapesworld"] = sum(r[t]["seconds"] for t in ("captions", "vqa", "retrieval") if t in r)
 

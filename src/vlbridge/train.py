@@ -61,6 +61,14 @@ class OptimConfig:
 
 
 @dataclass
+class LossWeights:
+    """BLIP-2 stage 1: loss = itc * ITC + itm * ITM + itg * ITG (the paper weighs all three 1)."""
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     model_kind: str = "blip2"  # "blip2" (model, data, stage), "flamingo" (flamingo, datasets), "eve" (eve, data, stage)
     # BLIP-2: 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM). EVE: 1 (pre-align: patch embedding,
@@ -78,6 +86,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)  # BLIP-2 stage 1 only
     steps: int = 1000
     batch_size: int = 32  # BLIP-2, per rank (a Flamingo dataset has its own batch_size)
     grad_accum: int = 1
@@ -105,6 +114,12 @@ class TrainConfig:
                              "'blip2', stage 1 and no init_from (a later stage starts from the previous one)")
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
+        w = self.loss_weights
+        if min(w.itc, w.itm, w.itg) < 0 or not all(map(math.isfinite, (w.itc, w.itm, w.itg))):
+            raise ValueError(f"loss_weights must be finite and >= 0, got {w}")
+        if w != LossWeights() and (self.model_kind != "blip2" or self.stage != 1):
+            raise ValueError("loss_weights weigh BLIP-2's stage-1 losses (ITC, ITM, ITG): they need model_kind "
+                             "'blip2' and stage 1")
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
         self.datasets = [d if isinstance(d, DocumentData) else from_dict(DocumentData, d) for d in self.datasets]
         if self.model_kind == "flamingo" and (self.flamingo is None or not self.datasets):
@@ -256,14 +271,17 @@ class Objective(torch.nn.Module):
             out = self.model(**batch)  # CE on the target text + pal_weight * PAL
             return out.loss, {k: v.item() for k, v in (("loss_ce", out.loss_ce), ("loss_pal", out.loss_pal))
                               if v is not None}
-        return blip2_loss(self.model, batch, self.cfg.stage, generator)
+        return blip2_loss(self.model, batch, self.cfg.stage, generator, self.cfg.loss_weights)
 
 
-def blip2_loss(model: Blip2, batch: dict, stage: int, generator=None) -> tuple[torch.Tensor, dict[str, float]]:
+def blip2_loss(model: Blip2, batch: dict, stage: int, generator=None, weights: LossWeights | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     if stage == 1:
+        w = weights or LossWeights()
         out = model.pretrain_losses(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                    batch.get("image_features"), batch["image_ids"], generator)
-        return out.loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(),
+                                    batch.get("image_features"), batch["image_ids"], generator, itg=w.itg > 0)
+        loss = w.itc * out.loss_itc + w.itm * out.loss_itm + w.itg * out.loss_itg
+        return loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(),
                           "loss_itg": out.loss_itg.item()}
     out = model(batch.get("pixel_values"), batch["input_ids"], batch["attention_mask"], batch["labels"],
                 batch.get("image_features"))
