@@ -59,6 +59,10 @@ def test_retrieve_both_directions(saved, capsys):
     rows = _rows(capsys)
     assert sorted(r["text"] for r in rows) == ["a red circle", "blue square", "two"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
+    main(["retrieve", str(saved / "model"), "--image", str(saved / "images" / "1.png"), "--texts", "a red circle",
+          "two", "blue square", "--rerank", "lavis", "--json"])
+    lavis = _rows(capsys)
+    assert len(lavis) == 3 and [r["score"] for r in lavis] != [r["score"] for r in rows]  # another rule, other scores
 
 
 def test_retrieve_needs_a_direction(saved):

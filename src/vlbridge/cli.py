@@ -111,7 +111,7 @@ def cmd_retrieve(args):
         files, images = _readable(_image_files(args.images))
         if not images:
             sys.exit("no readable images")
-        ranked = rank_images(model, processor, images, args.text, k=args.k)
+        ranked = rank_images(model, processor, images, args.text, k=args.k, rerank=args.rerank)
         rows = [{"rank": r + 1, "file": str(files[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
     else:
         texts = list(args.texts or []) + (Path(args.texts_file).read_text().splitlines() if args.texts_file else [])
@@ -121,7 +121,7 @@ def cmd_retrieve(args):
         files, images = _readable(_image_files([args.image]))
         if not images:
             sys.exit(f"cannot read image {args.image}")
-        ranked = rank_texts(model, processor, images[0], texts, k=args.k)
+        ranked = rank_texts(model, processor, images[0], texts, k=args.k, rerank=args.rerank)
         rows = [{"rank": r + 1, "text": texts[i], "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
     _print_rows(rows, args.json)
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--texts", nargs="+")
     r.add_argument("--texts-file", help="one text per line")
     r.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
+    r.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
+                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
     r.add_argument("--top", type=int, default=10)
     r.set_defaults(func=cmd_retrieve)
 

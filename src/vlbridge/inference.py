@@ -43,24 +43,26 @@ def answer(model, processor, images, questions, template: str | None = None, bat
 
 
 @torch.no_grad()
-def _scores(model, processor, images, texts, k: int) -> torch.Tensor:
-    """(Ni, Nt) re-ranked retrieval scores: ITC for all pairs, ITM + ITC for each image's top k."""
+def _scores(model, processor, images, texts, k: int, rerank: str):
+    """Re-ranked retrieval scores: ITC for all pairs, ITM + ITC (`rerank`, Blip2.retrieval_scores) for
+    each row's top k."""
     model.eval()
     batch = processor(images=images, qformer_text=texts)
     scores = model.retrieval_scores(batch["qformer_input_ids"], batch["qformer_attention_mask"],
-                                    pixel_values=batch["pixel_values"], k=k)
+                                    pixel_values=batch["pixel_values"], k=k, rerank=rerank)
     return scores
 
 
-def rank_images(model, processor, images, text: str, k: int = 128) -> list[tuple[int, float]]:
+def rank_images(model, processor, images, text: str, k: int = 128, rerank: str = "log_odds") -> list[tuple[int, float]]:
     """Images ordered by how well they match `text`: [(image index, score)], best first."""
-    s = _scores(model, processor, images, [text], k).t2i[0]
+    s = _scores(model, processor, images, [text], k, rerank).t2i[0]
     order = s.argsort(descending=True)
     return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]
 
 
-def rank_texts(model, processor, image, texts: list[str], k: int = 128) -> list[tuple[int, float]]:
+def rank_texts(model, processor, image, texts: list[str], k: int = 128, rerank: str = "log_odds"
+               ) -> list[tuple[int, float]]:
     """Texts ordered by how well they match `image`: [(text index, score)], best first."""
-    s = _scores(model, processor, [image], list(texts), k).i2t[0]
+    s = _scores(model, processor, [image], list(texts), k, rerank).i2t[0]
     order = s.argsort(descending=True)
     return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]
