@@ -24,6 +24,8 @@ def test_rules_match_the_library_scores(tmp_path):
     world = sw.ShapesWorldConfig(width=32, height=32)
     scenes = ev.retrieval_scenes("test", 24, world)
     r1 = itm_rerank.rerank_r1(model, processor, scenes, world, k=4, batch_size=8)
+    spread = r1.pop("spread")
+    assert set(spread) == {"itc", "itc/temp", "itm", "logodds"} and all(v >= 0 for v in spread.values())
     assert set(r1) == {"itc", "itm", "itm+itc", "logodds", "logodds+itc", "prob+itc", "logodds+itc/temp"}
     for rule, rerank in (("logodds+itc/temp", "log_odds"), ("itm+itc", "lavis")):
         ref = ev.shapesworld_retrieval(model, processor, scenes, world, k=4, batch_size=8, rerank=rerank)
