@@ -595,18 +595,18 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
             preds = []
             for i in range(0, len(qa), 512):
                 preds += greedy(model, tok, [ctx(s) + ids(VQA_PROMPT.format(q=q)) for s, q, _ in qa[i:i + 512]], max_new=2)
+            # relation also splits into yes/no ("is the red circle above the blue star?") and open ("what
+            # shape is left of the red circle?") questions, which the LM answers very differently
             per: dict[str, list[float]] = {}
+            relation: dict[str, list[float]] = {"yes_no": [], "open": []}
             for (s, q, a), p in zip(qa, preds):
                 kind = next(x.kind for x in s.qa if x.question == q)
                 per.setdefault(kind, []).append(float(p == a))
+                if kind == "relation":
+                    relation["yes_no" if a in ("yes", "no") else "open"].append(float(p == a))
             acc = {k: round(float(np.mean(v)), 4) for k, v in sorted(per.items())}
             acc["all"] = round(float(np.mean([v for vs in per.values() for v in vs])), 4)
-            # relation splits into yes/no ("is the red circle above the blue star?") and open ("what
-            # shape is left of the red circle?") questions, which the LM answers very differently
-            for form, hit in (("yes_no", True), ("open", False)):
-                v = [float(p == a) for (s, q, a), p in zip(qa, preds)
-                     if next(x.kind for x in s.qa if x.question == q) == "relation" and (a in ("yes", "no")) == hit]
-                acc[f"relation_{form}"] = round(float(np.mean(v)), 4) if v else None
+            acc |= {f"relation_{form}": round(float(np.mean(v)), 4) if v else None for form, v in relation.items()}
             res[f"{split}/vqa/{name}"] = acc
             if name != "no_context":
                 caps = greedy(model, tok, [ctx(s) + ids(CAPTION_PROMPT) for s in scenes], max_new=30)
@@ -708,6 +708,14 @@ def evaluate_bert(model, tok, cfg, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def save(args, subdir: str, *parts) -> None:
+    """save_pretrained each part (model, tokenizer, processor) into OUT/subdir; --eval-only re-measures
+    and leaves the saved files as they are."""
+    if not args.eval_only:
+        for part in parts:
+            part.save_pretrained(args.out / subdir)
+
+
 def write_measures(args, name: str, result: dict, train_s: float) -> None:
     """Write OUT/NAME.json; re-measuring (--eval-only) keeps the training run's time and arguments."""
     path = args.out / f"{name}.json"
@@ -731,8 +739,7 @@ def main() -> None:
     words = words_of(texts)
     print(f"vocabulary: {len(words)} words")
     qtok = build_qformer_tokenizer(words)
-    if not args.eval_only:
-        qtok.save_pretrained(args.out / "qformer_tokenizer")
+    save(args, "qformer_tokenizer", qtok)
 
     if "clip" in args.only:
         # --eval-only re-measures the saved model with its own tokenizer (BPE training is not reproducible)
@@ -750,9 +757,7 @@ def main() -> None:
             image_processor=CLIPImageProcessor(size={"shortest_edge": cfg.height}, crop_size={"height": cfg.height, "width": cfg.width},
                                                image_mean=mean.round(4).tolist(), image_std=std.round(4).tolist()),
             tokenizer=ctok)
-        if not args.eval_only:  # re-measuring leaves the saved files as they are
-            model.save_pretrained(args.out / "vision")
-            processor.save_pretrained(args.out / "vision")
+        save(args, "vision", model, processor)
         # the shipped processor must reproduce the normalisation used in training
         scenes = make_split("val", 4, cfg)
         from vlbridge.data.shapesworld import render
@@ -767,14 +772,9 @@ def main() -> None:
     if "lm" in args.only:
         ltok = PreTrainedTokenizerFast.from_pretrained(args.out / "lm") if args.eval_only else build_lm_tokenizer(words)
         t0 = time.time()
-        if args.eval_only:
-            lm = LlamaForCausalLM.from_pretrained(args.out / "lm").eval()
-        else:
-            lm = train_lm(args, cfg, ltok)
+        lm = LlamaForCausalLM.from_pretrained(args.out / "lm").eval() if args.eval_only else train_lm(args, cfg, ltok)
         train_s = time.time() - t0
-        if not args.eval_only:
-            lm.save_pretrained(args.out / "lm")
-            ltok.save_pretrained(args.out / "lm")
+        save(args, "lm", lm, ltok)
         ceiling = evaluate_lm(lm, ltok, cfg, args)
         write_measures(args, "lm_ceiling", ceiling, train_s)
 
@@ -788,9 +788,7 @@ def main() -> None:
         bert = BertForMaskedLM.from_pretrained(args.out / "bert").eval() if args.eval_only else \
             train_bert(args, cfg, qtok, load_recipe("blip2_shapesworld_stage1").model.qformer)
         train_s = time.time() - t0
-        if not args.eval_only:
-            bert.save_pretrained(args.out / "bert")
-            qtok.save_pretrained(args.out / "bert")
+        save(args, "bert", bert, qtok)
         probe = evaluate_bert(bert, qtok, cfg, args)
         write_measures(args, "bert_probe", probe, train_s)
 

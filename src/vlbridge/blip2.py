@@ -59,6 +59,9 @@ class Blip2Features:
     multimodal_embeds: torch.Tensor | None = None  # (B, Q, d) queries after seeing the text
 
 
+RERANK_RULES = ("log_odds", "lavis")  # Blip2.retrieval_scores(rerank=...)
+
+
 @dataclass
 class RetrievalScores:
     itc: torch.Tensor  # (Ni, Nt) cosine similarity, max over queries
@@ -463,8 +466,8 @@ class Blip2(nn.Module):
                         so ITM alone decides. On ShapesWorld val (1,000 images, k 16; scripts/itm_rerank.py)
                         "log_odds" gave R@1 0.948 vs 0.735 for "lavis" (ITC alone 0.952)."""
         self._require_text_branch()
-        if rerank not in ("log_odds", "lavis"):
-            raise ValueError(f"rerank {rerank!r}: expected 'log_odds' or 'lavis'")
+        if rerank not in RERANK_RULES:
+            raise ValueError(f"rerank {rerank!r}: expected one of {RERANK_RULES}")
         source = pixel_values if image_features is None else image_features
         img = torch.cat([self.image_embeds(**{("pixel_values" if image_features is None else "image_features"): x})
                          for x in source.split(batch_size)])  # (Ni, N, Dv)

@@ -41,6 +41,13 @@ def _generation_args(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, default=0)
 
 
+def _retrieval_args(p: argparse.ArgumentParser):
+    # the choices are Blip2.RERANK_RULES, spelled out so that --help needs no torch import
+    p.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
+    p.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
+                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
+
+
 def _generation_kwargs(args) -> dict:
     names = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
              "do_sample", "temperature", "top_p")
@@ -168,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", help="rank texts for this image")
     r.add_argument("--texts", nargs="+")
     r.add_argument("--texts-file", help="one text per line")
-    r.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
-    r.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
-                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
+    _retrieval_args(r)
     r.add_argument("--top", type=int, default=10)
     r.set_defaults(func=cmd_retrieve)
 
@@ -204,9 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: every task the data and the model allow")
     e.add_argument("--prompt", help="caption prompt (default: the model's)")
     e.add_argument("--vqa-prompt", help='VQA template with {} for the question (default: the model\'s)')
-    e.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
-    e.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
-                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
+    _retrieval_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4, 8], help="Flamingo: shot counts (few-shot eval)")
     _generation_args(e)

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +114,9 @@ class TrainConfig:
                              "'blip2', stage 1 and no init_from (a later stage starts from the previous one)")
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
-        w = self.loss_weights
-        if min(w.itc, w.itm, w.itg) < 0 or not all(map(math.isfinite, (w.itc, w.itm, w.itg))):
-            raise ValueError(f"loss_weights must be finite and >= 0, got {w}")
-        if w != LossWeights() and (self.model_kind != "blip2" or self.stage != 1):
+        if not all(math.isfinite(x) and x >= 0 for x in astuple(self.loss_weights)):
+            raise ValueError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
+        if self.loss_weights != LossWeights() and (self.model_kind != "blip2" or self.stage != 1):
             raise ValueError("loss_weights weigh BLIP-2's stage-1 losses (ITC, ITM, ITG): they need model_kind "
                              "'blip2' and stage 1")
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
