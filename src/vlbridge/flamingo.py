@@ -239,7 +239,10 @@ class ExtendedEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         match = input_ids[..., None] == self.added.token_ids  # (B, T, K)
         emb = self.original(input_ids.masked_fill(match.any(-1), 0))  # added ids may lie past the frozen table
-        rows = self.added.input.to(emb.dtype)[match.long().argmax(-1)]  # (B, T, D)
+        # a one-hot sum, not rows[index]: the backward of indexing accumulates into the rows in a
+        # thread-dependent order on CPU, and made two identical Flamingo runs drift apart (no matmul
+        # either: autocast would round the rows to bf16)
+        rows = (match[..., None].to(emb.dtype) * self.added.input.to(emb.dtype)).sum(-2)  # (B, T, K, D) -> (B, T, D)
         return torch.where(match.any(-1, keepdim=True), rows, emb)
 
 
