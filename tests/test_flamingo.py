@@ -230,6 +230,33 @@ def test_only_the_bridge_and_the_added_rows_train(build, kind):
     assert (emb(added_ids) != added_before).any(-1).all()
 
 
+def test_added_rows_look_up_and_sum_their_gradient_exactly():
+    """ExtendedEmbedding: an added id gets its own row; a row's gradient is the sum over the positions
+    that hold its id, the same in every run (the lookup is a one-hot sum, not an index backward)."""
+    from vlbridge.flamingo import AddedTokens, ExtendedEmbedding
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(10, 8)
+    added = AddedTokens([10, 11], table.weight, table.weight, tied=True)
+    with torch.no_grad():
+        added.input.normal_()
+    emb = ExtendedEmbedding(table, added)
+    ids = torch.randint(0, 12, (4, 300))
+    upstream = torch.randn(4, 300, 8)
+    out = emb(ids)
+    for k, token in enumerate((10, 11)):
+        assert torch.equal(out[ids == token], added.input[k].expand(int((ids == token).sum()), -1))
+    assert torch.equal(out[ids < 10], table(ids[ids < 10]))
+    grads = []
+    for _ in range(3):
+        added.input.grad = None
+        (emb(ids) * upstream).sum().backward()
+        grads.append(added.input.grad.clone())
+    want = torch.stack([upstream[ids == t].double().sum(0) for t in (10, 11)]).float()
+    torch.testing.assert_close(grads[0], want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
 def test_sequences_with_different_numbers_of_images(build):
     model, proc = build("opt", open_gates=True)
     texts = ["<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",

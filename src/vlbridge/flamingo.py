@@ -241,8 +241,8 @@ class ExtendedEmbedding(nn.Module):
         emb = self.original(input_ids.masked_fill(match.any(-1), 0))  # added ids may lie past the frozen table
         # a one-hot sum, not rows[index]: the backward of indexing accumulates into the rows in a
         # thread-dependent order on CPU, and made two identical Flamingo runs drift apart (no matmul
-        # either: autocast would round the rows to bf16)
-        rows = (match[..., None].to(emb.dtype) * self.added.input.to(emb.dtype)).sum(-2)  # (B, T, K, D) -> (B, T, D)
+        # either: autocast would round the rows to bf16). (B, T, K, 1) * (K, D) summed over K -> (B, T, D)
+        rows = (match[..., None].to(emb.dtype) * self.added.input.to(emb.dtype)).sum(-2)
         return torch.where(match.any(-1, keepdim=True), rows, emb)
 
 
