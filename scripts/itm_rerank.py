@@ -29,6 +29,7 @@ import json
 import torch
 
 from vlbridge import Blip2, Blip2Processor
+from vlbridge.blip2 import rerank_score
 from vlbridge import evaluate as ev
 from vlbridge.data import shapesworld as sw
 
@@ -51,15 +52,17 @@ def rerank_r1(model, processor, scenes, world, k: int = 16, batch_size: int = 12
     logits = torch.stack([model.itm(ids[top[i]], mask[top[i]], image_features=feats[i].expand(top.shape[1], -1, -1))
                           for i in range(len(scenes))]).float()  # (N, k, 2)
     match, logodds = logits[..., 1], logits[..., 1] - logits[..., 0]
-    rules = {"itc": sim, "itm": match, "itm+itc": match + sim, "logodds": logodds, "logodds+itc": logodds + sim,
-             "prob+itc": logodds.sigmoid() + sim, "logodds+itc/temp": logodds + sim / model.temp.item()}
+    temp = model.itc_temperature.item()
+    rules = {"itc": sim, "itm": match, "itm+itc": rerank_score(logits, sim, temp, "lavis"), "logodds": logodds,
+             "logodds+itc": logodds + sim, "prob+itc": logodds.sigmoid() + sim,
+             "logodds+itc/temp": rerank_score(logits, sim, temp, "log_odds")}
     truth = torch.arange(len(scenes))
     out = {name: round((top.gather(1, s.argmax(1, keepdim=True))[:, 0] == truth).float().mean().item(), 4)
            for name, s in rules.items()}
     # how far each term moves across an image's k candidates (median over images): a term that barely
     # moves cannot change the order of a sum it is part of
     spread = lambda x: round((x.amax(1) - x.amin(1)).median().item(), 4)
-    return out | {"spread": {"itc": spread(sim), "itc/temp": spread(sim / model.temp.item()), "itm": spread(match),
+    return out | {"spread": {"itc": spread(sim), "itc/temp": spread(sim / temp), "itm": spread(match),
                              "logodds": spread(logodds)}}
 
 

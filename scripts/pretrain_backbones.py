@@ -49,7 +49,7 @@ from transformers import (
 )
 
 from vlbridge.data.shapesworld import (
-    COLORS, GRID, QA, SHAPES, SIZES, ShapesWorldConfig, contrast_group, hard_negative_captions, make_split,
+    COLORS, CONVERSE, GRID, QA, RELATIONS, SHAPES, SIZES, ShapesWorldConfig, contrast_group, hard_negative_captions, make_split,
     holds, object_pieces, parse_caption, relation, render_batch, split_scene,
 )
 
@@ -494,8 +494,6 @@ LM_CURRICULUM = (Phase("forward", 1000, 1.0, "forward", False, 0.0),
                  Phase("yes_no", 1500, 1.0, "caption", False, 0.0),
                  Phase("mixed", 5000, 0.5, "caption", True, 0.5),
                  Phase("robust", 1500, 0.5, "caption", True, 0.5, noise=0.3))
-RELATIONS = ("left of", "right of", "above", "below")
-CONVERSE = {"left of": "right of", "above": "below", "below": "above"}
 
 
 def yes_no_question(scene, rng, order: str) -> QA | None:
@@ -584,15 +582,14 @@ def train_lm(args, cfg, tok) -> LlamaForCausalLM:
 
     if args.lm_init:
         model = LlamaForCausalLM.from_pretrained(args.lm_init)
-        model.set_attn_implementation("eager")
     else:
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=args.lm_width, intermediate_size=3 * args.lm_width,
-                             num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_width // 32,
-                             num_key_value_heads=args.lm_width // 32, max_position_embeddings=512,
-                             tie_word_embeddings=args.lm_tied, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        model = LlamaForCausalLM(config)
-        model.set_attn_implementation("eager")  # see autocast() below
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=args.lm_width, intermediate_size=3 * args.lm_width,
+            num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_width // 32,
+            num_key_value_heads=args.lm_width // 32, max_position_embeddings=512, tie_word_embeddings=args.lm_tied,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.set_attn_implementation("eager")  # see autocast() below
+    if not args.lm_init:
         print(f"LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tok)}")
         # Untied embeddings, no weight decay on embeddings and norms, only targets scored (lm_example), lr 1e-3.
         # The LM shipped before (tied, decay on everything, every token scored, lr 3e-3) never copied a size

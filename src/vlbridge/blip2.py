@@ -62,6 +62,14 @@ class Blip2Features:
 RERANK_RULES = ("log_odds", "lavis")  # Blip2.retrieval_scores(rerank=...)
 
 
+def rerank_score(itm_logits: torch.Tensor, sim: torch.Tensor, temp: float, rule: str = "log_odds") -> torch.Tensor:
+    """A re-ranked retrieval score from ITM logits (..., 2) (no-match, match) and ITC cosine `sim` (...):
+    "log_odds" = match - no-match logit + sim / temp, "lavis" = match logit + sim (retrieval_scores)."""
+    if rule == "log_odds":
+        return itm_logits[..., 1] - itm_logits[..., 0] + sim / temp
+    return itm_logits[..., 1] + sim
+
+
 @dataclass
 class RetrievalScores:
     itc: torch.Tensor  # (Ni, Nt) cosine similarity, max over queries
@@ -259,6 +267,11 @@ class Blip2(nn.Module):
                 image_features = self.vision(pixel_values)
         return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
 
+    @property
+    def itc_temperature(self) -> torch.Tensor:
+        """The learned ITC temperature, clamped as the loss uses it (ITC logit = cosine / temperature)."""
+        return self.temp.clamp(0.001, 0.5)
+
     def _require_text_branch(self):
         if not self.config.qformer.text_branch:
             raise ValueError("this model's Q-Former text branch was dropped (stage 2): ITC/ITM/ITG are unavailable")
@@ -311,7 +324,7 @@ class Blip2(nn.Module):
         _, text_feat = self._text_feat(input_ids, attention_mask)
         image_feats_all, text_feat_all = gather_with_grad(image_feats), gather_with_grad(text_feat)
         ids_all = gather_no_grad(image_ids)
-        temp = self.temp.clamp(0.001, 0.5)
+        temp = self.itc_temperature
         sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat_all).amax(-1) / temp  # (B, B_all)
         sim_t2i = torch.einsum("te,bqe->tbq", text_feat, image_feats_all).amax(-1) / temp  # (B, B_all)
         positives = image_ids[:, None] == ids_all[None, :]
@@ -475,7 +488,7 @@ class Blip2(nn.Module):
         text_feat = torch.cat([self._text_feat(i, m)[1] for i, m in
                                zip(input_ids.split(batch_size), attention_mask.split(batch_size))])  # (Nt, E)
         itc = torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1)  # (Ni, Nt)
-        temp = self.temp.clamp(0.001, 0.5).item()
+        temp = self.itc_temperature.item()
 
         def rerank_rows(sim, image_of, text_of):
             scores = torch.full_like(sim, float("-inf"))
@@ -485,9 +498,7 @@ class Blip2(nn.Module):
                     cols = top[row, s:s + batch_size]
                     im, tx = image_of(row, cols), text_of(row, cols)
                     logits = self._itm_logits(img, input_ids[tx], attention_mask[tx], im).float()  # (n, 2)
-                    part = top_sim[row, s:s + batch_size]
-                    scores[row, cols] = (logits[:, 1] - logits[:, 0] + part / temp if rerank == "log_odds"
-                                         else logits[:, 1] + part)
+                    scores[row, cols] = rerank_score(logits, top_sim[row, s:s + batch_size], temp, rerank)
             return scores
 
         i2t = rerank_rows(itc, lambda r, c: torch.full_like(c, r), lambda r, c: c)

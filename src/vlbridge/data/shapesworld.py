@@ -78,6 +78,8 @@ SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
 _BUCKETS = {"train": range(0, 90), "val": range(90, 95), "test": range(95, 100)}
 EDIT_KINDS = ("shape", "color", "size", "position", "count")
 QA_KINDS = ("color", "shape", "size", "count", "exist", "relation")
+RELATIONS = ("left of", "right of", "above", "below")  # what holds() decides
+CONVERSE = {"left of": "right of", "above": "below", "below": "above"}  # of each caption relation
 GRID = 3
 
 
@@ -213,7 +215,7 @@ def _make_qa(objs: tuple[Obj, ...], rng: np.random.Generator, allow_held_out: bo
     if pairs:
         a, b = pick(pairs)
         r = relation(a, b)
-        conv = {"left of": "right of", "above": "below", "below": "above"}[r]
+        conv = CONVERSE[r]
         yes = [(a, r, b), (b, conv, a)]
         no = [(b, r, a), (a, conv, b)]
         for (x, rel, y), ans in ((pick(yes), "yes"), (pick(no), "no")):
