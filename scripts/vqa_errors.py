@@ -45,7 +45,8 @@ def vqa_errors(model, processor, scenes, world, batch_size: int = 64) -> dict:
                            batch_size)
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa if qa.kind in KINDS]
     answers = ev.generate(model, processor, [images[i] for i, _ in items],
-                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], ev.VQA_DECODE, batch_size)
+                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], ev.VQA_DECODE, batch_size,
+                          questions=[qa.question for _, qa in items])
     cells = {k: {"right/caption_right": 0, "right/caption_wrong": 0, "wrong/caption_right": 0, "wrong/caption_wrong": 0}
              for k in KINDS}
     examples = []

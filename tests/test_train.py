@@ -76,17 +76,20 @@ def test_resume_replays_the_same_losses(tmp_path):
     assert a[-1] < a[0]
 
 
-def test_stage2_from_stage1_with_feature_cache(tmp_path):
+@pytest.mark.parametrize("question", [False, True], ids=["queries", "qformer_question"])
+def test_stage2_from_stage1_with_feature_cache(tmp_path, question):
     stage1 = train(load_recipe(_recipe(tmp_path, "s1"), ["steps=2"]))
     lm_cfg = tiny_blip2_config(tmp_path / "backbones2", lm="gpt2").lm
     path = _recipe(tmp_path, "s2", stage=2, init_from=str(stage1), cache_features=True,
                    data={"num_samples": 32, "group_size": 1, "tasks": ["caption", "vqa"]})
-    cfg = load_recipe(path, [f"model.lm={json.dumps(to_dict(lm_cfg))}"])
+    cfg = load_recipe(path, [f"model.lm={json.dumps(to_dict(lm_cfg))}", f"model.qformer_question={json.dumps(question)}"])
     final = train(cfg)
     from vlbridge import Blip2
 
     model = Blip2.from_pretrained(final)
-    assert model.lm is not None and not model.config.qformer.text_branch
+    assert model.lm is not None and model.config.qformer_question == question
+    # Stage 2 keeps the Q-Former's text side only to read questions; the stage-1 heads always go.
+    assert model.config.qformer.text_branch == question and model.qformer.lm_head is None
     assert list((tmp_path / "feature-cache").glob("features-*.safetensors"))
     assert len(_losses(tmp_path / "s2")) == 6
 

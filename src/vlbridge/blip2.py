@@ -6,6 +6,7 @@ Language Models", 2023.
 Stage 1 (no LLM): `pretrain_losses` = ITC + ITM + ITG on the Q-Former.
 Stage 2: query outputs -> Linear -> soft prompt of a frozen decoder-only LM (LM loss on the text
 after the prompt) or encoder-decoder LM (prefix LM: queries + prefix to the encoder, rest decoded).
+With config.qformer_question the queries also read the question first (the paper's VQA fine-tuning).
 Inference: `generate`, `itc` / `itm` / `retrieval_scores`, `extract_features`.
 
 Shapes: B batch, N image tokens, Dv image width, Q queries, d Q-Former width, E = embed_dim,
@@ -119,7 +120,7 @@ class Blip2(nn.Module):
         eps = tower_cfg.layer_norm_eps if getattr(tower_cfg, "model_type", "") == "blip_2_vision_model" else 1e-5
         self.ln_vision = nn.LayerNorm(qcfg.encoder_hidden_size, eps=eps)
         self.qformer = QFormer(qcfg)
-        if qcfg.text_branch:
+        if qcfg.text_branch and qcfg.pretrain_heads:
             self.vision_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
             self.text_proj = nn.Linear(qcfg.hidden_size, config.embed_dim)
             self.itm_head = nn.Linear(qcfg.hidden_size, 2)
@@ -226,9 +227,12 @@ class Blip2(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONES)}
 
     def drop_text_branch(self):
-        """Stage 2 needs neither the Q-Former's text side nor the ITC/ITM heads."""
-        self.qformer.drop_text_branch()
-        self.config.qformer_tokenizer = ""  # nothing left that reads text
+        """Stage 2 needs neither the Q-Former's text side nor the ITC/ITM/ITG heads; with
+        config.qformer_question it keeps the text side (it reads the question) and drops the heads."""
+        keep = self.config.qformer_question
+        self.qformer.drop_text_branch(keep_text_input=keep)
+        if not keep:
+            self.config.qformer_tokenizer = ""  # nothing left that reads text
         for name in ("vision_proj", "text_proj", "itm_head", "temp"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -272,9 +276,37 @@ class Blip2(nn.Module):
         """The learned ITC temperature, clamped as the loss uses it (ITC logit = cosine / temperature)."""
         return self.temp.clamp(0.001, 0.5)
 
+    @property
+    def has_pretrain_heads(self) -> bool:
+        """Whether ITC / ITM / ITG can run (a stage-1 model; stage 2 drops what they need)."""
+        return self.config.qformer.text_branch and self.config.qformer.pretrain_heads
+
     def _require_text_branch(self):
-        if not self.config.qformer.text_branch:
-            raise ValueError("this model's Q-Former text branch was dropped (stage 2): ITC/ITM/ITG are unavailable")
+        if not self.has_pretrain_heads:
+            raise ValueError("this model's Q-Former text branch or stage-1 heads were dropped (stage 2): "
+                             "ITC/ITM/ITG are unavailable")
+
+    def query_output(self, img: torch.Tensor, qformer_input_ids=None, qformer_attention_mask=None) -> torch.Tensor:
+        """The queries after the Q-Former (B, Q, d): from the image alone or, with config.qformer_question
+        and question tokens (B, T), after sharing bidirectional self-attention with the question. A row
+        whose qformer_attention_mask is all 0 (no question, e.g. a caption in a mixed batch) gets exactly
+        its queries-alone output: no query sees a masked token."""
+        if qformer_input_ids is None:
+            return self.qformer(image_embeds=img)
+        if not self.config.qformer_question:
+            raise ValueError("this model's Q-Former does not read the question (config.qformer_question is off): "
+                             "pass no qformer_input_ids")
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        asked = qformer_attention_mask.bool().any(dim=1)  # (B,)
+        if not asked.all():  # rows without a question skip the text positions (same result, less work)
+            rows = torch.cat([asked.nonzero()[:, 0], (~asked).nonzero()[:, 0]])
+            parts = [self.query_output(img[~asked])]
+            if asked.any():
+                parts.insert(0, self.query_output(img[asked], qformer_input_ids[asked], qformer_attention_mask[asked]))
+            return torch.cat(parts)[rows.argsort()]
+        h = self.qformer(qformer_input_ids, qformer_attention_mask, image_embeds=img, mask_kind="bidirectional")
+        return h[:, : self.config.qformer.num_query_tokens]
 
     def _image_feats(self, img: torch.Tensor, use_cache: bool = False):
         """Query outputs (B, Q, d), their normalised projections (B, Q, E), and optionally the K/V cache."""
@@ -366,15 +398,19 @@ class Blip2(nn.Module):
         if self.lm is None:
             raise ValueError("this model has no LM (stage 1); load one with Blip2.from_pretrained(path, lm=...)")
 
-    def lm_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None):
+    def lm_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
+                  qformer_input_ids=None, qformer_attention_mask=None):
         """The LM's inputs_embeds (B, Q+T, H), attention_mask and labels with the visual prompt in
         place, and the query outputs (B, Q, d). Encoder-decoder labels are the decoder's targets, not
-        aligned with the encoder inputs: they come back unchanged."""
+        aligned with the encoder inputs: they come back unchanged. qformer_input_ids / _attention_mask:
+        the questions in Q-Former tokens (config.qformer_question), see query_output."""
         self._require_lm()
         if self.config.lm.is_encoder_decoder and labels is not None:
-            inputs_embeds, mask, _, query = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features)
+            inputs_embeds, mask, _, query = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features,
+                                                           qformer_input_ids, qformer_attention_mask)
             return inputs_embeds, mask, labels, query
-        query = self.qformer(image_embeds=self.image_embeds(pixel_values, image_features))  # (B, Q, d)
+        query = self.query_output(self.image_embeds(pixel_values, image_features), qformer_input_ids,
+                                  qformer_attention_mask)  # (B, Q, d)
         emb = self.lm.get_input_embeddings()
         prompt = self.lm_proj(query).to(emb.weight.dtype)  # (B, Q, H)
         B, Q = prompt.shape[:2]
@@ -402,14 +438,16 @@ class Blip2(nn.Module):
         return torch.cat([prompt, text], dim=1), mask, labels, query
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
-                decoder_input_ids=None, decoder_attention_mask=None) -> Blip2Output:
+                decoder_input_ids=None, decoder_attention_mask=None, qformer_input_ids=None,
+                qformer_attention_mask=None) -> Blip2Output:
         """Stage-2 forward. Decoder-only: input_ids = prompt + target, labels -100 on the prompt.
         Encoder-decoder: input_ids = prompt (prefix) for the encoder, labels = target for the decoder.
+        qformer_input_ids / qformer_attention_mask: the questions, for a model with config.qformer_question.
 
         Called with keywords, it takes transformers' Blip2ForConditionalGeneration inputs (pixel_values,
         input_ids with the image tokens, attention_mask, decoder_input_ids) and gives its logits."""
         inputs_embeds, mask, labels, query = self.lm_inputs(pixel_values, input_ids, attention_mask, labels,
-                                                            image_features)
+                                                            image_features, qformer_input_ids, qformer_attention_mask)
         if self.config.lm.is_encoder_decoder:
             if decoder_input_ids is None:
                 if labels is None:
@@ -433,7 +471,7 @@ class Blip2(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, image_features=None,
-                 **generate_kwargs) -> torch.Tensor:
+                 qformer_input_ids=None, qformer_attention_mask=None, **generate_kwargs) -> torch.Tensor:
         """Generate with the frozen LM; takes transformers' keywords (max_new_tokens, num_beams,
         length_penalty, min_new_tokens, do_sample, temperature, top_p, repetition_penalty, ...).
 
@@ -441,9 +479,11 @@ class Blip2(nn.Module):
         (the processor does that). transformers' Blip2ForConditionalGeneration.generate returns the
         prompt ids + the same new ids (decoder-only LMs) or the decoder start token + them (T5); its
         logits processors (repetition_penalty, no_repeat_ngram_size) also see the prompt, ours only
-        the new tokens.
+        the new tokens. qformer_input_ids / qformer_attention_mask: the questions, for a model with
+        config.qformer_question (the processor's qformer_text=).
         """
-        inputs_embeds, mask, _, _ = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features)
+        inputs_embeds, mask, _, _ = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features,
+                                                   qformer_input_ids, qformer_attention_mask)
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
@@ -514,7 +554,7 @@ class Blip2(nn.Module):
         if pixel_values is not None or image_features is not None:
             img = self.image_embeds(pixel_values, image_features)
             feats.image_embeds = self.qformer(image_embeds=img)
-            if self.config.qformer.text_branch:
+            if self.has_pretrain_heads:
                 feats.image_embeds_proj = F.normalize(self.vision_proj(feats.image_embeds), dim=-1)
         if input_ids is not None:
             self._require_text_branch()

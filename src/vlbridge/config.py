@@ -94,8 +94,11 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     attention_dropout: float = 0.1
-    # The text side (word/position embeddings, text FFNs, ITG head) is needed for stage 1 only.
+    # The text side (word/position embeddings, text FFNs) reads captions in stage 1 and, with
+    # Blip2Config.qformer_question, questions in stage 2; without that, stage 2 drops it.
     text_branch: bool = True
+    # The stage-1 heads (ITG here; ITC projections, temperature and ITM head in Blip2): stage 2 drops them.
+    pretrain_heads: bool = True
     pad_token_id: int = 0
     bos_token_id: int = 30522  # [DEC]: replaces [CLS] as the first token for image-grounded generation
 
@@ -115,3 +118,7 @@ class Blip2Config:
     image_token_id: int | None = None
     caption_prompt: str = "a photo of"
     vqa_prompt: str = "Question: {} Answer:"
+    # Stage 2: the Q-Former also reads the question (its tokens share self-attention with the queries,
+    # bidirectionally), so the queries can pick what the question asks about; BLIP-2's VQA fine-tuning
+    # (paper section 4.3). Captions (no question) run the queries alone, as without it.
+    qformer_question: bool = False

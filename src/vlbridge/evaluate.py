@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .data import shapesworld as sw
 from .data.readers import SkipCounter, decode_image
-from .inference import CAPTION_DEFAULTS, VQA_DEFAULTS
+from .inference import CAPTION_DEFAULTS, VQA_DEFAULTS, generate_texts
 from .metrics import caption_metrics, retrieval_recall, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,10 @@ def _merge(defaults: dict, decode: dict | None) -> dict:
     return out
 
 
-@torch.no_grad()
 def generate(model, processor, images, prompts, decode: dict, batch_size: int, progress: bool = False,
-             desc: str = "generate") -> list[str]:
-    """One generated text per (image, prompt), in batches."""
-    out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = processor(images=images[s:s + batch_size], text=prompts[s:s + batch_size])
-        out += processor.batch_decode(model.generate(**batch, **decode))
-    return out
+             desc: str = "generate", questions: list[str] | None = None) -> list[str]:
+    """One generated text per (image, prompt), in batches (inference.generate_texts)."""
+    return generate_texts(model, processor, images, prompts, decode, batch_size, questions, progress, desc)
 
 
 def _skips(skips: SkipCounter) -> dict:
@@ -148,8 +143,9 @@ def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = 
     t0 = time.time()
     skips, done = SkipCounter(), []
     for chunk, images in _decoded_batches(samples, batch_size, skips, "vqa"):
-        answers = generate(model, processor, images, [template.format(x["question"]) for x in chunk], decode,
-                           batch_size)
+        questions = [x["question"] for x in chunk]
+        answers = generate(model, processor, images, [template.format(q) for q in questions], decode, batch_size,
+                           questions=questions)
         done += zip(chunk, answers)
     scored = [(x, a) for x, a in done if x["answers"]]  # test sets come without answers
 
@@ -259,7 +255,8 @@ def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64,
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa]
     images = [sw.render(scenes[i], world) for i, _ in items]
     prompts = [template.format(qa.question) for _, qa in items]
-    preds = generate(model, processor, images, prompts, decode, batch_size, progress, "vqa")
+    preds = generate(model, processor, images, prompts, decode, batch_size, progress, "vqa",
+                     questions=[qa.question for _, qa in items])
     answers = [[qa.answer] for _, qa in items]
     by_kind = {}
     for kind in sw.QA_KINDS:
@@ -344,7 +341,7 @@ def _tasks(cfg: EvalConfig, model) -> list[str]:
     inputs = {"caption": has_captions, "vqa": bool(cfg.vqa_questions or cfg.shapesworld), "retrieval": has_captions}
     qformer = getattr(model.config, "qformer", None)  # EVE has no Q-Former: no retrieval
     able = {"caption": model.lm is not None, "vqa": model.lm is not None,
-            "retrieval": qformer is not None and qformer.text_branch}
+            "retrieval": qformer is not None and qformer.text_branch and qformer.pretrain_heads}
     if cfg.tasks is None:
         tasks = [t for t in TASKS if inputs[t] and able[t]]
         if not tasks:

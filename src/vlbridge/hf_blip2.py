@@ -239,6 +239,9 @@ def save_transformers(model, path: str | Path, processor=None):
     from transformers import Blip2QFormerConfig, Blip2VisionModel
 
     cfg, q = model.config, model.config.qformer
+    if model.lm is not None and cfg.qformer_question:
+        raise ValueError("this Q-Former reads the question (qformer_question): transformers' "
+                         "Blip2ForConditionalGeneration cannot; save with format='vlbridge'")
     tower = getattr(model.vision, "model", None)
     if not isinstance(tower, Blip2VisionModel):
         raise ValueError(f"transformers' BLIP-2 holds a Blip2VisionModel tower, not {type(tower).__name__}: "

@@ -9,20 +9,32 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 # BLIP-2's evaluation settings: captions 5 beams, 8..30 tokens; VQA 5 beams, short answers.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
 VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, length_penalty=-1.0)
 
 
-def _generate(model, processor, images, prompts, defaults, batch_size, **generate_kwargs) -> list[str]:
-    kwargs = {**defaults, **generate_kwargs}
+@torch.no_grad()
+def generate_texts(model, processor, images, prompts, generate_kwargs: dict, batch_size: int,
+                   questions: list[str] | None = None, progress: bool = False, desc: str = "generate") -> list[str]:
+    """One generated text per (image, prompt), in batches. questions: the raw questions, which a BLIP-2
+    whose Q-Former reads them (config.qformer_question) also gets; other models ignore them."""
+    if questions is not None and len(questions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    reads = questions is not None and getattr(model.config, "qformer_question", False)
     model.eval()
     out = []
-    for s in range(0, len(images), batch_size):
-        batch = processor(images=images[s:s + batch_size], text=prompts[s:s + batch_size])
-        out += processor.batch_decode(model.generate(**batch, **kwargs))
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        extra = {"qformer_text": questions[s:s + batch_size], "truncate": True} if reads else {}
+        batch = processor(images=images[s:s + batch_size], text=prompts[s:s + batch_size], **extra)
+        out += processor.batch_decode(model.generate(**batch, **generate_kwargs))
     return out
+
+
+def _generate(model, processor, images, prompts, defaults, batch_size, questions=None, **generate_kwargs) -> list[str]:
+    return generate_texts(model, processor, images, prompts, {**defaults, **generate_kwargs}, batch_size, questions)
 
 
 def caption(model, processor, images, prompt: str | None = None, batch_size: int = 16, **generate_kwargs) -> list[str]:
@@ -39,7 +51,8 @@ def answer(model, processor, images, questions, template: str | None = None, bat
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     template = model.config.vqa_prompt if template is None else template
     prompts = [template.format(q) for q in questions]
-    return _generate(model, processor, list(images), prompts, VQA_DEFAULTS, batch_size, **generate_kwargs)
+    return _generate(model, processor, list(images), prompts, VQA_DEFAULTS, batch_size, list(questions),
+                     **generate_kwargs)
 
 
 @torch.no_grad()

@@ -194,7 +194,7 @@ class QFormer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, i % cfg.cross_attention_frequency == 0) for i in range(cfg.num_layers))
-        self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_branch else None
+        self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_branch and cfg.pretrain_heads else None
         self.grad_checkpointing = False
         self.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
@@ -219,10 +219,15 @@ class QFormer(nn.Module):
             if layer.ffn is not None:
                 layer.ffn_query.load_state_dict(layer.ffn.state_dict())
 
-    def drop_text_branch(self):
-        """Remove what only text positions use (stage 2 never feeds text to the Q-Former)."""
+    def drop_text_branch(self, keep_text_input: bool = False):
+        """Remove what only text positions use (stage 2 feeds no text to the Q-Former), or with
+        keep_text_input only the ITG head (stage 2 feeds it questions, Blip2Config.qformer_question)."""
+        self.config.pretrain_heads = False
+        self.lm_head = None
+        if keep_text_input:
+            return
         self.config.text_branch = False
-        self.word_embeddings = self.position_embeddings = self.lm_head = None
+        self.word_embeddings = self.position_embeddings = None
         for layer in self.layers:
             layer.ffn = None
 
@@ -294,5 +299,7 @@ class QFormer(nn.Module):
         return (h, presents) if use_cache else h
 
     def itg_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            raise ValueError("this Q-Former has no ITG head (dropped for stage 2)")
         return self.lm_head(hidden)
 

@@ -370,7 +370,7 @@ def samples_section(report: dict, m2, p2, world) -> str:
         captions = ev.generate(m2, p2, images, [cap_prompt] * len(images), cap_kwargs, len(images))
         qas = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa[:3]]
         answers = ev.generate(m2, p2, [images[i] for i, _ in qas], [vqa_prompt.format(qa.question) for _, qa in qas],
-                              vqa_kwargs, len(qas))
+                              vqa_kwargs, len(qas), questions=[qa.question for _, qa in qas])
         rows = []
         for i, (scene, image, caption) in enumerate(zip(scenes, images, captions)):
             acc = sw.attribute_accuracy([caption], [scene])

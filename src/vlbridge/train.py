@@ -187,12 +187,13 @@ def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
         return model, processor
     if cfg.model.lm is None:
         raise ValueError("a stage-2 recipe needs model.lm")
-    if cfg.init_from:  # the stage-1 Q-Former, a fresh projection into this LM, no text branch
-        model = Blip2.from_pretrained(cfg.init_from, lm=cfg.model.lm, drop_text_branch=True)
-        model.config.caption_prompt, model.config.vqa_prompt = cfg.model.caption_prompt, cfg.model.vqa_prompt
+    if cfg.init_from:  # the stage-1 Q-Former, a fresh projection into this LM, no stage-1 heads
+        model = Blip2.from_pretrained(cfg.init_from, lm=cfg.model.lm)
+        for name in ("caption_prompt", "vqa_prompt", "qformer_question"):
+            setattr(model.config, name, getattr(cfg.model, name))
     else:
         model, _ = create_blip2(cfg.model)
-        model.drop_text_branch()
+    model.drop_text_branch()  # keeps the Q-Former's text side with qformer_question
     return model, Blip2Processor.from_config(model.config)
 
 
@@ -250,8 +251,9 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
         cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
         if rank == 0:
             dist.barrier()
+    question = cfg.model_kind == "blip2" and cfg.stage == 2 and model.config.qformer_question
     return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
-                                  cache, rank, world_size))}
+                                  cache, rank, world_size, question))}
 
 
 class Objective(torch.nn.Module):
@@ -283,7 +285,8 @@ def blip2_loss(model: Blip2, batch: dict, stage: int, generator=None, weights: L
         return loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(),
                           "loss_itg": out.loss_itg.item()}
     out = model(batch.get("pixel_values"), batch["input_ids"], batch["attention_mask"], batch["labels"],
-                batch.get("image_features"))
+                batch.get("image_features"), qformer_input_ids=batch.get("qformer_input_ids"),
+                qformer_attention_mask=batch.get("qformer_attention_mask"))
     return out.loss, {}
 
 

@@ -6,7 +6,7 @@ Webdataset shards are streamed instead (ShardStream): each rank reads its own sh
 is a function of (step, micro-step) through its position in this rank's stream.
 
 Samples are dicts: {"image": PIL image | None, "key": int (pool index), "caption": str,
-"image_id": int, "prompt": str, "target": str}. A `FeatureCache` replaces images by the frozen
+"image_id": int, "prompt": str, "target": str, "question": str | None (a VQA sample's raw question)}. A `FeatureCache` replaces images by the frozen
 encoder's stored features.
 """
 
@@ -91,12 +91,14 @@ class ShapesWorldPool:
         """The sample for pool index i; for stage 2 a task drawn from cfg.tasks by `rng`."""
         scene = self.scenes[i]
         task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
+        question = None
         if task == "vqa" and scene.qa:
             qa = scene.qa[int(rng.integers(len(scene.qa)))]
-            prompt, target = vqa_prompt.format(qa.question), qa.answer
+            question, prompt, target = qa.question, vqa_prompt.format(qa.question), qa.answer
         else:
             prompt, target = caption_prompt, scene.caption
-        return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target}
+        return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target,
+                "question": question}
 
 
 class FilesPool:
@@ -157,11 +159,13 @@ class FilesPool:
 
     def sample(self, i: int, rng: np.random.Generator, vqa_prompt: str, caption_prompt: str) -> dict:
         s = self.samples[i]
-        if s.get("question") is not None:
-            prompt, target = vqa_prompt.format(s["question"]), s["answer"]
+        question = s.get("question")
+        if question is not None:
+            prompt, target = vqa_prompt.format(question), s["answer"]
         else:
             prompt, target = caption_prompt, s["caption"]
-        return {"key": i, "caption": s.get("caption"), "image_id": self.image_ids[i], "prompt": prompt, "target": target}
+        return {"key": i, "caption": s.get("caption"), "image_id": self.image_ids[i], "prompt": prompt, "target": target,
+                "question": question}
 
 
 def make_pool(cfg: DataConfig):
@@ -223,12 +227,14 @@ class FeatureCache:
 
 
 class BatchStream:
-    """batch(step, micro) -> model inputs; indices from a per-epoch permutation seeded by cfg.seed."""
+    """batch(step, micro) -> model inputs; indices from a per-epoch permutation seeded by cfg.seed.
+    qformer_question: stage-2 batches also carry the questions in Q-Former tokens (Blip2Config.qformer_question)."""
 
     def __init__(self, pool: ShapesWorldPool, processor, batch_size: int, grad_accum: int, stage: int,
                  prompts: tuple[str, str], seed: int = 0, cache: FeatureCache | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, qformer_question: bool = False):
         self.pool, self.processor, self.stage, self.cache = pool, processor, stage, cache
+        self.qformer_question = qformer_question
         self.caption_prompt, self.vqa_prompt = prompts
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.rank, self.world_size = rank, world_size
@@ -270,15 +276,23 @@ class BatchStream:
             batch = {"image_features": self.cache.features[idx].float()}
         else:
             batch = {"pixel_values": self.processor.images([self.pool.image(i) for i in idx])}
-        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1)}
+        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1, self.qformer_question)}
 
 
-def text_inputs(processor, samples: list[dict], stage: int, gathered: bool) -> dict:
+def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qformer_question: bool = False) -> dict:
     """The text side of a BLIP-2 batch. Stage 1: Q-Former tokens (B, T) and ITC image ids (B,); when the
     ranks all-gather their texts (ITM negatives) T is max_text_length on every rank. Stage 2: the LM's
-    prompt + target tokens with labels."""
+    prompt + target tokens with labels, and with qformer_question the questions in Q-Former tokens
+    (qformer_input_ids / qformer_attention_mask; a sample without a question gets an all-0 mask row,
+    so its queries run as if alone)."""
     if stage != 1:
-        return processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
+        out = processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
+        asked = [s.get("question") is not None for s in samples]
+        if qformer_question and any(asked):
+            q = processor.qformer_text([s["question"] or "" for s in samples], truncate=True)
+            out["qformer_input_ids"] = q["input_ids"]
+            out["qformer_attention_mask"] = q["attention_mask"] * torch.tensor(asked, dtype=torch.long)[:, None]
+        return out
     q = processor.qformer_text([s["caption"] for s in samples], truncate=True)
     if gathered:
         pad = (0, processor.max_text_length - q["input_ids"].shape[1])
