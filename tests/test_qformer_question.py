@@ -70,6 +70,9 @@ def test_a_model_that_does_not_read_questions_refuses_them(build, images):
     model.drop_text_branch()
     with pytest.raises(ValueError, match="qformer_question"):
         model.query_output(model.image_embeds(images(1)), torch.ones(1, 3, dtype=torch.long))
+    model.config.qformer_question = True  # too late: the text side is gone
+    with pytest.raises(ValueError, match="stage-1 checkpoint"):
+        model.drop_text_branch()
 
 
 def test_checkpoint_round_trip_keeps_the_question_path(build, images, tmp_path):

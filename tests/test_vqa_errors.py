@@ -37,3 +37,6 @@ def test_counts_cover_every_attribute_question(tmp_path):
     assert sum(out["all"].values()) == asked > 0
     for kind, cells in out["cells"].items():
         assert sum(cells.values()) == sum(qa.kind == kind for s in scenes for qa in s.qa)
+    yn = out["relation_yes_no"]
+    assert yn["n"] == sum(qa.kind == "relation" and qa.answer in ("yes", "no") for s in scenes for qa in s.qa) > 0
+    assert 0 <= yn["accuracy"] <= 1 and 0 <= yn["said_yes"] <= 1 and 0 < yn["truth_yes"] < 1

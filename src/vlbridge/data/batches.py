@@ -6,8 +6,8 @@ Webdataset shards are streamed instead (ShardStream): each rank reads its own sh
 is a function of (step, micro-step) through its position in this rank's stream.
 
 Samples are dicts: {"image": PIL image | None, "key": int (pool index), "caption": str,
-"image_id": int, "prompt": str, "target": str, "question": str | None (a VQA sample's raw question)}. A `FeatureCache` replaces images by the frozen
-encoder's stored features.
+"image_id": int, "prompt": str, "target": str, "question": str | None (a VQA sample's raw question)}.
+A `FeatureCache` replaces images by the frozen encoder's stored features.
 """
 
 from __future__ import annotations
