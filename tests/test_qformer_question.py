@@ -112,3 +112,12 @@ def test_stage2_batches_carry_the_questions(build):
     captions_only = text_inputs(proc, samples[1:], stage=2, gathered=False, qformer_question=True)
     assert "qformer_input_ids" not in captions_only
     assert "qformer_input_ids" not in text_inputs(proc, samples, stage=2, gathered=False)
+
+
+def test_a_question_cut_for_the_qformer_is_reported(build, caplog):
+    model, proc = _question_model(build)
+    long = " ".join(["is the red circle left of the blue square"] * 4) + "?"  # > max_text_length tokens
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING", logger="vlbridge.inference"):
+        answer(model, proc, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)], [long], num_beams=1, max_new_tokens=2)
+    assert "1 of 1 questions were cut" in caplog.text

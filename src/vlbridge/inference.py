@@ -8,8 +8,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 # BLIP-2's evaluation settings: captions 5 beams, 8..30 tokens; VQA 5 beams, short answers.
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
@@ -24,12 +28,16 @@ def generate_texts(model, processor, images, prompts, generate_kwargs: dict, bat
     if questions is not None and len(questions) != len(images):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     reads = questions is not None and getattr(model.config, "qformer_question", False)
+    cut = getattr(processor, "num_truncated", 0)
     model.eval()
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         extra = {"qformer_text": questions[s:s + batch_size], "truncate": True} if reads else {}
         batch = processor(images=images[s:s + batch_size], text=prompts[s:s + batch_size], **extra)
         out += processor.batch_decode(model.generate(**batch, **generate_kwargs))
+    if reads and processor.num_truncated > cut:
+        log.warning("%d of %d questions were cut to the Q-Former's %d tokens", processor.num_truncated - cut,
+                    len(questions), processor.max_text_length)
     return out
 
 

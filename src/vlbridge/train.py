@@ -506,7 +506,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     loggers = Loggers(cfg, out) if master else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     model.train()
-    t0, seen = time.time(), 0
+    t0, seen, warned_cut = time.time(), 0, False
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not master):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
@@ -520,8 +520,16 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             means = dist.mean_over_ranks({"loss": loss_sum, **parts_sum})  # every rank takes part
             if master:
-                loggers.write({"step": step + 1, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                               "samples_per_s": seen / (time.time() - t0), "elapsed_s": time.time() - t0})
+                row = {"step": step + 1, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                       "samples_per_s": seen / (time.time() - t0), "elapsed_s": time.time() - t0}
+                cut = getattr(processor, "num_truncated", 0)  # Q-Former texts cut to max_text_length so far
+                if cut:
+                    row["texts_truncated"] = cut
+                    if not warned_cut:
+                        log.warning("Q-Former texts longer than max_text_length are being cut (%d so far, counted "
+                                    "as texts_truncated in the log)", cut)
+                        warned_cut = True
+                loggers.write(row)
         last = step + 1 == cfg.steps
         if callback is not None and ((callback_every and (step + 1) % callback_every == 0) or last):
             tc = time.time()
