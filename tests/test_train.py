@@ -187,3 +187,22 @@ def test_training_on_your_files_skips_bad_images(tmp_path, caplog):
         train(load_recipe(_recipe(tmp_path, "v", data={"source": "vqa", "path": "q.json"})))
     with pytest.raises(ValueError, match="data.source"):
         load_recipe(_recipe(tmp_path, "bad", data={"source": "parquet", "path": "x"}))
+
+
+def test_qa_weights_shift_the_question_mix():
+    """data.qa_weights: a question's chance is its kind's weight; without it the draw is uniform, as before."""
+    import numpy as np
+
+    from vlbridge.data.batches import DataConfig, ShapesWorldPool
+
+    def share(**kw):
+        pool = ShapesWorldPool(DataConfig(num_samples=400, group_size=1, tasks=["vqa"], **kw))
+        kinds = [pool.sample(i, np.random.default_rng(i), "Q: {}", "")["question"] for i in range(len(pool))]
+        by_text = {qa.question: qa.kind for s in pool.scenes for qa in s.qa}
+        return sum(by_text[q] == "relation" for q in kinds) / len(kinds)
+
+    uniform, tripled = share(), share(qa_weights={"relation": 3.0})
+    assert 0.15 < uniform < 0.40 and tripled > uniform + 0.15
+    assert share(qa_weights={"relation": 0.0}) == 0.0
+    with pytest.raises(ValueError, match="kinds are"):
+        DataConfig(qa_weights={"colour": 2.0})

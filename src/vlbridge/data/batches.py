@@ -47,6 +47,9 @@ class DataConfig:
     num_samples: int = 20000  # size of the pool of scenes (files: 0 = all samples, else the first N)
     group_size: int = 4  # stage 1: contrast groups of this many minimal edits share a batch
     tasks: list[str] = field(default_factory=lambda: ["caption"])  # stage 2: "caption" and/or "vqa"
+    # stage 2 ShapesWorld VQA: a question's chance to be drawn is its kind's weight (default 1 each), e.g.
+    # {"relation": 3} triples the relation questions' share
+    qa_weights: dict[str, float] = field(default_factory=dict)
     width: int = 64
     height: int = 64
     seed: int = 0
@@ -60,6 +63,11 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r}: expected one of {SOURCES}")
         if self.source != "shapesworld" and not self.path:
             raise ValueError(f"data.source {self.source!r} needs data.path")
+        unknown = sorted(set(self.qa_weights) - set(sw.QA_KINDS))
+        if unknown or any(w < 0 for w in self.qa_weights.values()):
+            raise ValueError(f"data.qa_weights {self.qa_weights}: kinds are {sw.QA_KINDS}, weights >= 0 ({unknown} unknown)")
+        if self.qa_weights and self.source != "shapesworld":
+            raise ValueError("data.qa_weights applies to ShapesWorld questions only")
 
 
 class ShapesWorldPool:
@@ -92,8 +100,12 @@ class ShapesWorldPool:
         scene = self.scenes[i]
         task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
         question = None
-        if task == "vqa" and scene.qa:
-            qa = scene.qa[int(rng.integers(len(scene.qa)))]
+        weights = np.array([self.cfg.qa_weights.get(qa.kind, 1.0) for qa in scene.qa])
+        if task == "vqa" and weights.sum() > 0:
+            if self.cfg.qa_weights:
+                qa = scene.qa[int(rng.choice(len(scene.qa), p=weights / weights.sum()))]
+            else:  # uniform, drawn as before qa_weights existed (same runs)
+                qa = scene.qa[int(rng.integers(len(scene.qa)))]
             question, prompt, target = qa.question, vqa_prompt.format(qa.question), qa.answer
         else:
             prompt, target = caption_prompt, scene.caption
