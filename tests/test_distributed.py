@@ -83,6 +83,19 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, parallel):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_ddp_gradient_accumulation_syncs_once_and_matches_one_process(tmp_path):
+    """grad_accum 2: DDP skips the all-reduce of the first micro-batch (no_sync) and averages the
+    accumulated gradients in the second; 2 processes of B/2 then train as 1 process of B, micro by micro."""
+    one = train(load_recipe(_recipe(tmp_path, "one", B), ["grad_accum=2"]))
+    _torchrun(tmp_path, _recipe(tmp_path, "two", B // 2), "grad_accum=2", "parallel=ddp")
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+    _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_resume_on_another_world_size(tmp_path):
     """Steps 1-2 on 1 process (batch 2B), steps 3-4 resumed from its checkpoint on 2 processes (B each):
     the same global batches, so the same losses as 4 steps on 1 process."""

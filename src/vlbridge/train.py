@@ -21,6 +21,7 @@ sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-rob
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -303,16 +304,22 @@ def accumulate(model, streams: dict, step: int, cfg: TrainConfig, autocast, devi
     weighted loss, the parts averaged over micro-batches (loss_<dataset> per named dataset) and the
     number of samples, all of this rank. model: the model, or (torchrun) its Objective wrapped in DDP or
     sharded by FSDP."""
-    objective = model if isinstance(model, (Objective, torch.nn.parallel.DistributedDataParallel)) else Objective(model, cfg)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    objective = model if ddp or isinstance(model, Objective) else Objective(model, cfg)
     loss_sum, parts_sum, seen = 0.0, {}, 0
-    for ds, (weight, stream) in streams.items():
+    backwards = len(streams) * cfg.grad_accum
+    for d, (ds, (weight, stream)) in enumerate(streams.items()):
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
-            with autocast:
-                loss, parts = objective(batch, step_generator(cfg.seed, step, micro, device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, parts {parts})")
-            (weight * loss / cfg.grad_accum).backward()
+            # DDP all-reduces gradients once a step, in the last backward: the others accumulate locally.
+            last = d * cfg.grad_accum + micro == backwards - 1
+            with (objective.no_sync() if ddp and not last else contextlib.nullcontext()):
+                with autocast:
+                    loss, parts = objective(batch, step_generator(cfg.seed, step, micro, device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, "
+                                             f"parts {parts})")
+                (weight * loss / cfg.grad_accum).backward()
             loss_sum += weight * loss.item() / cfg.grad_accum
             if ds:
                 parts[f"loss_{ds}"] = loss.item()
