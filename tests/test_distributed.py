@@ -184,6 +184,29 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_configs):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_question_reading_stage2_two_processes_match_one(tmp_path, tiny_configs, parallel):
+    """A Q-Former that reads the question (qformer_question): on VQA (one-word answers, so the ranks' LM
+    token means average to the global one) 2 processes match 1. On captions only, the text side runs on
+    padding that no query sees, so every trainable parameter still gets a gradient (zero) each step, as
+    DDP expects: without that its reducer stops the second step."""
+    model = {**to_dict(tiny_configs["gpt2"]), "qformer_question": True}
+    one = train(load_recipe(_stage2_recipe(tmp_path, tiny_configs, "one", 2 * B, parallel=parallel, model=model)))
+    _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "two", B, parallel=parallel, model=model))
+    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
+    assert "qformer.word_embeddings.weight" in load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    data = {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["caption"]}
+    _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "captions", B, parallel=parallel, model=model,
+                                       data=data, steps=3))
+    assert [r["step"] for r in _log(tmp_path / "captions")] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_fsdp_checkpoints_resume_on_one_process_and_back(tmp_path, tiny_configs):
     """Steps 1-2 on 1 process, 3 on 2 FSDP processes (from the 1-process checkpoint; it writes its own at
     step 3), 4-5 on 1 process again from the FSDP checkpoint: the losses of 5 uninterrupted steps."""

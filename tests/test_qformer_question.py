@@ -110,7 +110,7 @@ def test_stage2_batches_carry_the_questions(build):
     assert torch.equal(out["qformer_input_ids"][0, :n], expected["input_ids"][0])
     assert out["qformer_attention_mask"][0].sum() == n and out["qformer_attention_mask"][1].sum() == 0
     captions_only = text_inputs(proc, samples[1:], stage=2, gathered=False, qformer_question=True)
-    assert "qformer_input_ids" not in captions_only
+    assert captions_only["qformer_attention_mask"].sum() == 0  # the text side runs on padding (DDP needs it)
     assert "qformer_input_ids" not in text_inputs(proc, samples, stage=2, gathered=False)
 
 

@@ -234,11 +234,12 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
     if cfg.model_kind == "blip2" and cfg.stage == 1 and cfg.data.source == "vqa":
         raise ValueError("BLIP-2 stage 1 learns from image-text pairs: give captions (coco, karpathy, jsonl, csv)")
     prompts = (model.config.caption_prompt, model.config.vqa_prompt)
+    question = cfg.model_kind == "blip2" and cfg.stage == 2 and model.config.qformer_question
     if cfg.data.source == "webdataset":  # streamed: no pool to cache features of or to index
         if cfg.model_kind != "blip2" or cfg.cache_features:
             raise ValueError("webdataset shards stream BLIP-2 training batches, without cache_features")
         return {"": (1.0, ShardStream(cfg.data, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
-                                      rank, world_size))}
+                                      rank, world_size, question))}
     pool = make_pool(cfg.data)
     cache = None
     if cfg.model_kind == "eve":
@@ -252,7 +253,6 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
         cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
         if rank == 0:
             dist.barrier()
-    question = cfg.model_kind == "blip2" and cfg.stage == 2 and model.config.qformer_question
     return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
                                   cache, rank, world_size, question))}
 

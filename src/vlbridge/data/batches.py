@@ -296,11 +296,13 @@ def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qfor
     ranks all-gather their texts (ITM negatives) T is max_text_length on every rank. Stage 2: the LM's
     prompt + target tokens with labels, and with qformer_question the questions in Q-Former tokens
     (qformer_input_ids / qformer_attention_mask; a sample without a question gets an all-0 mask row,
-    so its queries run as if alone)."""
+    so its queries run as if alone). Every such batch carries them, even one of captions only: then the
+    text side still runs (on padding no query sees) and DDP gets a gradient, zero, for each of its
+    parameters, as it expects every step."""
     if stage != 1:
         out = processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
         asked = [s.get("question") is not None for s in samples]
-        if qformer_question and any(asked):
+        if qformer_question:
             q = processor.qformer_text([s["question"] or "" for s in samples], truncate=True)
             out["qformer_input_ids"] = q["input_ids"]
             out["qformer_attention_mask"] = q["attention_mask"] * torch.tensor(asked, dtype=torch.long)[:, None]
@@ -342,7 +344,8 @@ class ShardStream:
     split differently: the run goes on deterministically, but not with the same samples."""
 
     def __init__(self, cfg: DataConfig, processor, batch_size: int, grad_accum: int, stage: int,
-                 prompts: tuple[str, str], seed: int = 0, rank: int = 0, world_size: int = 1):
+                 prompts: tuple[str, str], seed: int = 0, rank: int = 0, world_size: int = 1,
+                 qformer_question: bool = False):
         from .readers import SkipCounter, find_shards
 
         if stage == 2 and list(cfg.tasks) != ["caption"]:
@@ -350,6 +353,7 @@ class ShardStream:
         self.shards = find_shards(cfg.path)
         self.processor, self.batch_size, self.grad_accum, self.stage = processor, batch_size, grad_accum, stage
         self.caption_prompt, self.seed, self.rank, self.world_size = prompts[0], seed, rank, world_size
+        self.qformer_question = qformer_question
         self.skips = SkipCounter()  # what this process read: a resumed run counts from its restart
         self._it, self._pos = self._stream(), 0
 
@@ -397,7 +401,7 @@ class ShardStream:
         samples = [{"caption": raw[j]["caption"], "image_id": image_id(raw[j]), "prompt": self.caption_prompt,
                     "target": raw[j]["caption"]} for j in pick]
         batch = {"pixel_values": self.processor.images([images[j] for j in pick])}
-        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1)}
+        return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1, self.qformer_question)}
 
 
 def image_id(sample: dict) -> int:
