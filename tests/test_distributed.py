@@ -44,6 +44,15 @@ def _torchrun(tmp_path, recipe, *overrides):
                     "-m", "vlbridge.train", str(recipe), *overrides], check=True, env=env, cwd=tmp_path, timeout=180)
 
 
+def _assert_same_logs(tmp_path, keys, one="one", two="two"):
+    """The 2-process run logged what the 1-process run did, step by step (rank 0 alone wrote its log)."""
+    a, b = _log(tmp_path / one), _log(tmp_path / two)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
 def _truncate_log(out_dir, rows):
     """Drop the rows logged after the checkpoint a resumed run starts from."""
     log = out_dir / "log.jsonl"
@@ -72,11 +81,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, parallel):
     one = train(load_recipe(_recipe(tmp_path, "one", 2 * B)))
     _torchrun(tmp_path, _recipe(tmp_path, "two", B), f"parallel={parallel}")
 
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(a) == len(b) == 2  # rank 0 alone wrote the log
-    for ra, rb in zip(a, b):
-        for k in ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+    _assert_same_logs(tmp_path, ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     # Only rank 0 wrote: one log, one checkpoint and final model, no stray files from rank 1.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -88,10 +93,7 @@ def test_ddp_gradient_accumulation_syncs_once_and_matches_one_process(tmp_path):
     accumulated gradients in the second; 2 processes of B/2 then train as 1 process of B, micro by micro."""
     one = train(load_recipe(_recipe(tmp_path, "one", B), ["grad_accum=2"]))
     _torchrun(tmp_path, _recipe(tmp_path, "two", B // 2), "grad_accum=2", "parallel=ddp")
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    for ra, rb in zip(a, b):
-        for k in ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+    _assert_same_logs(tmp_path, ("loss", "loss_itc", "loss_itm", "loss_itg", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
 
 
@@ -133,11 +135,7 @@ def test_eve_two_processes_match_one(tmp_path, tiny_configs):
 
     train(load_recipe(recipe("one", 2 * B)))
     _torchrun(tmp_path, recipe("two", B))
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for k in ("loss", "loss_ce", "loss_pal", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_logs(tmp_path, ("loss", "loss_ce", "loss_pal", "grad_norm"))
 
 
 def _stage2_recipe(tmp_path, tiny_configs, name, batch_size, **kw):
@@ -167,11 +165,7 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_configs):
     process on the combined batch, and rank 0 writes whole checkpoints and a final model with backbones."""
     one = train(load_recipe(_stage2_recipe(tmp_path, tiny_configs, "one", 2 * B, save_every=1)))
     _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "two", B, save_every=1))
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for k in ("loss", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_logs(tmp_path, ("loss", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     for sub in ("final", "last"):  # the same files: the sharded run's model is whole on disk
         assert sorted(p.name for p in (tmp_path / "two" / sub).iterdir()) == sorted(p.name for p in (tmp_path / "one" / sub).iterdir())
@@ -193,11 +187,7 @@ def test_question_reading_stage2_two_processes_match_one(tmp_path, tiny_configs,
     model = {**to_dict(tiny_configs["gpt2"]), "qformer_question": True}
     one = train(load_recipe(_stage2_recipe(tmp_path, tiny_configs, "one", 2 * B, parallel=parallel, model=model)))
     _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "two", B, parallel=parallel, model=model))
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for k in ("loss", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_logs(tmp_path, ("loss", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     assert "qformer.word_embeddings.weight" in load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     data = {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["caption"]}
@@ -247,11 +237,7 @@ def test_flamingo_two_processes_match_one(tmp_path, tiny_configs, parallel):
 
     one = train(load_recipe(recipe("one", 2 * B // 2)))  # 8 documents per dataset and step
     _torchrun(tmp_path, recipe("two", B // 2))
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for k in ("loss", "loss_a", "loss_b", "grad_norm"):
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+    _assert_same_logs(tmp_path, ("loss", "loss_a", "loss_b", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
 
 
