@@ -65,7 +65,8 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} needs data.path")
         unknown = sorted(set(self.qa_weights) - set(sw.QA_KINDS))
         if unknown or any(w < 0 for w in self.qa_weights.values()):
-            raise ValueError(f"data.qa_weights {self.qa_weights}: kinds are {sw.QA_KINDS}, weights >= 0 ({unknown} unknown)")
+            raise ValueError(f"data.qa_weights {self.qa_weights}: kinds are {sw.QA_KINDS}, weights >= 0 "
+                             f"({unknown} unknown)")
         if self.qa_weights and self.source != "shapesworld":
             raise ValueError("data.qa_weights applies to ShapesWorld questions only")
 
