@@ -503,7 +503,7 @@ def yes_no_question(scene, rng, order: str) -> QA | None:
     caption: one of the scene's own (Scene.qa: adjacent pairs, either order);
     any:     any two uniquely named objects, any of the four relations."""
     if order == "caption":
-        own = [x for x in scene.qa if x.kind == "relation" and x.answer in ("yes", "no")]
+        own = [x for x in scene.qa if x.yes_no_relation]
         return own[int(rng.integers(len(own)))] if own else None
     objs = scene.objects
     names = [o.name for o in objs]

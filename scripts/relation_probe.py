@@ -28,29 +28,25 @@ from vlbridge.data import shapesworld as sw
 
 
 def yes_no_items(split: str, n: int, world) -> list[tuple]:
-    return [(s, qa) for s in sw.make_split(split, n, world) for qa in s.qa
-            if qa.kind == "relation" and qa.answer in ("yes", "no")]
-
-
-def score(model, processor, items, world, batch_size: int = 128) -> dict:
-    prompts = [model.config.vqa_prompt.format(qa.question) for _, qa in items]
-    said = ev.generate(model, processor, [sw.render(s, world) for s, _ in items], prompts, ev.VQA_DECODE, batch_size,
-                       questions=[qa.question for _, qa in items])
-    said = [a.strip() for a in said]
-    return {"accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
-            "said_yes": round(said.count("yes") / len(items), 4)}
+    return [(s, qa) for s in sw.make_split(split, n, world) for qa in s.qa if qa.yes_no_relation]
 
 
 def probe(model, processor, world, steps: int, lr: float, every: int, batch_size: int = 64,
           n_train: int = 6000, n_test: int = 300, seed: int = 0) -> list[dict]:
     """Train the bridge on yes/no relation questions; returns the test curve [{step, loss, accuracy, said_yes}]."""
     torch.manual_seed(seed)
-    train_items, test_items = yes_no_items("train", n_train, world), yes_no_items("test", n_test, world)
+    train_items = yes_no_items("train", n_train, world)
+    test_scenes = sw.make_split("test", n_test, world)
+    test_images = [sw.render(s, world) for s in test_scenes]
+
+    def score():
+        return ev.shapesworld_yes_no(model, processor, test_scenes, world, 128, test_images)
+
     model.lm.set_attn_implementation("eager")  # as train(): fused attention backward is slow on CPU in bf16
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     rng = np.random.default_rng(seed)
-    curve = [{"step": 0, **score(model, processor, test_items, world)}]
+    curve = [{"step": 0, **score()}]
     t0 = time.time()
     for step in range(1, steps + 1):
         model.train()
@@ -68,7 +64,7 @@ def probe(model, processor, world, steps: int, lr: float, every: int, batch_size
         opt.zero_grad(set_to_none=True)
         if step % every == 0 or step == steps:
             model.eval()
-            curve.append({"step": step, "loss": round(loss.item(), 4), **score(model, processor, test_items, world),
+            curve.append({"step": step, "loss": round(loss.item(), 4), **score(),
                           "seconds": round(time.time() - t0, 1)})
             print(json.dumps(curve[-1]), flush=True)
     return curve

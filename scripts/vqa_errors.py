@@ -61,22 +61,7 @@ def vqa_errors(model, processor, scenes, world, batch_size: int = 64) -> dict:
     wrong = total["wrong/caption_right"] + total["wrong/caption_wrong"]
     return {"cells": cells, "all": total,
             "wrong_with_caption_right": round(total["wrong/caption_right"] / wrong, 4) if wrong else None,
-            "examples": examples, "relation_yes_no": yes_no(model, processor, scenes, images, batch_size)}
-
-
-def yes_no(model, processor, scenes, images, batch_size: int) -> dict:
-    """The yes/no relation questions ("is the red circle above the blue star?"), half of them "yes":
-    accuracy and how often the model says "yes" (always "yes" would score 0.5)."""
-    items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa if qa.kind == "relation" and qa.answer in ("yes", "no")]
-    if not items:
-        return {"n": 0}
-    answers = ev.generate(model, processor, [images[i] for i, _ in items],
-                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], ev.VQA_DECODE, batch_size,
-                          questions=[qa.question for _, qa in items])
-    said = [a.strip() for a in answers]
-    return {"n": len(items), "accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
-            "truth_yes": round(sum(qa.answer == "yes" for _, qa in items) / len(items), 4),
-            "said_yes": round(said.count("yes") / len(items), 4)}
+            "examples": examples, "relation_yes_no": ev.shapesworld_yes_no(model, processor, scenes, world, batch_size, images)}
 
 
 def main() -> None:

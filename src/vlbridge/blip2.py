@@ -299,8 +299,6 @@ class Blip2(nn.Module):
         if not self.config.qformer_question:
             raise ValueError("this model's Q-Former does not read the question (config.qformer_question is off): "
                              "pass no qformer_input_ids")
-        if qformer_attention_mask is None:
-            qformer_attention_mask = torch.ones_like(qformer_input_ids)
         # One pass for the whole batch: rows without a question (all-0 mask) then compute padding text
         # positions that no query sees. Splitting the batch instead was measured slower on CPU (two
         # passes of small ops): a stage-2 step 0.126 s against 0.106 s.

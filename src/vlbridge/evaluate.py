@@ -269,6 +269,22 @@ def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64,
                         for (_, qa), p in list(zip(items, preds))[:16]]}
 
 
+def shapesworld_yes_no(model, processor, scenes, world, batch_size: int = 64, images=None) -> dict:
+    """The yes/no relation questions of `scenes` (half of them "yes"): accuracy and how often the model
+    says "yes" (always "yes" scores 0.5). images: the scenes already rendered, if at hand."""
+    items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa if qa.yes_no_relation]
+    if not items:
+        return {"n": 0}
+    images = [sw.render(s, world) for s in scenes] if images is None else images
+    said = generate(model, processor, [images[i] for i, _ in items],
+                    [model.config.vqa_prompt.format(qa.question) for _, qa in items], VQA_DECODE, batch_size,
+                    questions=[qa.question for _, qa in items])
+    said = [a.strip() for a in said]
+    return {"n": len(items), "accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
+            "truth_yes": round(sum(qa.answer == "yes" for _, qa in items) / len(items), 4),
+            "said_yes": round(said.count("yes") / len(items), 4)}
+
+
 @torch.no_grad()
 def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_size: int = 128,
                           rerank: str = "log_odds") -> dict:

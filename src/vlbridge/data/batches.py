@@ -100,16 +100,18 @@ class ShapesWorldPool:
         """The sample for pool index i; for stage 2 a task drawn from cfg.tasks by `rng`."""
         scene = self.scenes[i]
         task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
-        question = None
-        weights = np.array([self.cfg.qa_weights.get(qa.kind, 1.0) for qa in scene.qa])
-        if task == "vqa" and weights.sum() > 0:
+        qa = None
+        if task == "vqa" and scene.qa:
             if self.cfg.qa_weights:
-                qa = scene.qa[int(rng.choice(len(scene.qa), p=weights / weights.sum()))]
+                weights = np.array([self.cfg.qa_weights.get(x.kind, 1.0) for x in scene.qa])
+                if weights.sum() > 0:
+                    qa = scene.qa[int(rng.choice(len(scene.qa), p=weights / weights.sum()))]
             else:  # uniform, drawn as before qa_weights existed (same runs)
                 qa = scene.qa[int(rng.integers(len(scene.qa)))]
+        if qa is not None:
             question, prompt, target = qa.question, vqa_prompt.format(qa.question), qa.answer
         else:
-            prompt, target = caption_prompt, scene.caption
+            question, prompt, target = None, caption_prompt, scene.caption
         return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target,
                 "question": question}
 
@@ -302,8 +304,8 @@ def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qfor
     parameters, as it expects every step."""
     if stage != 1:
         out = processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
-        asked = [s.get("question") is not None for s in samples]
         if qformer_question:
+            asked = [s.get("question") is not None for s in samples]
             q = processor.qformer_text([s["question"] or "" for s in samples], truncate=True)
             out["qformer_input_ids"] = q["input_ids"]
             out["qformer_attention_mask"] = q["attention_mask"] * torch.tensor(asked, dtype=torch.long)[:, None]

@@ -106,6 +106,11 @@ class QA(NamedTuple):
     def kind(self) -> str:
         return question_kind(self.question)
 
+    @property
+    def yes_no_relation(self) -> bool:
+        """"is the red circle above the blue star?": an XOR of the order and the relation word."""
+        return self.kind == "relation" and self.answer in ("yes", "no")
+
 
 @dataclass
 class Scene:
