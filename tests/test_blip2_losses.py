@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vlbridge.blip2 as blip2_module
-from vlbridge.blip2 import sample_hard_negatives, soft_cross_entropy
+import vlbridge.blip2_pretrain as pretrain_module
+from vlbridge.blip2_pretrain import sample_hard_negatives, soft_cross_entropy
 
 CAPTIONS = ["a red circle", "two blue squares above a small triangle", "a green triangle", "yellow square left"]
 MORE = CAPTIONS + ["how many circles", "one large blue square and a small red circle"]
@@ -169,7 +169,7 @@ def test_itc_loss_by_hand(stage1, temp):
 def test_itm_loss_by_hand(stage1, monkeypatch):
     model, _, ids, mask, feats = stage1
     neg = torch.tensor([1, 2, 3, 0])
-    monkeypatch.setattr(blip2_module, "sample_hard_negatives", lambda sim, positives: (neg, torch.ones(4, dtype=torch.bool)))
+    monkeypatch.setattr(pretrain_module, "sample_hard_negatives", lambda sim, positives: (neg, torch.ones(4, dtype=torch.bool)))
     out = model.pretrain_losses(ids, mask, image_features=feats)
     logits = torch.cat([model.itm(ids, mask, image_features=feats),  # positives
                         model.itm(ids, mask, image_features=feats[neg]),  # each text with a negative image

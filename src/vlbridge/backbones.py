@@ -147,3 +147,18 @@ def load_lm(cfg: LMConfig, root: str | Path | None = None) -> nn.Module:
     cfg.hidden_size = lm.get_input_embeddings().embedding_dim
     cfg.is_encoder_decoder = bool(config.is_encoder_decoder)
     return freeze(lm)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so a left-padded row is numbered like an unpadded one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def local_dir(name_or_path: str | Path) -> Path:
+    """A local directory as is; anything else is a hub id, fetched with huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path)))

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import environment, sync, write_results
-from .blip2 import Blip2, sample_hard_negatives, soft_cross_entropy
+from .blip2 import Blip2
+from .blip2_pretrain import sample_hard_negatives, soft_cross_entropy
 
 IMAGE_TOKENS, IMAGE_WIDTH, TEXT_LEN = 257, 1024, 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

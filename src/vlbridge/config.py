@@ -122,3 +122,69 @@ class Blip2Config:
     # bidirectionally), so the queries can pick what the question asks about; BLIP-2's VQA fine-tuning
     # (paper section 4.3). Captions (no question) run the queries alone, as without it.
     qformer_question: bool = False
+
+
+@dataclass
+class FlamingoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Perceiver Resampler (OpenFlamingo: 6 layers, 64 latents, 8 heads x 64, FFN x4)
+    perceiver_depth: int = 6
+    num_latents: int = 64
+    perceiver_heads: int = 8
+    perceiver_dim_head: int = 64
+    perceiver_ff_mult: int = 4
+    max_media: int | None = None  # learned media-time embeddings for up to this many images (None: none)
+    # Gated cross-attention before decoder layer i when (i + 1) % cross_attn_every == 0 (OpenFlamingo's rule)
+    cross_attn_every: int = 1
+    xattn_heads: int = 8
+    xattn_dim_head: int = 64
+    xattn_ff_mult: int = 4
+    only_attend_immediate_media: bool = True  # False: each token sees all images up to its latest one
+    # "tanh": x + tanh(alpha) * f(x), alpha = 0 at init (the frozen LM exactly). "none": x + f(x), the
+    # paper's ablation without gating (the LM is perturbed from the first step).
+    gating: str = "tanh"
+    image_token: str = "<image>"
+    eoc_token: str = "<|endofchunk|>"
+    image_token_id: int | None = None  # filled from the tokenizer by create_flamingo
+    eoc_token_id: int | None = None
+
+    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
+        if self.gating not in ("tanh", "none"):
+            raise ValueError(f"FlamingoConfig.gating must be 'tanh' or 'none', got {self.gating!r}")
+
+
+EVE_KINDS = ("eve", "fuyu")  # EVEConfig.kind
+
+
+@dataclass
+class EVEConfig:
+    lm: LMConfig = field(default_factory=LMConfig)  # decoder-only
+    teacher: VisionConfig | None = None  # training only (PAL target); from_pretrained never loads it
+    kind: str = "eve"  # "eve" (conv + local/global attention + CLS) | "fuyu" (Linear on raw patches)
+    patch_size: int = 14
+    pel_width: int = 1024
+    pel_heads: int = 8
+    max_image_size: int = 672  # bound on the longer side in pixels; a multiple of cell_size
+    # Indices into the LM's hidden_states (0 = embeddings); [] = every 4th, counting back from the last.
+    pal_layers: list[int] = field(default_factory=list)
+    pal_weight: float = 1.0
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # filled from the tokenizer by create_eve
+    image_mean: list[float] | None = None  # None: the teacher's (filled by create_eve), else 0.5
+    image_std: list[float] | None = None
+    caption_prompt: str = "a photo of"  # the prompts training and evaluation put after the image
+    vqa_prompt: str = "Question: {} Answer:"
+
+    @property
+    def cell_size(self) -> int:  # pixels a side of one token: EVE pools 2x2 patches, Fuyu does not
+        return self.patch_size * (2 if self.kind == "eve" else 1)
+
+    def num_image_tokens(self, h: int, w: int) -> int:
+        return (self.kind == "eve") + h * (w + 1)
+
+    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
+        if self.kind not in EVE_KINDS:
+            raise ValueError(f"EVEConfig.kind must be one of {EVE_KINDS}, got {self.kind!r}")
+        if self.max_image_size % self.cell_size:
+            raise ValueError(f"max_image_size {self.max_image_size} is not a multiple of the cell {self.cell_size}")

@@ -335,7 +335,8 @@ class EvalConfig:
 
 def load_model(name_or_path: str):
     """(kind, model, processor) of a saved BLIP-2, EVE or Flamingo model, told apart by its config.json."""
-    from .blip2 import Blip2, local_dir
+    from .backbones import local_dir
+    from .blip2 import Blip2
 
     root = local_dir(name_or_path)
     config = json.loads((root / "config.json").read_text())

@@ -24,59 +24,22 @@ import copy
 import inspect
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from . import backbones
 from .backbones import freeze
-from .blip2 import local_dir, position_ids
-from .config import LMConfig, VisionConfig, load_json, save_json
-from .images import load_image
-from .processor import pad
+from .backbones import local_dir, position_ids
+from .config import EVEConfig, load_json, save_json
+from .processor import EVEProcessor, image_stats
 
 log = logging.getLogger(__name__)
 
-KINDS = ("eve", "fuyu")
 NOT_SAVED = ("lm.", "teacher.")  # the LM goes to lm/ in transformers' format; the teacher nowhere
-
-
-@dataclass
-class EVEConfig:
-    lm: LMConfig = field(default_factory=LMConfig)  # decoder-only
-    teacher: VisionConfig | None = None  # training only (PAL target); from_pretrained never loads it
-    kind: str = "eve"  # "eve" (conv + local/global attention + CLS) | "fuyu" (Linear on raw patches)
-    patch_size: int = 14
-    pel_width: int = 1024
-    pel_heads: int = 8
-    max_image_size: int = 672  # bound on the longer side in pixels; a multiple of cell_size
-    # Indices into the LM's hidden_states (0 = embeddings); [] = every 4th, counting back from the last.
-    pal_layers: list[int] = field(default_factory=list)
-    pal_weight: float = 1.0
-    image_token: str = "<image>"
-    image_token_id: int | None = None  # filled from the tokenizer by create_eve
-    image_mean: list[float] | None = None  # None: the teacher's (filled by create_eve), else 0.5
-    image_std: list[float] | None = None
-    caption_prompt: str = "a photo of"  # the prompts training and evaluation put after the image
-    vqa_prompt: str = "Question: {} Answer:"
-
-    @property
-    def cell_size(self) -> int:  # pixels a side of one token: EVE pools 2x2 patches, Fuyu does not
-        return self.patch_size * (2 if self.kind == "eve" else 1)
-
-    def num_image_tokens(self, h: int, w: int) -> int:
-        return (self.kind == "eve") + h * (w + 1)
-
-    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
-        if self.kind not in KINDS:
-            raise ValueError(f"EVEConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.max_image_size % self.cell_size:
-            raise ValueError(f"max_image_size {self.max_image_size} is not a multiple of the cell {self.cell_size}")
 
 
 @dataclass
@@ -403,112 +366,6 @@ class EVE(nn.Module):
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
-
-
-# -------------------------------------------------------------------------------------- processor
-def image_stats(name_or_path: str) -> tuple[list[float], list[float]]:  # the teacher's normalisation
-    from transformers import AutoImageProcessor
-
-    p = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
-    return [float(x) for x in p.image_mean], [float(x) for x in p.image_std]
-
-
-class EVEProcessor:
-    """Images + text -> pixel_values (B, 3, Hmax, Wmax), image_sizes (B, 2) (the top-left part each
-    image covers) and left-padded input_ids / attention_mask (+ labels), each "<image>" expanded.
-    An image is scaled down (never up) to a longer side <= max_image_size, aspect kept, and padded
-    with the mean colour at the bottom/right to a multiple of the cell (2 * patch_size)."""
-
-    def __init__(self, tokenizer, config: EVEConfig):
-        self.config, self.tokenizer = config, tokenizer
-        tokenizer.padding_side = "left"  # a left-padded batch generates like its rows one by one
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        # the placeholder as a special token (never split, dropped in decoding). Its id may lie past
-        # the LM's vocabulary: the model never embeds it, so the LM's tables stay as they are.
-        if config.image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
-        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        if config.image_token_id not in (None, self.image_token_id):
-            raise ValueError(f"the tokenizer gives {config.image_token!r} id {self.image_token_id}, the config "
-                             f"{config.image_token_id}")
-        self.mean = np.array(config.image_mean or [0.5] * 3, dtype=np.float32)
-        self.std = np.array(config.image_std or [0.5] * 3, dtype=np.float32)
-
-    @classmethod
-    def from_config(cls, config: EVEConfig, root: str | Path | None = None) -> "EVEProcessor":
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root)), config)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> "EVEProcessor":
-        root = local_dir(name_or_path)
-        return cls.from_config(load_json(EVEConfig, root / "config.json"), root)
-
-    def save_pretrained(self, path: str | Path):
-        self.tokenizer.save_pretrained(Path(path) / "lm")  # beside the LM that EVE.save_pretrained writes
-
-    def resize(self, image) -> Image.Image:
-        image, cell = load_image(image), self.config.cell_size
-        W, H = image.size
-        s = min(1.0, self.config.max_image_size / max(W, H))
-        w, h = max(1, round(W * s)), max(1, round(H * s))
-        if (w, h) != (W, H):
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-        canvas = Image.new("RGB", (math.ceil(w / cell) * cell, math.ceil(h / cell) * cell),
-                           tuple(int(round(float(m) * 255)) for m in self.mean))
-        canvas.paste(image, (0, 0))
-        return canvas
-
-    def images(self, images) -> dict[str, torch.Tensor]:
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        arrays = [(np.asarray(self.resize(im), dtype=np.float32) / 255 - self.mean) / self.std for im in images]
-        sizes = torch.tensor([a.shape[:2] for a in arrays], dtype=torch.long)  # (B, 2): height, width
-        pixel_values = torch.zeros(len(arrays), 3, *sizes.max(0).values.tolist())
-        for i, a in enumerate(arrays):
-            pixel_values[i, :, :a.shape[0], :a.shape[1]] = torch.from_numpy(a).permute(2, 0, 1)
-        return {"pixel_values": pixel_values, "image_sizes": sizes}
-
-    def prompt_ids(self, prompt: str, num_image_tokens: int | None) -> list[int]:
-        """A prompt's ids with its one "<image>" expanded to num_image_tokens ids (None: no image). A
-        prompt without the placeholder gets the image at its start, as in LLaVA and EVE."""
-        token, img = self.config.image_token, self.image_token_id
-        if num_image_tokens is not None and token not in prompt:
-            prompt = f"{token} {prompt}" if prompt else token
-        ids = self.tokenizer(prompt).input_ids
-        if ids.count(img) != (num_image_tokens is not None):
-            raise ValueError(f"prompt {prompt[:60]!r} holds {ids.count(img)} {token} for "
-                             f"{int(num_image_tokens is not None)} image(s): EVE takes one image a sample")
-        if num_image_tokens is not None:
-            i = ids.index(img)
-            ids[i:i + 1] = [img] * num_image_tokens
-        return ids
-
-    def __call__(self, images=None, text=None, targets=None) -> dict[str, torch.Tensor]:
-        """images -> pixel_values, image_sizes; text: prompts (each may hold "<image>"); targets: what
-        the LM must produce after each prompt (training) -> labels, -100 on prompt and image."""
-        out = {} if images is None else self.images(images)
-        grids = [] if images is None else (out["image_sizes"] // self.config.cell_size).tolist()
-        counts = None if images is None else [self.config.num_image_tokens(h, w) for h, w in grids]
-        n = len(counts or targets or ())
-        prompts = [text] if isinstance(text, str) else [""] * n if text is None else list(text)
-        for name, given in (("targets", targets), ("images", counts)):
-            if given is not None and len(given) != len(prompts):
-                raise ValueError(f"{len(given)} {name} for {len(prompts)} prompts")
-        tok = self.tokenizer
-        seqs = [self.prompt_ids(p, None if counts is None else counts[i]) for i, p in enumerate(prompts)]
-        if targets is None:
-            return {**out, **pad(seqs, tok.pad_token_id, "left")}
-        labels = []
-        for i, (p, t) in enumerate(zip(prompts, targets)):
-            tid = tok((" " + t) if p else t, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            labels.append([-100] * len(seqs[i]) + tid)
-            seqs[i] = seqs[i] + tid
-        return {**out, **pad(seqs, tok.pad_token_id, "left"), "labels": pad(labels, -100, "left")["input_ids"]}
-
-    def batch_decode(self, ids: torch.Tensor) -> list[str]:
-        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def create_eve(config: EVEConfig, root: str | Path | None = None) -> tuple[EVE, EVEProcessor]:

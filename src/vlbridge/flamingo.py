@@ -27,7 +27,7 @@ import copy
 import inspect
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,44 +36,13 @@ from torch import nn
 
 from . import backbones
 from .backbones import freeze
-from .blip2 import local_dir, position_ids
-from .config import LMConfig, VisionConfig, load_json, save_json
-from .images import load_image
-from .processor import pad
+from .backbones import local_dir, position_ids
+from .config import FlamingoConfig, load_json, save_json
+from .processor import FlamingoProcessor
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("vision.", "lm.")  # stored in transformers' own format, not in model.safetensors
-
-
-@dataclass
-class FlamingoConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    # Perceiver Resampler (OpenFlamingo: 6 layers, 64 latents, 8 heads x 64, FFN x4)
-    perceiver_depth: int = 6
-    num_latents: int = 64
-    perceiver_heads: int = 8
-    perceiver_dim_head: int = 64
-    perceiver_ff_mult: int = 4
-    max_media: int | None = None  # learned media-time embeddings for up to this many images (None: none)
-    # Gated cross-attention before decoder layer i when (i + 1) % cross_attn_every == 0 (OpenFlamingo's rule)
-    cross_attn_every: int = 1
-    xattn_heads: int = 8
-    xattn_dim_head: int = 64
-    xattn_ff_mult: int = 4
-    only_attend_immediate_media: bool = True  # False: each token sees all images up to its latest one
-    # "tanh": x + tanh(alpha) * f(x), alpha = 0 at init (the frozen LM exactly). "none": x + f(x), the
-    # paper's ablation without gating (the LM is perturbed from the first step).
-    gating: str = "tanh"
-    image_token: str = "<image>"
-    eoc_token: str = "<|endofchunk|>"
-    image_token_id: int | None = None  # filled from the tokenizer by create_flamingo
-    eoc_token_id: int | None = None
-
-    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
-        if self.gating not in ("tanh", "none"):
-            raise ValueError(f"FlamingoConfig.gating must be 'tanh' or 'none', got {self.gating!r}")
 
 
 @dataclass
@@ -489,78 +458,3 @@ def create_flamingo(config: FlamingoConfig, root: str | Path | None = None):
     config = copy.deepcopy(config)
     config.image_token_id, config.eoc_token_id = processor.image_token_id, processor.eoc_token_id
     return Flamingo.from_config(config, root), processor
-
-
-class FlamingoProcessor:
-    """Images through the vision backbone's image processor; interleaved text through the LM's
-    tokenizer with <image> and <|endofchunk|> added. Prompts are left-padded (generation-ready)."""
-
-    def __init__(self, image_processor, tokenizer, image_token: str = "<image>", eoc_token: str = "<|endofchunk|>"):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        tokenizer.add_tokens([image_token, eoc_token], special_tokens=True)  # no-op when already there
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.image_token, self.eoc_token = image_token, eoc_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.eoc_token_id = tokenizer.convert_tokens_to_ids(eoc_token)
-
-    @classmethod
-    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "FlamingoProcessor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        image_processor = AutoImageProcessor.from_pretrained(backbones.resolve_path(config.vision.name_or_path, root),
-                                                             backend="pil")
-        tok = AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root))
-        proc = cls(image_processor, tok, config.image_token, config.eoc_token)
-        ids = (proc.image_token_id, proc.eoc_token_id)
-        if config.image_token_id is not None and ids != (config.image_token_id, config.eoc_token_id):
-            raise ValueError(f"tokenizer gives the special tokens ids {ids}, the config "
-                             f"{(config.image_token_id, config.eoc_token_id)}")
-        return proc
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> "FlamingoProcessor":
-        root = local_dir(name_or_path)
-        return cls.from_config(load_json(FlamingoConfig, root / "config.json"), root)
-
-    def save_pretrained(self, path: str | Path):
-        """Beside the backbones that Flamingo.save_pretrained(path) writes."""
-        self.image_processor.save_pretrained(Path(path) / "vision")
-        self.tokenizer.save_pretrained(Path(path) / "lm")
-
-    def __call__(self, text, images=None, return_labels: bool = False) -> dict[str, torch.Tensor]:
-        """text: interleaved strings, e.g. "<image>Output: a cat.<|endofchunk|><image>Output:".
-        images: per text, the list of its images in <image> order (or one image per text).
-        -> input_ids, attention_mask (B, T); pixel_values (B, N, 3, H, W) zero-padded to the most
-        images in a row; image_mask (B, N); labels (B, T) with return_labels."""
-        texts = [text] if isinstance(text, str) else list(text)
-        out = pad([self.tokenizer(t).input_ids for t in texts], self.tokenizer.pad_token_id, "left")
-        counts = (out["input_ids"] == self.image_token_id).sum(1).tolist()
-        if images is not None:  # None: text only (the caller brings pixel_values or media)
-            per_row = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
-            if [len(x) for x in per_row] != counts:
-                raise ValueError(f"<image> tokens per text {counts} != images per text {[len(x) for x in per_row]}")
-        if images is not None and max(counts) > 0:
-            rgb = [load_image(im) for row in per_row for im in row]
-            px = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]  # (M, 3, H, W)
-            out["image_mask"] = torch.arange(max(counts))[None] < torch.tensor(counts)[:, None]  # (B, N)
-            out["pixel_values"] = px.new_zeros(len(texts), max(counts), *px.shape[1:])
-            out["pixel_values"][out["image_mask"]] = px
-        if return_labels:
-            out["labels"] = self.labels(out["input_ids"], out["attention_mask"])
-        return out
-
-    def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """OpenFlamingo's rule: learn the text of each chunk, from after its <image> up to and including
-        its <|endofchunk|>. Padding, <image> tokens, text before the first image and text between an
-        <|endofchunk|> and the next <image> are -100."""
-        pos = torch.arange(input_ids.shape[1])
-        last_image = torch.where(input_ids == self.image_token_id, pos, -1).cummax(-1).values
-        last_eoc = torch.where(input_ids == self.eoc_token_id, pos, -1).cummax(-1).values
-        eoc_before = F.pad(last_eoc[:, :-1], (1, 0), value=-1)  # latest <|endofchunk|> strictly before
-        inside = last_image > eoc_before
-        return input_ids.masked_fill(~inside | (input_ids == self.image_token_id) | (attention_mask == 0), -100)
-
-    def batch_decode(self, ids: torch.Tensor) -> list[str]:
-        return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -347,7 +347,7 @@ def init_qformer_from_bert(qformer, name_or_path: str | Path):
     """
     from safetensors.torch import load_file
 
-    from .blip2 import local_dir
+    from .backbones import local_dir
 
     root = local_dir(name_or_path)
     bert_cfg = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}

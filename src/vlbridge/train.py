@@ -2,7 +2,7 @@
 
 Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts) -> data -> AdamW
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
-resume -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
+resume (checkpoint.py) -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
 
 1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.train RECIPE` (any recipe) each rank
 takes its slice of the same global batch (batch_size, and a Flamingo dataset's batch_size, is the
@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 from . import dist
-from .blip2 import Blip2, create_blip2, local_dir
-from .config import Blip2Config, from_dict, load_json, save_json, to_dict
+from .backbones import local_dir
+from .blip2 import Blip2, create_blip2
+from .checkpoint import Loggers, full_model, load_trainer_state, load_weights, save_checkpoint
+from .config import Blip2Config, from_dict, load_json, save_json
 from .data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, ShardStream, make_pool
 from .data.interleaved import DocumentData, DocumentStream, make_source
 from .eve import EVE, EVEConfig, EVEProcessor, create_eve
@@ -349,106 +351,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr_scale: flo
     if gates:
         groups.append({"params": gates, "weight_decay": weight_decay, "lr_scale": gate_lr_scale})
     return groups
-
-
-def full_model(model, writer):
-    """The whole model, to save or evaluate: the model itself, or under FSDP rank 0's CPU copy `writer`
-    with every trainable parameter gathered from the shards (None on the other ranks). Under FSDP every
-    rank must call this (the gathers are collectives). Frozen parameters never change, so the copy's are
-    current and the frozen LM is never gathered."""
-    if not dist.is_sharded(model):
-        return model
-    values = {n: dist.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
-    if writer is not None:
-        with torch.no_grad():
-            for n, p in writer.named_parameters():
-                if n in values:
-                    p.copy_(values[n])
-    return writer
-
-
-def save_checkpoint(path: Path, step: int, model, opt, processor, writer=None):
-    """Bridge weights + every trainable parameter (EVE trains its LM) + optimizer state + RNG, all as
-    safetensors/JSON (nothing pickled), written by rank 0. Whole tensors even under FSDP (gathered here:
-    every rank calls this), so any world size and parallel mode can resume from it."""
-    if dist.world()[0] > 0 and not dist.is_sharded(model):
-        return  # DDP: rank 0's replica is the whole model
-    from safetensors.torch import save_file
-
-    full = full_model(model, writer)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    states = [{k: dist.full_tensor(v) if torch.is_tensor(v) else torch.tensor(v) for k, v in opt.state.get(p, {}).items()}
-              for p in params]
-    if dist.world()[0] > 0:
-        return
-    full.save_pretrained(path, processor=processor, include_backbones=False)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    tensors.update({f"param.{n}": p.detach().clone() for n, p in full.named_parameters() if p.requires_grad})
-    tensors.update({f"opt.{i}.{k}": v.clone() for i, st in enumerate(states) for k, v in st.items()})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "trainer_state.safetensors"))
-    meta = {"step": step, "param_state": [sorted(st) for st in states]}
-    (path / "trainer_state.json").write_text(json.dumps(meta))
-
-
-def load_weights(path: Path, model):
-    """A checkpoint's bridge weights and trainable parameters into the whole (not yet sharded) model."""
-    from safetensors.torch import load_file
-
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    missing = [k for k in missing if not k.startswith(("vision.", "lm.", "teacher."))]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in load_file(str(path / "trainer_state.safetensors")).items():
-            if key.startswith("param."):
-                params[key[len("param."):]].copy_(value)
-
-
-def load_trainer_state(path: Path, opt) -> int:
-    """A checkpoint's optimizer state (cut into this rank's shards under FSDP) and RNG; returns its step."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "trainer_state.safetensors"))
-    meta = json.loads((path / "trainer_state.json").read_text())
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, (p, keys) in enumerate(zip(params, meta["param_state"])):
-        if keys:
-            opt.state[p] = {k: dist.shard_like(tensors[f"opt.{i}.{k}"], p) for k in keys}
-    torch.set_rng_state(tensors["rng.torch"])
-    return meta["step"]
-
-
-class Loggers:
-    """jsonl always; tensorboard / wandb only when asked, imported lazily."""
-
-    def __init__(self, cfg: TrainConfig, out: Path):
-        self.file = open(out / "log.jsonl", "a")
-        self.tb = self.wb = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.wandb:
-            import wandb
-
-            self.wb = wandb.init(project="vlbridge", config=to_dict(cfg), dir=str(out))
-
-    def write(self, row: dict):
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for k, v in row.items():
-            if self.tb is not None and isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, row["step"])
-        if self.wb is not None:
-            self.wb.log(row, step=row["step"])
-
-    def close(self):
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wb is not None:
-            self.wb.finish()
 
 
 def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
