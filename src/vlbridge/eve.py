@@ -16,6 +16,7 @@ training-time teacher. Diao et al., "Unveiling Encoder-Free Vision-Language Mode
 Shapes: B batch, D PEL width, H LM width, Dt teacher width, (h, w) an image's cell grid, (hp, wp)
 the batch's padded one (a cell: 2x2 patches in EVE, one in Fuyu), N = [1 +] hp*(wp+1) image tokens,
 T LM tokens, L PAL layers.
+Its config is config.EVEConfig, its processor processor.EVEProcessor.
 """
 
 from __future__ import annotations

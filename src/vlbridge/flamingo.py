@@ -19,6 +19,7 @@ tokens' rows live in a small trainable table; the LM's own embedding tables are 
 
 Shapes: B batch, N image slots per sequence, F frames, v vision tokens, Dv vision width,
 n latents, T text tokens, D LM width, V vocabulary, K = 2 added tokens.
+Its config is config.FlamingoConfig, its processor processor.FlamingoProcessor.
 """
 
 from __future__ import annotations
