@@ -54,12 +54,6 @@ def _merge(defaults: dict, decode: dict | None) -> dict:
     return out
 
 
-def generate(model, processor, images, prompts, decode: dict, batch_size: int, progress: bool = False,
-             desc: str = "generate", questions: list[str] | None = None) -> list[str]:
-    """One generated text per (image, prompt), in batches (inference.generate_texts)."""
-    return generate_texts(model, processor, images, prompts, decode, batch_size, questions, progress, desc)
-
-
 def _skips(skips: SkipCounter) -> dict:
     return {"seen": skips.seen, "skipped": skips.skipped, "reasons": dict(skips.reasons),
             "examples": [{"image": ref, "reason": why} for ref, why in skips.examples]}
@@ -112,7 +106,7 @@ def caption_eval(model, processor, samples: list[dict], decode: dict | None = No
     with_refs = [x for x in samples if x["captions"]]
     skips, preds, refs = SkipCounter(), {}, {}
     for chunk, images in _decoded_batches(with_refs, batch_size, skips, "captions"):
-        texts = generate(model, processor, images, [prompt] * len(images), decode, batch_size)
+        texts = generate_texts(model, processor, images, [prompt] * len(images), decode, batch_size)
         for x, text in zip(chunk, texts):
             preds[x["image_id"]], refs[x["image_id"]] = text, x["captions"]
     t_gen = time.time() - t0
@@ -144,7 +138,7 @@ def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = 
     skips, done = SkipCounter(), []
     for chunk, images in _decoded_batches(samples, batch_size, skips, "vqa"):
         questions = [x["question"] for x in chunk]
-        answers = generate(model, processor, images, [template.format(q) for q in questions], decode, batch_size,
+        answers = generate_texts(model, processor, images, [template.format(q) for q in questions], decode, batch_size,
                            questions=questions)
         done += zip(chunk, answers)
     scored = [(x, a) for x, a in done if x["answers"]]  # test sets come without answers
@@ -239,7 +233,7 @@ def shapesworld_captions(model, processor, scenes, world, decode=None, batch_siz
     model.eval()
     t0 = time.time()
     images = [sw.render(s, world) for s in scenes]
-    preds = generate(model, processor, images, [prompt] * len(scenes), decode, batch_size, progress, "captions")
+    preds = generate_texts(model, processor, images, [prompt] * len(scenes), decode, batch_size, progress, "captions")
     return {"metrics": sw.attribute_accuracy(preds, scenes), "decode": decode_record(model, decode, prompt),
             "n": len(scenes), "seconds": time.time() - t0,
             "samples": [{"caption": s.caption, "predicted": p} for s, p in zip(scenes[:16], preds[:16])]}
@@ -255,7 +249,7 @@ def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64,
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa]
     images = [sw.render(scenes[i], world) for i, _ in items]
     prompts = [template.format(qa.question) for _, qa in items]
-    preds = generate(model, processor, images, prompts, decode, batch_size, progress, "vqa",
+    preds = generate_texts(model, processor, images, prompts, decode, batch_size, progress, "vqa",
                      questions=[qa.question for _, qa in items])
     answers = [[qa.answer] for _, qa in items]
     by_kind = {}
@@ -276,7 +270,7 @@ def shapesworld_yes_no(model, processor, scenes, world, batch_size: int = 64, im
     if not items:
         return {"n": 0}
     images = [sw.render(s, world) for s in scenes] if images is None else images
-    said = generate(model, processor, [images[i] for i, _ in items],
+    said = generate_texts(model, processor, [images[i] for i, _ in items],
                     [model.config.vqa_prompt.format(qa.question) for _, qa in items], VQA_DECODE, batch_size,
                     questions=[qa.question for _, qa in items])
     said = [a.strip() for a in said]

@@ -21,8 +21,8 @@ VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, length_penalty=-1.0)
 
 
 @torch.no_grad()
-def generate_texts(model, processor, images, prompts, generate_kwargs: dict, batch_size: int,
-                   questions: list[str] | None = None, progress: bool = False, desc: str = "generate") -> list[str]:
+def generate_texts(model, processor, images, prompts, generate_kwargs: dict, batch_size: int, progress: bool = False,
+                   desc: str = "generate", questions: list[str] | None = None) -> list[str]:
     """One generated text per (image, prompt), in batches. questions: the raw questions, which a BLIP-2
     whose Q-Former reads them (config.qformer_question) also gets; other models ignore them."""
     if questions is not None and len(questions) != len(images):
@@ -42,7 +42,8 @@ def generate_texts(model, processor, images, prompts, generate_kwargs: dict, bat
 
 
 def _generate(model, processor, images, prompts, defaults, batch_size, questions=None, **generate_kwargs) -> list[str]:
-    return generate_texts(model, processor, images, prompts, {**defaults, **generate_kwargs}, batch_size, questions)
+    return generate_texts(model, processor, images, prompts, {**defaults, **generate_kwargs}, batch_size,
+                          questions=questions)
 
 
 def caption(model, processor, images, prompt: str | None = None, batch_size: int = 16, **generate_kwargs) -> list[str]:
@@ -55,8 +56,6 @@ def caption(model, processor, images, prompt: str | None = None, batch_size: int
 def answer(model, processor, images, questions, template: str | None = None, batch_size: int = 16,
            **generate_kwargs) -> list[str]:
     """One answer per (image, question); template defaults to the model's VQA prompt ("Question: {} Answer:")."""
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
     template = model.config.vqa_prompt if template is None else template
     prompts = [template.format(q) for q in questions]
     return _generate(model, processor, list(images), prompts, VQA_DEFAULTS, batch_size, list(questions),

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import backbones
 from .backbones import local_dir, resolve_path
 from .config import Blip2Config, EVEConfig, FlamingoConfig, load_json
 from .images import load_image
@@ -238,9 +237,9 @@ class FlamingoProcessor:
     def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "FlamingoProcessor":
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        image_processor = AutoImageProcessor.from_pretrained(backbones.resolve_path(config.vision.name_or_path, root),
+        image_processor = AutoImageProcessor.from_pretrained(resolve_path(config.vision.name_or_path, root),
                                                              backend="pil")
-        tok = AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root))
+        tok = AutoTokenizer.from_pretrained(resolve_path(config.lm.name_or_path, root))
         proc = cls(image_processor, tok, config.image_token, config.eoc_token)
         ids = (proc.image_token_id, proc.eoc_token_id)
         if config.image_token_id is not None and ids != (config.image_token_id, config.eoc_token_id):
@@ -328,7 +327,7 @@ class EVEProcessor:
     def from_config(cls, config: EVEConfig, root: str | Path | None = None) -> "EVEProcessor":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(backbones.resolve_path(config.lm.name_or_path, root)), config)
+        return cls(AutoTokenizer.from_pretrained(resolve_path(config.lm.name_or_path, root)), config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "EVEProcessor":

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from . import evaluate as ev
 from .data import shapesworld as sw
+from .inference import generate_texts
 from .metrics import vqa_score
 
 N_SAMPLES = 4  # scenes per split in the samples section
@@ -367,9 +368,9 @@ def samples_section(report: dict, m2, p2, world) -> str:
     for split in ("test", "compositional"):
         scenes = sw.make_split(split, N_SAMPLES, world)
         images = [sw.render(s, world) for s in scenes]
-        captions = ev.generate(m2, p2, images, [cap_prompt] * len(images), cap_kwargs, len(images))
+        captions = generate_texts(m2, p2, images, [cap_prompt] * len(images), cap_kwargs, len(images))
         qas = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa[:3]]
-        answers = ev.generate(m2, p2, [images[i] for i, _ in qas], [vqa_prompt.format(qa.question) for _, qa in qas],
+        answers = generate_texts(m2, p2, [images[i] for i, _ in qas], [vqa_prompt.format(qa.question) for _, qa in qas],
                               vqa_kwargs, len(qas), questions=[qa.question for _, qa in qas])
         rows = []
         for i, (scene, image, caption) in enumerate(zip(scenes, images, captions)):
