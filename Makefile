@@ -20,15 +20,15 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m vlbridge.demo --out demo-output
+	$(BIN)/python -m experiments.demo --out demo-output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m vlbridge.bench --out bench-output
-	$(BIN)/python -m vlbridge.bench_transformers --out bench-output
-	$(BIN)/python -m vlbridge.bench_memory --out bench-output
+	$(BIN)/python -m benchmarks.bench --out bench-output
+	$(BIN)/python -m benchmarks.bench_transformers --out bench-output
+	$(BIN)/python -m benchmarks.bench_memory --out bench-output
 
 clean:
 	rm -rf $(VENV) demo-output bench-output .pytest_cache

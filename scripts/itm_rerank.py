@@ -12,13 +12,6 @@ For each image, its ITC top k captions are scored by ITM, and the top caption is
 Re-ranking can only help when ITM, on the candidates ITC proposes, is right where ITC is wrong.
 
     PYTHONPATH=src .venv/bin/python scripts/itm_rerank.py STAGE1_DIR [--n 1000] [--k 16]
-
-Measured on this project's 2-core machine with the shipped stage-1 recipe (700 steps): val / test
-itc 0.952 / 0.945, itm 0.632 / 0.663, itm+itc 0.735 / 0.768, logodds+itc/temp 0.948 / 0.952; median
-spread across an image's top 16: cosine 0.11, cosine / temperature 5.5, match logit 4.7-4.8.
-Earlier, test split, 1,000 candidates, k 16 (stage 1 of
-`python -m vlbridge.demo --parts blip2 --stage1 steps=900 --stage2 steps=800`): itc 0.959, itm 0.805,
-itm+itc 0.835, logodds 0.812, logodds+itc 0.831, prob+itc 0.871, logodds+itc/temp 0.946.
 """
 
 from __future__ import annotations
@@ -29,8 +22,8 @@ import json
 import torch
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge.blip2 import rerank_score
-from vlbridge import evaluate as ev
+from vlbridge.models.blip2.modeling import rerank_score
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
 
 

@@ -48,10 +48,7 @@ from transformers import (
     CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-from vlbridge.data.shapesworld import (
-    COLORS, CONVERSE, GRID, QA, RELATIONS, SHAPES, SIZES, ShapesWorldConfig, contrast_group, hard_negative_captions, make_split,
-    holds, object_pieces, parse_caption, relation, render_batch, split_scene,
-)
+from vlbridge.data.shapesworld import COLORS, CONVERSE, GRID, QA, RELATIONS, SHAPES, SIZES, ShapesWorldConfig, contrast_group, hard_negative_captions, make_split, holds, object_pieces, parse_caption, relation, render_batch, split_scene
 
 ASSETS = Path(__file__).resolve().parents[1] / "src/vlbridge/assets/shapesworld"
 CAPTION_PROMPT = "a photo of"  # downstream captioning prompt: "a photo of {caption}"
@@ -901,7 +898,7 @@ def main() -> None:
     if "bert" in args.only:
         from transformers import BertForMaskedLM
 
-        from vlbridge.train import load_recipe
+        from vlbridge.training.train import load_recipe
 
         # shaped like the recipes' Q-Former, with its tokenizer ([DEC] is in the vocabulary, never trained)
         t0 = time.time()

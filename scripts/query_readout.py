@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from vlbridge.data import shapesworld as sw
-from vlbridge.train import build_blip2, load_recipe
+from vlbridge.training.train import build_blip2, load_recipe
 
 SLOTS = 9
 

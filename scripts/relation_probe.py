@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge import evaluate as ev
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
 
 

@@ -20,9 +20,9 @@ import argparse
 import json
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge import evaluate as ev
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
-from vlbridge.inference import generate_texts
+from vlbridge.evaluation.generation import DECODING, generate_texts
 
 KINDS = ("color", "shape", "size")
 
@@ -43,11 +43,11 @@ def caption_answer(question: str, kind: str, caption: str) -> str | None:
 def vqa_errors(model, processor, scenes, world, batch_size: int = 64) -> dict:
     model.eval()
     images = [sw.render(s, world) for s in scenes]
-    captions = generate_texts(model, processor, images, [model.config.caption_prompt] * len(scenes), ev.CAPTION_DECODE,
+    captions = generate_texts(model, processor, images, [model.config.caption_prompt] * len(scenes), DECODING["shapesworld_caption"],
                            batch_size)
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa if qa.kind in KINDS]
     answers = generate_texts(model, processor, [images[i] for i, _ in items],
-                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], ev.VQA_DECODE, batch_size,
+                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], DECODING["shapesworld_vqa"], batch_size,
                           questions=[qa.question for _, qa in items])
     cells = {k: {"right/caption_right": 0, "right/caption_wrong": 0, "wrong/caption_right": 0, "wrong/caption_wrong": 0}
              for k in KINDS}

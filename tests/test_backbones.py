@@ -9,8 +9,8 @@ from transformers import CLIPModel, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from vlbridge import VisionConfig, create_blip2
-from vlbridge.backbones import VisionBackbone, load_lm, load_vision, resolve_dtype, resolve_path
-from vlbridge.config import LMConfig
+from vlbridge.core.backbones import VisionBackbone, load_lm, load_vision, resolve_dtype, resolve_path
+from vlbridge.core.config import LMConfig
 from vlbridge.testing import make_vision
 
 

@@ -3,7 +3,7 @@ builds from transformers' BLIP-2 modules gives vlbridge's losses and gradients o
 
 import torch
 
-from vlbridge.bench_transformers import loss_parity, make_inputs, retrieval_checkpoint, retrieval_pair
+from benchmarks.bench_transformers import loss_parity, make_inputs, retrieval_checkpoint, retrieval_pair
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1100,
              max_position_embeddings=64)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vlbridge.blip2_pretrain as pretrain_module
-from vlbridge.blip2_pretrain import sample_hard_negatives, soft_cross_entropy
+import vlbridge.models.blip2.pretraining as pretrain_module
+from vlbridge.models.blip2.pretraining import sample_hard_negatives, soft_cross_entropy
 
 CAPTIONS = ["a red circle", "two blue squares above a small triangle", "a green triangle", "yellow square left"]
 MORE = CAPTIONS + ["how many circles", "one large blue square and a small red circle"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vlbridge import Blip2Config, LMConfig, QFormerConfig, VisionConfig
-from vlbridge.config import from_dict, load_json, save_json, to_dict
+from vlbridge.core.config import from_dict, load_json, save_json, to_dict
 
 
 def _configs():

@@ -4,7 +4,7 @@ section. The real numbers come from the full demo (README)."""
 
 import json
 
-from vlbridge import demo
+from experiments import demo
 
 
 def test_quick_demo_writes_every_part(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlbridge.config import from_dict, to_dict
+from vlbridge.core.config import from_dict, to_dict
 from vlbridge.testing import tiny_blip2_config
-from vlbridge.train import TrainConfig, load_recipe, train
+from vlbridge.training.train import TrainConfig, load_recipe, train
 
 B = 8  # per-rank micro-batch; the global batch is 2B
 
@@ -36,12 +36,12 @@ def _log(out_dir):
 
 
 def _torchrun(tmp_path, recipe, *overrides):
-    """vlbridge.train RECIPE on 2 gloo processes (a fresh process group, whatever pytest runs under)."""
+    """vlbridge.training.train RECIPE on 2 gloo processes (a fresh process group, whatever pytest runs under)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "vlbridge.train", str(recipe), *overrides], check=True, env=env, cwd=tmp_path, timeout=180)
+                    "-m", "vlbridge.training.train", str(recipe), *overrides], check=True, env=env, cwd=tmp_path, timeout=180)
 
 
 def _assert_same_logs(tmp_path, keys, one="one", two="two"):
@@ -119,7 +119,7 @@ def test_eve_two_processes_match_one(tmp_path, tiny_configs):
     """EVE stage 1 (patch embedding + PAL train, CE + PAL) under torchrun. One-word answers give every
     rank the same number of target tokens, so the mean of the ranks' losses is the global mean."""
     from vlbridge import LMConfig, VisionConfig
-    from vlbridge.eve import EVEConfig
+    from vlbridge.models.eve.modeling import EVEConfig
 
     eve = EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
                     teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
@@ -221,7 +221,7 @@ def test_flamingo_two_processes_match_one(tmp_path, tiny_configs, parallel):
     takes its slice of every dataset's global batch of documents. In-context documents hold a fixed
     number of images, each followed by a one-word answer, so every rank holds as many target tokens."""
     from vlbridge import LMConfig, VisionConfig
-    from vlbridge.flamingo import FlamingoConfig
+    from vlbridge.models.flamingo.modeling import FlamingoConfig
 
     flamingo = FlamingoConfig(vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
                               lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), perceiver_depth=1, num_latents=4,
@@ -290,7 +290,7 @@ def test_webdataset_stream_batches_skips_and_rank_shards(tmp_path, tiny_configs)
     assert dict(stream.skips.reasons) == {"cannot decode": 1, "no image file": 1, "no caption": 1}
     # a resumed run starts a fresh stream at step 2: it skips to the same samples
     resumed = ShardStream(data, proc, 4, 2, 1, ("", "")).batch(2, 1)
-    for k in ("pixel_values", "input_ids", "image_ids"):
+    for k in ("pixel_values", "qformer_input_ids", "image_ids"):
         assert torch.equal(resumed[k], in_order[5][k]), k
     # the places of the undecodable and the uncaptioned sample went to usable samples of their micro-batches:
     # two repeats in all, each sharing its stand-in's ITC id

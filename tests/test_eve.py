@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlbridge import LMConfig, VisionConfig, backbones
-from vlbridge.config import from_dict, to_dict
-from vlbridge.eve import EVE, EVEConfig, EVEProcessor, create_eve, pal_loss
+from vlbridge import LMConfig, VisionConfig
+from vlbridge.core import backbones
+from vlbridge.core.config import from_dict, to_dict
+from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor, create_eve, pal_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size` with `inputs_embeds`")
 PROMPTS = ["a photo of", "<image> question what color is the circle ? answer", "how many", "red"]

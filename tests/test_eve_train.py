@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlbridge.config import LMConfig, VisionConfig, to_dict
-from vlbridge.eve import EVE, EVEConfig
-from vlbridge.train import load_recipe, train
+from vlbridge.core.config import LMConfig, VisionConfig, to_dict
+from vlbridge.models.eve.modeling import EVE, EVEConfig
+from vlbridge.training.train import load_recipe, train
 
 DATA = {"source": "shapesworld", "split": "train", "num_samples": 64, "group_size": 1, "width": 32, "height": 32,
         "tasks": ["caption"]}

@@ -1,5 +1,6 @@
 """Flamingo: shapes, media masks, exact identity with the frozen LM at init (five LM families),
-what trains, batches with different numbers of images, cached vs uncached generation, no state
+what trains, batches with different numbers of images, generation through transformers' generate (against a
+reference loop, cached vs uncached, beams, sampling, streamers, processors, stopping), no state
 carried between calls, save/load, the OpenFlamingo key map, and parity with open_flamingo's own
 PerceiverResampler and GatedCrossAttentionBlock (open_flamingo/src/helpers.py)."""
 
@@ -14,10 +15,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from vlbridge.config import LMConfig, VisionConfig, from_dict, to_dict
-from vlbridge.flamingo import (Flamingo, FlamingoConfig, FlamingoLayer, FlamingoProcessor, GatedCrossAttentionBlock,
-                               MaskedCrossAttention, PerceiverResampler, create_flamingo)
-from vlbridge.openflamingo import load_openflamingo, openflamingo_key, openflamingo_state_dict
+from vlbridge.core.config import LMConfig, VisionConfig, from_dict, to_dict
+from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig, FlamingoLayer, FlamingoProcessor, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, create_flamingo
+from vlbridge.models.flamingo.convert_openflamingo import load_openflamingo, openflamingo_key, openflamingo_state_dict
 from vlbridge.testing import make_lm, make_vision, randomize_, word_tokenizer
 
 KINDS = ("opt", "gpt2", "llama", "gpt_neox", "qwen2")
@@ -233,7 +233,7 @@ def test_only_the_bridge_and_the_added_rows_train(build, kind):
 def test_added_rows_look_up_and_sum_their_gradient_exactly():
     """ExtendedEmbedding: an added id gets its own row; a row's gradient is the sum over the positions
     that hold its id, the same in every run (the lookup is a one-hot sum, not an index backward)."""
-    from vlbridge.flamingo import AddedTokens, ExtendedEmbedding
+    from vlbridge.models.flamingo.modeling import AddedTokens, ExtendedEmbedding
 
     torch.manual_seed(0)
     table = torch.nn.Embedding(10, 8)
@@ -279,27 +279,163 @@ def test_sequences_with_different_numbers_of_images(build):
         model(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"][:, :2])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
+# ---------------------------------------------------------------------- generation (transformers' generate)
+MIXED = ["<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",
+         "the answer is <image> yes"]  # three images and one, the second row left-padded
+
+
+def prompt_of(b: dict) -> dict:
+    return {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in b}
+
+
+def greedy_reference(model, proc, b: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding the slow way: the whole sequence through forward at every step, no cache; new
+    tokens see the prompt's last image because forward counts the <image> tokens before them. A row
+    that has ended goes on with the pad id, as in transformers."""
+    ids, mask = b["input_ids"], b["attention_mask"]
+    media = model.encode_images(b["pixel_values"], image_mask=b["image_mask"]) if "pixel_values" in b else None
+    eos = torch.tensor([proc.eoc_token_id, model.lm.config.eos_token_id])
+    pad = model.lm.generation_config.pad_token_id
+    done, new = torch.zeros(len(ids), dtype=torch.bool), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, mask, media=media).logits[:, -1]
+            logits[:, proc.image_token_id] = float("-inf")
+            token = logits.argmax(-1).masked_fill(done, pad)
+            new.append(token)
+            done |= torch.isin(token, eos)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if done.all():
+                break
+    return torch.stack(new, 1)
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2", "llama", "qwen2"])
+def test_greedy_equals_a_reference_loop(build, kind):
+    model, proc = build(kind, open_gates=True)
+    b = batch(proc, MIXED)
+    assert b["attention_mask"][1, 0] == 0 and b["image_mask"].sum(1).tolist() == [3, 1]
+    want = greedy_reference(model, proc, b, steps=8)
+    assert want.shape[1] > 1
+    assert torch.equal(model.generate(**prompt_of(b), max_new_tokens=8), want)
+    # the prompt in chunks: calls that start inside it, after some of its images
+    assert torch.equal(model.generate(**prompt_of(b), max_new_tokens=8, prefill_chunk_size=3), want)
+    media = model.encode_images(b["pixel_values"], image_mask=b["image_mask"])  # images encoded beforehand
+    assert torch.equal(model.generate(b["input_ids"], b["attention_mask"], media=media, max_new_tokens=8), want)
+
+
+def test_text_only_rows(build):
+    model, proc = build("llama", open_gates=True)
+    text = proc(["a photo of the red circle", "how many"])  # no image anywhere, no pixels
+    assert torch.equal(model.generate(**text, max_new_tokens=6), greedy_reference(model, proc, text, 6))
+    mixed = batch(proc, ["what color is the circle", "<image> a photo of"])  # one row without an image
+    assert mixed["image_mask"].tolist() == [[False], [True]]
+    assert torch.equal(model.generate(**prompt_of(mixed), image_mask=mixed["image_mask"], max_new_tokens=6),
+                       greedy_reference(model, proc, mixed, 6))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox", "qwen2"])
 def test_cached_and_uncached_generation_agree(build, kind):
     model, proc = build(kind, open_gates=True)
-    b = batch(proc)
-    prompt = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    b = batch(proc, MIXED)
     for beams in (1, 3):
-        cached = model.generate(**prompt, max_new_tokens=6, num_beams=beams)
-        uncached = model.generate(**prompt, max_new_tokens=6, num_beams=beams, use_cache=False)
+        cached = model.generate(**prompt_of(b), max_new_tokens=6, num_beams=beams)
+        uncached = model.generate(**prompt_of(b), max_new_tokens=6, num_beams=beams, use_cache=False)
         assert cached.shape[0] == 2 and 1 <= cached.shape[1] <= 6
         assert torch.equal(cached, uncached), (beams, cached, uncached)
-    # greedy's first token is the forward pass's argmax (never <image>); the images are what it reads
-    with torch.no_grad():
-        logits = model(**prompt).logits[:, -1]
-    logits[:, proc.image_token_id] = float("-inf")
-    greedy = model.generate(**prompt, max_new_tokens=6)
-    assert torch.equal(greedy[:, 0], logits.argmax(-1))
+
+
+def test_beam_search_returns_the_best_beam(build):
+    """Every returned beam's score is its log-probability under a plain forward pass over prompt and
+    beam (so each beam saw the right images through expansion and cache reordering), divided by
+    length ** length_penalty; the beams come best first, and num_beams alone returns the best."""
+    model, proc = build("llama", open_gates=True)
+    b = batch(proc, MIXED)
+    K, lp = 3, 0.5
+    best = model.generate(**prompt_of(b), num_beams=K, length_penalty=lp, max_new_tokens=6)
+    out = model.generate(**prompt_of(b), num_beams=K, length_penalty=lp, max_new_tokens=6, num_return_sequences=K,
+                         return_dict_in_generate=True, output_scores=True)
+    seqs, scores = out.sequences, out.sequences_scores
+    assert seqs.shape[0] == 2 * K and (scores.view(2, K).diff(dim=1) <= 0).all()
+    pad = model.lm.generation_config.pad_token_id
+    assert torch.equal(seqs[::K, :best.shape[1]], best) and (seqs[::K, best.shape[1]:] == pad).all()
     media = model.encode_images(b["pixel_values"], image_mask=b["image_mask"])
-    assert torch.equal(model.generate(b["input_ids"], b["attention_mask"], media=media, max_new_tokens=6), greedy)
+    eos = torch.tensor([proc.eoc_token_id, model.lm.config.eos_token_id])
+    for row, seq in enumerate(seqs):
+        s = row // K
+        ends = torch.isin(seq, eos).nonzero()
+        seq = seq[: int(ends[0]) + 1] if len(ends) else seq
+        ids = torch.cat([b["input_ids"][s], seq])[None]
+        mask = torch.cat([b["attention_mask"][s], torch.ones_like(seq)])[None]
+        with torch.no_grad():
+            logits = model(ids, mask, media=media[s:s + 1]).logits[0, -len(seq) - 1:-1].float()
+        logp = logits.log_softmax(-1).gather(-1, seq[:, None]).sum()
+        torch.testing.assert_close(scores[row], logp / len(seq) ** lp, rtol=0, atol=1e-4)
+
+
+def test_sampling_streamer_processors_and_stopping(build):
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    model, proc = build("qwen2", open_gates=True)
+    b = prompt_of(batch(proc, MIXED))
+    T0, image = b["input_ids"].shape[1], proc.image_token_id
+
+    def sample(seed, **kw):
+        torch.manual_seed(seed)
+        return model.generate(**b, do_sample=True, temperature=1.5, top_k=20, top_p=0.95, max_new_tokens=8, **kw)
+
+    assert torch.equal(sample(0), sample(0))
+    assert any(not torch.equal(sample(0), sample(seed)) for seed in (1, 2, 3))
+    many = sample(0, num_return_sequences=4, min_new_tokens=8, repetition_penalty=1.3)
+    assert many.shape == (8, 8)
+
+    class PreferImage(LogitsProcessor):  # makes <image> by far the likeliest token: it is still never generated
+        def __call__(self, input_ids, scores):
+            return scores.index_fill(-1, torch.tensor([image]), 1e4)
+
+    assert not (sample(0, logits_processor=LogitsProcessorList([PreferImage()]), num_return_sequences=4) == image).any()
+
+    word = proc.tokenizer.convert_tokens_to_ids("green")
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return torch.full_like(scores, float("-inf")).index_fill(-1, torch.tensor([word]), 0.0)
+
+    assert (model.generate(**b, logits_processor=LogitsProcessorList([Force()]), max_new_tokens=5) == word).all()
+
+    class StopAfterTwo(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((len(input_ids),), input_ids.shape[1] >= T0 + 2, dtype=torch.bool)
+
+    greedy = model.generate(**b, max_new_tokens=10, min_new_tokens=10)
+    stopped = model.generate(**b, max_new_tokens=10, min_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopAfterTwo()]))
+    assert greedy.shape[1] == 10 and torch.equal(stopped, greedy[:, :2])
+
+    class Record(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    streamer = Record()
+    one = {k: v[1:] for k, v in b.items()}  # streamers follow one sequence
+    out = model.generate(**one, max_new_tokens=6, streamer=streamer)
+    assert torch.equal(streamer.chunks[0], one["input_ids"]) and streamer.ended  # the prompt first, then each token
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]), out[0])
 
 
 def test_no_state_survives_a_call(build):
+    import threading
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from vlbridge.models.flamingo.generation import visual_context
+
     model, proc = build("gpt2", open_gates=True)
     b = batch(proc)
     with torch.no_grad():
@@ -310,14 +446,37 @@ def test_no_state_survives_a_call(build):
         bad[0, -1] = 10_000  # fails inside the LM, after the images went in
         with pytest.raises(IndexError):
             model(**{**b, "input_ids": bad})
-        generated = model.generate(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=3)
+        generated = model.generate(**prompt_of(b), max_new_tokens=3)
         assert torch.equal(model(**b).logits, first)
+
+    class Fail(StoppingCriteria):  # a generate that fails half way still takes its hook away
+        def __call__(self, input_ids, scores, **kwargs):
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.generate(**prompt_of(b), stopping_criteria=StoppingCriteriaList([Fail()]))
+    assert not model.lm._forward_pre_hooks
     # the layers keep no tensors between calls, and the LM refuses a call without its visual context
     for layer in model.lm.get_submodule(model.decoder_path):
         assert not layer._buffers and not any(isinstance(v, torch.Tensor) for v in vars(layer).values())
     with pytest.raises(ValueError, match="FlamingoContext"):
         model.lm(input_ids=b["input_ids"])
     assert generated.shape[0] == 2
+    # while one thread holds the visual context (as its generate does), a call from another thread gets none
+    errors = []
+
+    def call():
+        try:
+            model.lm(input_ids=b["input_ids"])
+        except ValueError as e:
+            errors.append(e)
+
+    with visual_context(model.lm, model.encode_images(b["pixel_values"]), model.text_time(b["input_ids"]), proc.image_token_id):
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+        assert model.lm(input_ids=b["input_ids"]).logits.shape[:2] == b["input_ids"].shape  # this thread: it does
+    assert len(errors) == 1 and "FlamingoContext" in str(errors[0])
 
 
 def test_processor_labels_and_images(build):

@@ -9,15 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vlbridge.config import LMConfig, VisionConfig, to_dict
+from vlbridge.core.config import LMConfig, VisionConfig, to_dict
 from vlbridge.data import shapesworld as sw
-from vlbridge.data.interleaved import (ANSWERS, DocumentData, DocumentStream, InContextDocs, make_source,
-                                       read_mmc4)
+from vlbridge.data.interleaved import ANSWERS, DocumentData, DocumentStream, InContextDocs, make_source, read_mmc4
 from vlbridge.data.readers import SkipCounter
-from vlbridge.fewshot import fewshot_eval, fewshot_summary, incontext_eval, rices, shapesworld_fewshot
-from vlbridge.flamingo import Flamingo, FlamingoConfig, create_flamingo
+from vlbridge.evaluation.fewshot import fewshot_eval, fewshot_summary, incontext_eval, rices, shapesworld_fewshot
+from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig, create_flamingo
 from vlbridge.testing import make_lm, make_vision
-from vlbridge.train import accumulate, load_recipe, param_groups, train
+from vlbridge.training.train import accumulate, load_recipe, train
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +109,11 @@ def test_accumulation_is_the_weighted_sum_of_dataset_gradients(tmp_path, tiny):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in got)
 
-    decay, no_decay = param_groups(model, 0.1)  # weight decay only on the gated cross-attention blocks
+    decay, no_decay = model.param_groups(0.1)  # weight decay only on the gated cross-attention blocks
     xattn = {id(p) for p in model.xattn.parameters()}
     assert {id(p) for p in decay["params"]} == xattn and decay["weight_decay"] == 0.1
     assert not xattn & {id(p) for p in no_decay["params"]} and no_decay["params"]
-    decay, no_decay, gates = param_groups(model, 0.1, gate_lr_scale=10.0)  # the gates in a group of their own
+    decay, no_decay, gates = model.param_groups(0.1, gate_lr_scale=10.0)  # the gates in a group of their own
     assert {id(p) for p in gates["params"]} == {id(b.attn_gate) for b in model.xattn.values()} | {
         id(b.ff_gate) for b in model.xattn.values()} and gates["lr_scale"] == 10.0
     assert not {id(p) for p in gates["params"]} & {id(p) for p in decay["params"] + no_decay["params"]}

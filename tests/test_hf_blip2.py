@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vlbridge import Blip2, Blip2Processor, QFormerConfig
-from vlbridge.hf_blip2 import init_qformer_from_bert
-from vlbridge.qformer import QFormer
+from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert
+from vlbridge.models.blip2.qformer import QFormer
 from vlbridge.testing import randomize_, word_tokenizer
 
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlbridge import create_blip2
-from vlbridge import evaluate as ev
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
 from vlbridge.testing import randomize_, tiny_blip2_config
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from vlbridge.metrics import caption_metrics, normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score
+from vlbridge.evaluation.metrics import caption_metrics, normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score
 
 
 def _leave_one_out(pred, answers):

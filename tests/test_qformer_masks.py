@@ -7,9 +7,9 @@ that lets nothing (or everything) through cannot pass.
 import pytest
 import torch
 
-import vlbridge.qformer as qformer_module
-from vlbridge.config import QFormerConfig
-from vlbridge.qformer import QFormer, build_mask
+import vlbridge.models.blip2.qformer as qformer_module
+from vlbridge.models.blip2.configuration import QFormerConfig
+from vlbridge.models.blip2.qformer import QFormer, build_mask
 from vlbridge.testing import randomize_
 
 Q, N, ENC, V, T = 4, 5, 24, 40, 6
@@ -290,7 +290,7 @@ def test_drop_text_branch_keeps_query_path():
 
 def test_explicit_cpu_attention_matches_fused_kernel():
     """The bf16 CPU path (explicit matmuls) agrees with the fused kernel, fully masked rows included."""
-    from vlbridge.qformer import attention
+    from vlbridge.models.blip2.qformer import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))

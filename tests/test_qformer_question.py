@@ -8,7 +8,7 @@ import torch
 
 from vlbridge import Blip2, Blip2Processor
 from vlbridge.data.batches import text_inputs
-from vlbridge.inference import answer
+from vlbridge.evaluation.generation import answer
 
 PROMPTS = ["Question: what color is the circle? Answer:", "a photo of"]
 TARGETS = ["red", "a red circle"]
@@ -29,7 +29,7 @@ def test_stage2_drop_keeps_the_text_side_and_removes_the_heads(build, tmp_path):
     assert model.config.qformer.text_branch and not model.config.qformer.pretrain_heads
     assert proc.qformer_tokenizer is not None  # the question still needs tokenising
     with pytest.raises(ValueError, match="ITC/ITM/ITG"):
-        model.itc(**proc.qformer_text(["a red circle"]), pixel_values=torch.zeros(1, 3, 32, 32))
+        model.itc(**proc(qformer_text=["a red circle"]), pixel_values=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="reads the question"):  # transformers' BLIP-2 has no such input
         model.save_pretrained(tmp_path, format="transformers")
 
@@ -118,6 +118,6 @@ def test_a_question_cut_for_the_qformer_is_reported(build, caplog):
     model, proc = _question_model(build)
     long = " ".join(["is the red circle left of the blue square"] * 4) + "?"  # > max_text_length tokens
     rng = np.random.default_rng(0)
-    with caplog.at_level("WARNING", logger="vlbridge.inference"):
+    with caplog.at_level("WARNING", logger="vlbridge.evaluation.generation"):
         answer(model, proc, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)], [long], num_beams=1, max_new_tokens=2)
     assert "1 of 1 questions were cut" in caplog.text

@@ -8,10 +8,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from vlbridge.data.readers import (
-    SkipCounter, decode_image, decode_samples, expand_shards, read_coco_captions, read_csv, read_jsonl,
-    read_karpathy, read_vqa, read_webdataset,
-)
+from vlbridge.data.readers import SkipCounter, decode_image, decode_samples, expand_shards, read_coco_captions, read_csv, read_jsonl, read_karpathy, read_vqa, read_webdataset
 
 
 def _png(color=(255, 0, 0), fmt="PNG") -> bytes:

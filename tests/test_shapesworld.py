@@ -4,11 +4,7 @@ import time
 
 import numpy as np
 
-from vlbridge.data.shapesworld import (
-    COLORS, HELD_OUT, SHAPES, Obj, ShapesWorldConfig, attribute_accuracy, contrast_group,
-    generate_scene, hard_negative_captions, make_scene, make_split, parse_caption, render,
-    render_batch,
-)
+from vlbridge.data.shapesworld import COLORS, HELD_OUT, SHAPES, Obj, ShapesWorldConfig, attribute_accuracy, contrast_group, generate_scene, hard_negative_captions, make_scene, make_split, parse_caption, render, render_batch
 
 CFG = ShapesWorldConfig()
 

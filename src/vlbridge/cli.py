@@ -1,14 +1,16 @@
 """The `vlbridge` command.
 
     vlbridge caption MODEL IMAGE [IMAGE ...] [--prompt "a photo of"] [--num-beams 5] ...
-    vlbridge ask MODEL IMAGE "what color is the car?"
+    vlbridge ask MODEL IMAGE "what color is the car?" [--example IMAGE QUESTION ANSWER ...]
     vlbridge retrieve MODEL --images DIR_OR_FILES... --text "a red car"      (rank images for a text)
     vlbridge retrieve MODEL --image FILE --texts "a car" "a dog" | --texts-file F   (rank texts)
     vlbridge train RECIPE [key.sub=value ...]
     vlbridge eval MODEL [--captions F | --karpathy F] [--image-root DIR] [--vqa-questions Q --vqa-annotations A]
                   [--vqa-image-root DIR] [--shapesworld SPLIT --n N] [--out metrics.json]
 
-MODEL is a directory written by `save_pretrained` (model + processor) or a hub id.
+MODEL is a directory written by `save_pretrained` (model + processor) or a hub id, of any design
+(BLIP-2, Flamingo, EVE). --device auto|cpu|cuda|cuda:N, --dtype float32|bfloat16|float16.
+Bad input ends with one line on stderr and exit status 2; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _load(model_path: str):
-    from .blip2 import Blip2
-    from .processor import Blip2Processor
+def _load(args):
+    from vlbridge.auto import load
 
-    return Blip2.from_pretrained(model_path), Blip2Processor.from_pretrained(model_path)
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _device_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the model (default: as saved)")
 
 
 def _generation_args(p: argparse.ArgumentParser):
@@ -63,7 +69,7 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 def _readable(files: list[Path]):
     """Decoded images of `files`; unreadable ones are skipped, counted and reported on stderr."""
-    from .images import ImageError, load_image
+    from vlbridge.core.images import ImageError, load_image
 
     kept, images = [], []
     for f in files:
@@ -77,6 +83,12 @@ def _readable(files: list[Path]):
     return kept, images
 
 
+def _one_image(path: str):
+    from vlbridge.core.images import load_image
+
+    return load_image(path)  # ImageError (a ValueError) names the file and the problem
+
+
 def _print_rows(rows: list[dict], as_json: bool):
     for r in rows:
         print(json.dumps(r) if as_json else "\t".join(str(v) for v in r.values()))
@@ -85,50 +97,53 @@ def _print_rows(rows: list[dict], as_json: bool):
 def cmd_caption(args):
     import torch
 
-    from .inference import caption
+    from vlbridge.evaluation.generation import caption
 
     torch.manual_seed(args.seed)
-    model, processor = _load(args.model)
+    model, processor = _load(args)
+    model.require_task("caption")
+    examples = [(_one_image(f), text) for f, text in args.example or ()]
     files, images = _readable(_image_files(args.images))
     if not images:
-        sys.exit("no readable images")
-    texts = caption(model, processor, images, prompt=args.prompt, **_generation_kwargs(args))
+        raise ValueError("no readable images")
+    texts = caption(model, processor, images, prompt=args.prompt, examples=examples, **_generation_kwargs(args))
     _print_rows([{"file": str(f), "caption": t} for f, t in zip(files, texts)], args.json)
 
 
 def cmd_ask(args):
     import torch
 
-    from .inference import answer
+    from vlbridge.evaluation.generation import answer
 
     torch.manual_seed(args.seed)
-    model, processor = _load(args.model)
-    files, images = _readable(_image_files([args.image]))
-    if not images:
-        sys.exit(f"cannot read image {args.image}")
-    out = answer(model, processor, images * len(args.question), args.question, **_generation_kwargs(args))
-    _print_rows([{"file": str(files[0]), "question": q, "answer": a} for q, a in zip(args.question, out)], args.json)
+    model, processor = _load(args)
+    model.require_task("vqa")
+    if not all(q.strip() for q in args.question):
+        raise ValueError("a question is empty")
+    examples = [(_one_image(f), q, a) for f, q, a in args.example or ()]
+    image = _one_image(args.image)
+    out = answer(model, processor, [image] * len(args.question), args.question, examples=examples,
+                 **_generation_kwargs(args))
+    _print_rows([{"file": args.image, "question": q, "answer": a} for q, a in zip(args.question, out)], args.json)
 
 
 def cmd_retrieve(args):
-    from .inference import rank_images, rank_texts
+    from vlbridge.evaluation.generation import rank_images, rank_texts
 
-    model, processor = _load(args.model)
+    model, processor = _load(args)
+    model.require_task("retrieval")
     if args.text is not None:
         files, images = _readable(_image_files(args.images))
         if not images:
-            sys.exit("no readable images")
+            raise ValueError("no readable images")
         ranked = rank_images(model, processor, images, args.text, k=args.k, rerank=args.rerank)
         rows = [{"rank": r + 1, "file": str(files[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
     else:
         texts = list(args.texts or []) + (Path(args.texts_file).read_text().splitlines() if args.texts_file else [])
         texts = [t for t in texts if t.strip()]
         if not texts:
-            sys.exit("give texts with --texts or --texts-file")
-        files, images = _readable(_image_files([args.image]))
-        if not images:
-            sys.exit(f"cannot read image {args.image}")
-        ranked = rank_texts(model, processor, images[0], texts, k=args.k, rerank=args.rerank)
+            raise ValueError("give texts with --texts or --texts-file")
+        ranked = rank_texts(model, processor, _one_image(args.image), texts, k=args.k, rerank=args.rerank)
         rows = [{"rank": r + 1, "text": texts[i], "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
     _print_rows(rows, args.json)
 
@@ -136,28 +151,28 @@ def cmd_retrieve(args):
 def cmd_eval(args):
     import dataclasses
 
-    from .evaluate import EvalConfig, headline, run
+    from vlbridge.evaluation.evaluate import EvalConfig, headline, run
 
     if not (args.captions or args.karpathy or args.vqa_questions or args.shapesworld):
-        sys.exit("eval: give --captions, --karpathy, --vqa-questions or --shapesworld")
+        raise ValueError("give --captions, --karpathy, --vqa-questions or --shapesworld")
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields}, decode=_generation_kwargs(args))
-    try:
-        report = run(cfg)
-    except ValueError as e:  # bad inputs or a task the model cannot do: a message, not a traceback
-        sys.exit(f"eval: {e}")
+    report = run(cfg)
     print(json.dumps(headline(report), indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlbridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("caption", help="caption image files")
     c.add_argument("model")
     c.add_argument("images", nargs="+", help="image files or folders")
     c.add_argument("--prompt", help="LM prompt (default: the model's caption prompt)")
+    c.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "CAPTION"),
+                   help="an in-context example shown before each image (repeatable; models that learn in context)")
     _generation_args(c)
     c.set_defaults(func=cmd_caption)
 
@@ -165,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("image")
     a.add_argument("question", nargs="+")
+    a.add_argument("--example", nargs=3, action="append", metavar=("IMAGE", "QUESTION", "ANSWER"),
+                   help="an in-context example shown before the image (repeatable; models that learn in context)")
     _generation_args(a)
     a.set_defaults(func=cmd_ask)
 
@@ -181,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for s in (c, a, r):
         s.add_argument("--json", action="store_true", help="one JSON object per line")
+        _device_args(s)
 
-    t = sub.add_parser("train", help="run a training recipe (see vlbridge.train)")
+    t = sub.add_parser("train", help="run a training recipe (see vlbridge.training.train)")
     t.add_argument("recipe", help="recipe JSON file, or the name of a shipped recipe")
     t.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as JSON)")
     t.set_defaults(func=lambda args: _train([args.recipe, *args.overrides]))
@@ -213,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4, 8], help="Flamingo: shot counts (few-shot eval)")
     _generation_args(e)
+    _device_args(e)
     e.set_defaults(func=cmd_eval)
     return p
 
 
 def _train(argv):
-    from .train import main
+    from vlbridge.training.train import main
 
     main(argv)
 
@@ -227,13 +246,20 @@ def main(argv=None):
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "retrieve":
         if (args.text is None) == (args.image is None):
-            sys.exit("retrieve: give either --text with --images, or --image with --texts/--texts-file")
+            parser.error("retrieve: give either --text with --images, or --image with --texts/--texts-file")
         if args.text is not None and not args.images:
-            sys.exit("retrieve: --text needs --images")
-    args.func(args)
+            parser.error("retrieve: --text needs --images")
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:  # bad input: one line naming the problem, not a traceback
+        if args.debug:
+            raise
+        print(f"vlbridge {args.command}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

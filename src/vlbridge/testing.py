@@ -109,7 +109,8 @@ def make_qformer_tokenizer(path: str | Path):
 
 def tiny_blip2_config(root: str | Path, lm: str | None = "gpt2", **qformer):
     """Write tiny backbones under `root` and return a Blip2Config naming them."""
-    from .config import Blip2Config, LMConfig, QFormerConfig, VisionConfig
+    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
+    from vlbridge.core.config import LMConfig, VisionConfig
 
     root = Path(root)
     vision = make_vision(root / "vision")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import shapesworld as sw
+from vlbridge.data import shapesworld as sw
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class FilesPool:
     usable one (so batches keep their size on every rank), and counted in `skips`."""
 
     def __init__(self, cfg: DataConfig):
-        from . import readers as r
+        from vlbridge.data import readers as r
 
         self.cfg, self.group_size, self.skips = cfg, 1, r.SkipCounter()
         root = cfg.image_root or None
@@ -145,7 +145,7 @@ class FilesPool:
         return len(self.samples)
 
     def _decode(self, i: int):
-        from .readers import decode_image
+        from vlbridge.data.readers import decode_image
 
         if i in self.bad:
             return None
@@ -295,7 +295,8 @@ class BatchStream:
 
 
 def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qformer_question: bool = False) -> dict:
-    """The text side of a BLIP-2 batch. Stage 1: Q-Former tokens (B, T) and ITC image ids (B,); when the
+    """The text side of a BLIP-2 batch. Stage 1: Q-Former tokens qformer_input_ids / qformer_attention_mask
+    (B, T) and ITC image ids (B,); when the
     ranks all-gather their texts (ITM negatives) T is max_text_length on every rank. Stage 2: the LM's
     prompt + target tokens with labels, and with qformer_question the questions in Q-Former tokens
     (qformer_input_ids / qformer_attention_mask; a sample without a question gets an all-0 mask row,
@@ -315,7 +316,8 @@ def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qfor
         pad = (0, processor.max_text_length - q["input_ids"].shape[1])
         q = {"input_ids": F.pad(q["input_ids"], pad, value=processor.qformer_tokenizer.pad_token_id),
              "attention_mask": F.pad(q["attention_mask"], pad)}
-    return {**q, "image_ids": torch.tensor([s["image_id"] for s in samples])}
+    return {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"],
+            "image_ids": torch.tensor([s["image_id"] for s in samples])}
 
 
 class ProcessorStream(BatchStream):
@@ -349,7 +351,7 @@ class ShardStream:
     def __init__(self, cfg: DataConfig, processor, batch_size: int, grad_accum: int, stage: int,
                  prompts: tuple[str, str], seed: int = 0, rank: int = 0, world_size: int = 1,
                  qformer_question: bool = False):
-        from .readers import SkipCounter, find_shards
+        from vlbridge.data.readers import SkipCounter, find_shards
 
         if stage == 2 and list(cfg.tasks) != ["caption"]:
             raise ValueError(f"webdataset shards hold captions: stage 2 trains data.tasks ['caption'], not {cfg.tasks}")
@@ -362,7 +364,7 @@ class ShardStream:
 
     def _stream(self):
         """This rank's samples, epoch after epoch."""
-        from .readers import read_webdataset
+        from vlbridge.data.readers import read_webdataset
 
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, 23, epoch]).permutation(len(self.shards))
@@ -384,7 +386,7 @@ class ShardStream:
         return [next(self._it) for _ in range(self.batch_size)]
 
     def batch(self, step: int, micro: int = 0) -> dict:
-        from .readers import decode_image
+        from vlbridge.data.readers import decode_image
 
         raw = self._take((step * self.grad_accum + micro) * self.batch_size)
         images = []

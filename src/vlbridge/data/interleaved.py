@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shapesworld as sw
-from .readers import SkipCounter, decode_image
+from vlbridge.data import shapesworld as sw
+from vlbridge.data.readers import SkipCounter, decode_image
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 
-from ..images import ImageError, load_image
+from vlbridge.core.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -367,7 +367,7 @@ def read_webdataset(shards, *, rank: int | None = None, world_size: int | None =
     recorded; one cut exactly between headers just ends early (tarfile cannot tell it apart)."""
     shards = expand_shards(shards)
     if rank is None or world_size is None:
-        from ..dist import world
+        from vlbridge.core.dist import world
 
         rank, world_size = world()
     if worker_id is None or num_workers is None:

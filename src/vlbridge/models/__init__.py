@@ -1,0 +1,1 @@
+"""One folder per design: its config, model, processor and checkpoint converters."""
