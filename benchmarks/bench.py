@@ -26,18 +26,36 @@ from pathlib import Path
 import torch
 
 from vlbridge.models.blip2 import qformer as qf
-from vlbridge.models.blip2.modeling import Blip2
 from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
+from vlbridge.models.blip2.modeling import Blip2
 
 SIZES = {
-    "tiny": dict(qformer=QFormerConfig(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512,
-                                       num_query_tokens=8, cross_attention_frequency=1, encoder_hidden_size=128,
-                                       vocab_size=64, bos_token_id=63, max_position_embeddings=64, dropout=0.0,
-                                       attention_dropout=0.0),
-                 image_tokens=65, text_len=24, batch=64),
+    "tiny": dict(
+        qformer=QFormerConfig(
+            hidden_size=192,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=512,
+            num_query_tokens=8,
+            cross_attention_frequency=1,
+            encoder_hidden_size=128,
+            vocab_size=64,
+            bos_token_id=63,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        image_tokens=65,
+        text_len=24,
+        batch=64,
+    ),
     # dropout off in both sizes, so that the fused and the explicit attention compute the same thing
-    "base": dict(qformer=QFormerConfig(encoder_hidden_size=1024, dropout=0.0, attention_dropout=0.0),
-                 image_tokens=257, text_len=32, batch=32),
+    "base": dict(
+        qformer=QFormerConfig(encoder_hidden_size=1024, dropout=0.0, attention_dropout=0.0),
+        image_tokens=257,
+        text_len=32,
+        batch=32,
+    ),
 }
 
 
@@ -45,8 +63,13 @@ def environment(device: torch.device) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "platform": platform.platform()}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
 
 
 def sync(device: torch.device):
@@ -70,7 +93,7 @@ def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
     ids = torch.randint(6, spec["qformer"].vocab_size - 1, (B, T), device=device)
     ids[:, 0] = 2
     mask = torch.ones_like(ids)
-    mask[: B // 2, T * 2 // 3:] = 0  # some padding, as in real batches
+    mask[: B // 2, T * 2 // 3 :] = 0  # some padding, as in real batches
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(precision: str):
@@ -93,8 +116,17 @@ def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
                     step(precision)
                 sync(device)
                 dt = (time.perf_counter() - t0) / steps
-                rows.append({"bench": "stage1_step", "size": size, "precision": precision, "attention": path,
-                             "s_per_step": dt, "samples_per_s": B / dt, "batch": B})
+                rows.append(
+                    {
+                        "bench": "stage1_step",
+                        "size": size,
+                        "precision": precision,
+                        "attention": path,
+                        "s_per_step": dt,
+                        "samples_per_s": B / dt,
+                        "batch": B,
+                    }
+                )
     finally:
         qf.attention = original
     base = next(r for r in rows if r["precision"] == "fp32" and r["attention"] == "fused")["s_per_step"]
@@ -105,8 +137,8 @@ def stage1_step(size: str, device: torch.device, steps: int) -> list[dict]:
 
 def caching(device: torch.device, steps: int) -> list[dict]:
     """Stage-1 step time on pixels vs on cached features (shipped recipe, its batch and precision)."""
-    from vlbridge.models.blip2.modeling import create_blip2
     from vlbridge.data.batches import BatchStream, FeatureCache, make_pool
+    from vlbridge.models.blip2.modeling import create_blip2
     from vlbridge.training.train import load_recipe
 
     cfg = load_recipe("blip2_shapesworld_stage1")
@@ -123,8 +155,10 @@ def caching(device: torch.device, steps: int) -> list[dict]:
     cache_s_per_image = (time.perf_counter() - t0) / n_cache
     features = torch.zeros(len(pool), *model.vision(processor.images([pool.image(0)]).to(device)).shape[1:])
     prompts = (cfg.model.caption_prompt, cfg.model.vqa_prompt)
-    streams = {"pixels": BatchStream(pool, processor, cfg.batch_size, 1, 1, prompts, cfg.seed),
-               "cached": BatchStream(pool, processor, cfg.batch_size, 1, 1, prompts, cfg.seed, FeatureCache(features))}
+    streams = {
+        "pixels": BatchStream(pool, processor, cfg.batch_size, 1, 1, prompts, cfg.seed),
+        "cached": BatchStream(pool, processor, cfg.batch_size, 1, 1, prompts, cfg.seed, FeatureCache(features)),
+    }
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     times: dict[str, list[float]] = {name: [] for name in streams}
     for step in range(steps + 1):  # the two modes alternate, so that machine noise hits both alike
@@ -132,8 +166,13 @@ def caching(device: torch.device, steps: int) -> list[dict]:
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in stream.batch(step).items()}  # pixels: rendering + preprocessing too
             with autocast:
-                loss = model.pretrain_losses(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                             batch.get("image_features"), batch["image_ids"]).loss
+                loss = model.pretrain_losses(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch.get("pixel_values"),
+                    batch.get("image_features"),
+                    batch["image_ids"],
+                ).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -145,10 +184,20 @@ def caching(device: torch.device, steps: int) -> list[dict]:
         dt = sum(ts) / len(ts)
         epoch_steps = len(pool) // cfg.batch_size
         epoch = dt * epoch_steps + (cache_s_per_image * len(pool) if name == "cached" else 0.0)
-        rows.append({"bench": "caching", "size": "shipped", "mode": name, "s_per_step": dt,
-                     "samples_per_s": cfg.batch_size / dt, "batch": cfg.batch_size, "pool": len(pool),
-                     "first_epoch_s": epoch, "later_epoch_s": dt * epoch_steps,
-                     "cache_s_per_image": cache_s_per_image})
+        rows.append(
+            {
+                "bench": "caching",
+                "size": "shipped",
+                "mode": name,
+                "s_per_step": dt,
+                "samples_per_s": cfg.batch_size / dt,
+                "batch": cfg.batch_size,
+                "pool": len(pool),
+                "first_epoch_s": epoch,
+                "later_epoch_s": dt * epoch_steps,
+                "cache_s_per_image": cache_s_per_image,
+            }
+        )
     pixels = rows[0]["s_per_step"]
     for r in rows:
         r["speedup_vs_pixels"] = pixels / r["s_per_step"]
@@ -166,14 +215,23 @@ def main(argv=None):
     cache_rows = caching(device, args.steps)
     env = environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  threads {env['threads']}")
-    print(f"{'bench':12} {'size':5} {'precision':9} {'attention':9} {'s/step':>8} {'samples/s':>10} {'vs fp32 fused':>14}")
+    print(
+        f"{'bench':12} {'size':5} {'precision':9} {'attention':9} {'s/step':>8} {'samples/s':>10} {'vs fp32 fused':>14}"
+    )
     for r in rows:
-        print(f"{r['bench']:12} {r['size']:5} {r['precision']:9} {r['attention']:9} {r['s_per_step']:8.3f} "
-              f"{r['samples_per_s']:10.1f} {r['speedup_vs_fp32_fused']:13.2f}x")
-    print(f"{'bench':12} {'mode':9} {'s/step':>8} {'samples/s':>10} {'vs pixels':>10} {'1st epoch s':>12} {'later epochs s':>15}")
+        print(
+            f"{r['bench']:12} {r['size']:5} {r['precision']:9} {r['attention']:9} {r['s_per_step']:8.3f} "
+            f"{r['samples_per_s']:10.1f} {r['speedup_vs_fp32_fused']:13.2f}x"
+        )
+    print(
+        f"{'bench':12} {'mode':9} {'s/step':>8} {'samples/s':>10} {'vs pixels':>10} {'1st epoch s':>12} "
+        f"{'later epochs s':>15}"
+    )
     for r in cache_rows:
-        print(f"{r['bench']:12} {r['mode']:9} {r['s_per_step']:8.3f} {r['samples_per_s']:10.1f} "
-              f"{r['speedup_vs_pixels']:9.2f}x {r['first_epoch_s']:12.0f} {r['later_epoch_s']:15.0f}")
+        print(
+            f"{r['bench']:12} {r['mode']:9} {r['s_per_step']:8.3f} {r['samples_per_s']:10.1f} "
+            f"{r['speedup_vs_pixels']:9.2f}x {r['first_epoch_s']:12.0f} {r['later_epoch_s']:15.0f}"
+        )
     write_results(Path(args.out) / "bench.json", env, rows + cache_rows)
 
 

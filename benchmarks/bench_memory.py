@@ -30,12 +30,19 @@ CASES = ("frozen_bf16", "naive_fp32")
 def build(case: str, layers: int, width: int, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vlbridge.models.blip2.modeling import Blip2
-    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
     from vlbridge.core.config import LMConfig
+    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
+    from vlbridge.models.blip2.modeling import Blip2
 
-    lm_cfg = LlamaConfig(vocab_size=32000, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
-                         num_attention_heads=width // 128, num_key_value_heads=width // 128, max_position_embeddings=512)
+    lm_cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=width,
+        intermediate_size=width * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 128,
+        num_key_value_heads=width // 128,
+        max_position_embeddings=512,
+    )
     dtype = torch.bfloat16 if case == "frozen_bf16" else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its own dtype: no fp32 copy of a bf16 model on the way
@@ -73,11 +80,18 @@ def run_case(case: str, layers: int, width: int, batch: int) -> dict:
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return {"case": case, "peak_bytes": peak, "peak_gib": peak / 2 ** 30, "memory": "cuda max allocated" if
-            device.type == "cuda" else "peak RSS", "device": device.type, "seconds": time.time() - t0,
-            "lm_params": sum(p.numel() for p in model.lm.parameters()),
-            "trainable_params": sum(p.numel() for p in trainable), "optimizer_state_bytes": state,
-            "loss": float(loss)}
+    return {
+        "case": case,
+        "peak_bytes": peak,
+        "peak_gib": peak / 2**30,
+        "memory": "cuda max allocated" if device.type == "cuda" else "peak RSS",
+        "device": device.type,
+        "seconds": time.time() - t0,
+        "lm_params": sum(p.numel() for p in model.lm.parameters()),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "optimizer_state_bytes": state,
+        "loss": float(loss),
+    }
 
 
 def main(argv=None):
@@ -93,8 +107,19 @@ def main(argv=None):
         return
     rows = []
     for case in CASES:
-        cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--case", case, "--lm-layers", str(args.lm_layers),
-               "--lm-width", str(args.lm_width), "--batch", str(args.batch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_memory",
+            "--case",
+            case,
+            "--lm-layers",
+            str(args.lm_layers),
+            "--lm-width",
+            str(args.lm_width),
+            "--batch",
+            str(args.batch),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append({"case": case, "error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]})
@@ -105,15 +130,22 @@ def main(argv=None):
     from benchmarks.bench import environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"environment": environment(device), "results": rows, "naive_over_frozen": ratio,
-              "lm": {"layers": args.lm_layers, "width": args.lm_width}, "batch": args.batch}
+    report = {
+        "environment": environment(device),
+        "results": rows,
+        "naive_over_frozen": ratio,
+        "lm": {"layers": args.lm_layers, "width": args.lm_width},
+        "batch": args.batch,
+    }
     for r in rows:
         if "error" in r:
             print(f"{r['case']:12} failed: {r['error']}")
         else:
-            print(f"{r['case']:12} LM {r['lm_params'] / 1e9:.2f}B  trainable {r['trainable_params'] / 1e6:8.1f}M  "
-                  f"optimizer state {r['optimizer_state_bytes'] / 2 ** 30:6.2f} GiB  {r['memory']} "
-                  f"{r['peak_gib']:6.2f} GiB  ({r['seconds']:.0f} s)")
+            print(
+                f"{r['case']:12} LM {r['lm_params'] / 1e9:.2f}B  trainable {r['trainable_params'] / 1e6:8.1f}M  "
+                f"optimizer state {r['optimizer_state_bytes'] / 2**30:6.2f} GiB  {r['memory']} "
+                f"{r['peak_gib']:6.2f} GiB  ({r['seconds']:.0f} s)"
+            )
     if ratio:
         print(f"naive fp32 / frozen bf16 peak memory: {ratio:.2f}x")
     out = Path(args.out)

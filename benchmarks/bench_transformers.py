@@ -46,7 +46,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int = 5, trials:
     """Best FLOP/s of square matmuls (2 n^3 FLOPs each) over a few sizes and trials: the machine's
     usable peak. The best, not the mean: other load on the machine only ever slows a trial down."""
     best = {"flops_per_s": 0.0, "n": 0}
-    for n in ((1024, 2048, 4096) if device.type == "cpu" else (4096, 8192)):
+    for n in (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
         for _ in range(trials):
@@ -76,8 +76,11 @@ def profile_step(fn, device: torch.device) -> dict:
     times = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages()}  # seconds
     total = sum(times.values())
     top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:10])
-    return {"matmul_share": sum(t for k, t in times.items() if k in MATMUL_OPS) / total, "op_time_s": total,
-            "top_ops_s": top}
+    return {
+        "matmul_share": sum(t for k, t in times.items() if k in MATMUL_OPS) / total,
+        "op_time_s": total,
+        "top_ops_s": top,
+    }
 
 
 # ------------------------------------------------------------------------------------ training step
@@ -88,13 +91,30 @@ def retrieval_checkpoint(path: Path, image_width: int = IMAGE_WIDTH, **qformer) 
     (vlbridge's ln_vision)."""
     import transformers as tf
 
-    vision = tf.Blip2VisionConfig(hidden_size=image_width, intermediate_size=image_width, num_hidden_layers=1,
-                                  num_attention_heads=16, image_size=224, patch_size=14)
+    vision = tf.Blip2VisionConfig(
+        hidden_size=image_width,
+        intermediate_size=image_width,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+    )
     # dropout off: both sides then compute the same function in train mode, so the parity check holds
-    qformer = tf.Blip2QFormerConfig(**{"encoder_hidden_size": image_width, "use_qformer_text_input": True,
-                                       "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **qformer})
-    cfg = tf.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=32,
-                         image_text_hidden_size=256)
+    qformer = tf.Blip2QFormerConfig(
+        **{
+            "encoder_hidden_size": image_width,
+            "use_qformer_text_input": True,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            **qformer,
+        }
+    )
+    cfg = tf.Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        num_query_tokens=32,
+        image_text_hidden_size=256,
+    )
     torch.manual_seed(0)
     tf.Blip2ForImageTextRetrieval(cfg).save_pretrained(path)
 
@@ -105,9 +125,16 @@ def retrieval_pair(path: Path, device: torch.device):
     import transformers as tf
 
     ours = Blip2.from_pretrained(path, load_vision=False).to(device).train()
-    wrapped = {impl: TransformersItcItm(tf.Blip2ForImageTextRetrieval.from_pretrained(path, attn_implementation=impl),
-                                        ours.temp.item(), ours.config.label_smoothing).to(device).train()
-               for impl in ("sdpa", "eager")}
+    wrapped = {
+        impl: TransformersItcItm(
+            tf.Blip2ForImageTextRetrieval.from_pretrained(path, attn_implementation=impl),
+            ours.temp.item(),
+            ours.config.label_smoothing,
+        )
+        .to(device)
+        .train()
+        for impl in ("sdpa", "eager")
+    }
     return ours, wrapped
 
 
@@ -117,8 +144,10 @@ def loss_parity(ours: Blip2, wrapped: dict, feats, ids, mask) -> tuple[dict, tor
     gen = lambda: torch.Generator(feats.device).manual_seed(0)  # noqa: E731
     with torch.no_grad():
         ref = ours.pretrain_losses(ids, mask, image_features=feats, generator=gen(), itg=False)
-        diffs = {impl: max(abs(float(itc - ref.loss_itc)), abs(float(itm - ref.loss_itm)))
-                 for impl, (itc, itm) in ((impl, w(feats, ids, mask, gen())) for impl, w in wrapped.items())}
+        diffs = {
+            impl: max(abs(float(itc - ref.loss_itc)), abs(float(itm - ref.loss_itm)))
+            for impl, (itc, itm) in ((impl, w(feats, ids, mask, gen())) for impl, w in wrapped.items())
+        }
     return diffs, ref.loss_itc, ref.loss_itm
 
 
@@ -140,11 +169,15 @@ class TransformersItcItm(nn.Module):
         img = hf.vision_model.post_layernorm(features)  # (B, N, Dv)
         B, Q = img.shape[0], hf.query_tokens.shape[1]
         ones = lambda n, m: torch.ones(n, m, dtype=torch.long, device=img.device)  # noqa: E731
-        queries = hf.qformer(query_embeds=hf.query_tokens.expand(B, -1, -1), encoder_hidden_states=img,
-                             encoder_attention_mask=ones(B, img.shape[1])).last_hidden_state  # (B, Q, d)
+        queries = hf.qformer(
+            query_embeds=hf.query_tokens.expand(B, -1, -1),
+            encoder_hidden_states=img,
+            encoder_attention_mask=ones(B, img.shape[1]),
+        ).last_hidden_state  # (B, Q, d)
         image_feats = F.normalize(hf.vision_projection(queries), dim=-1)  # (B, Q, E)
-        text = hf.qformer(query_embeds=hf.embeddings(input_ids=input_ids), query_length=0,
-                          attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        text = hf.qformer(
+            query_embeds=hf.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, d)
         text_feat = F.normalize(hf.text_projection(text[:, 0]), dim=-1)  # (B, E)
         sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1) / self.temp.clamp(0.001, 0.5)
         sim_t2i = sim_i2t.t()
@@ -158,23 +191,34 @@ class TransformersItcItm(nn.Module):
         pair_img = torch.cat([img, img[neg_img[valid_t]], img[valid_i]])
         n = len(ids)
         embeds = hf.embeddings(input_ids=ids, query_embeds=hf.query_tokens.expand(n, -1, -1))  # (n, Q+T, d)
-        h = hf.qformer(query_embeds=embeds, query_length=Q, attention_mask=torch.cat([ones(n, Q), mask], dim=1),
-                       encoder_hidden_states=pair_img, encoder_attention_mask=ones(n, img.shape[1])).last_hidden_state
+        h = hf.qformer(
+            query_embeds=embeds,
+            query_length=Q,
+            attention_mask=torch.cat([ones(n, Q), mask], dim=1),
+            encoder_hidden_states=pair_img,
+            encoder_attention_mask=ones(n, img.shape[1]),
+        ).last_hidden_state
         labels = torch.zeros(n, dtype=torch.long, device=img.device)
         labels[:B] = 1
         loss_itm = F.cross_entropy(hf.itm_head(h[:, :Q]).mean(dim=1).float(), labels)
         return loss_itc, loss_itm
 
 
-def make_inputs(batch: int, vocab: int, device: torch.device, image_tokens: int = IMAGE_TOKENS,
-                image_width: int = IMAGE_WIDTH, text_len: int = TEXT_LEN):
+def make_inputs(
+    batch: int,
+    vocab: int,
+    device: torch.device,
+    image_tokens: int = IMAGE_TOKENS,
+    image_width: int = IMAGE_WIDTH,
+    text_len: int = TEXT_LEN,
+):
     """Cached image features (B, N, Dv), Q-Former token ids starting with [CLS] and a mask with padding."""
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(batch, image_tokens, image_width, generator=g)
     ids = torch.randint(1000, vocab - 1, (batch, text_len), generator=g)
     ids[:, 0] = 101  # [CLS]
     mask = torch.ones_like(ids)
-    mask[: batch // 2, text_len * 2 // 3:] = 0  # some padding, as in real batches
+    mask[: batch // 2, text_len * 2 // 3 :] = 0  # some padding, as in real batches
     return feats.to(device), ids.to(device), mask.to(device)
 
 
@@ -193,10 +237,12 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
     def transformers_loss(impl):
         return lambda gen: sum(wrapped[impl](feats, ids, mask, gen))
 
-    modes = {"vlbridge itc+itm": ("vlbridge", ours_loss(False)),
-             "transformers-sdpa itc+itm": ("transformers-sdpa", transformers_loss("sdpa")),
-             "transformers-eager itc+itm": ("transformers-eager", transformers_loss("eager")),
-             "vlbridge full": ("vlbridge", ours_loss(True))}
+    modes = {
+        "vlbridge itc+itm": ("vlbridge", ours_loss(False)),
+        "transformers-sdpa itc+itm": ("transformers-sdpa", transformers_loss("sdpa")),
+        "transformers-eager itc+itm": ("transformers-eager", transformers_loss("eager")),
+        "vlbridge full": ("vlbridge", ours_loss(True)),
+    }
 
     def losses(mode: str, step: int):
         return modes[mode][1](torch.Generator(device=device).manual_seed(step))
@@ -248,29 +294,54 @@ def train_step(device: torch.device, steps: int, batch: int) -> list[dict]:
             peaks[precision] = again
         for mode in modes:
             dt = sorted(times[mode])[len(times[mode]) // 2]  # median
-            rows.append({"bench": "train_step", "mode": mode, "precision": precision, "batch": batch,
-                         "s_per_step": dt, "samples_per_s": batch / dt, "flops_per_step": flops[mode],
-                         "flops_per_s": flops[mode] / dt,
-                         "fraction_of_matmul_peak": flops[mode] / dt / peaks[precision]["flops_per_s"],
-                         "trainable_params": counts[modes[mode][0]], "times": times[mode]})
+            rows.append(
+                {
+                    "bench": "train_step",
+                    "mode": mode,
+                    "precision": precision,
+                    "batch": batch,
+                    "s_per_step": dt,
+                    "samples_per_s": batch / dt,
+                    "flops_per_step": flops[mode],
+                    "flops_per_s": flops[mode] / dt,
+                    "fraction_of_matmul_peak": flops[mode] / dt / peaks[precision]["flops_per_s"],
+                    "trainable_params": counts[modes[mode][0]],
+                    "times": times[mode],
+                }
+            )
         best_hf = min(r["s_per_step"] for r in rows if r["precision"] == precision and r["mode"].startswith("transf"))
         for r in rows:
             if r["precision"] == precision:
                 r["speedup_vs_transformers_best"] = best_hf / r["s_per_step"]
     # Where the time goes (one bf16 step each, torch.profiler): the matmul share says how much a
     # faster step could still come from anything other than doing fewer matmul FLOPs.
-    best_hf = min((r for r in rows if r["precision"] == "bf16" and r["mode"].startswith("transformers")),
-                  key=lambda r: r["s_per_step"])["mode"]
+    best_hf = min(
+        (r for r in rows if r["precision"] == "bf16" and r["mode"].startswith("transformers")),
+        key=lambda r: r["s_per_step"],
+    )["mode"]
     profiles = {}
     for mode in ("vlbridge itc+itm", best_hf):
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            profiles[mode] = profile_step(lambda: losses(mode, 0).backward(), device)
+            profiles[mode] = profile_step(lambda: losses(mode, 0).backward(), device)  # noqa: B023 (called here)
         clear_grads()
-        print(f"profile {mode}: matmul {100 * profiles[mode]['matmul_share']:.0f}% of op time; top: "
-              + ", ".join(f"{k} {v:.2f}s" for k, v in list(profiles[mode]["top_ops_s"].items())[:5]), flush=True)
-    meta = {"parity_max_abs_loss_diff": parity, "matmul_peak": peaks, "profile_bf16": profiles,
-            "shape": {"hidden": 768, "layers": 12, "queries": 32, "image_tokens": IMAGE_TOKENS,
-                      "image_width": IMAGE_WIDTH, "text_len": TEXT_LEN}}
+        print(
+            f"profile {mode}: matmul {100 * profiles[mode]['matmul_share']:.0f}% of op time; top: "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in list(profiles[mode]["top_ops_s"].items())[:5]),
+            flush=True,
+        )
+    meta = {
+        "parity_max_abs_loss_diff": parity,
+        "matmul_peak": peaks,
+        "profile_bf16": profiles,
+        "shape": {
+            "hidden": 768,
+            "layers": 12,
+            "queries": 32,
+            "image_tokens": IMAGE_TOKENS,
+            "image_width": IMAGE_WIDTH,
+            "text_len": TEXT_LEN,
+        },
+    }
     return [dict(r, **meta) for r in rows]
 
 
@@ -280,12 +351,23 @@ def generation_checkpoint(path: Path) -> int:
     Returns the image token id."""
     import transformers as tf
 
-    vision = tf.Blip2VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=6,
-                                  num_attention_heads=12, image_size=224, patch_size=14)
+    vision = tf.Blip2VisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=14,
+    )
     qformer = tf.Blip2QFormerConfig(encoder_hidden_size=768)
     image_token = 50265  # one of OPT's unused vocabulary rows
-    cfg = tf.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=tf.OPTConfig().to_dict(), num_query_tokens=32, image_token_index=image_token)
+    cfg = tf.Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=tf.OPTConfig().to_dict(),
+        num_query_tokens=32,
+        image_token_index=image_token,
+    )
     torch.manual_seed(0)
     tf.Blip2ForConditionalGeneration(cfg).eval().save_pretrained(path)
     return image_token
@@ -305,8 +387,10 @@ def generation(device: torch.device, reps: int, batch: int = 8, new_tokens: int 
     rows = []
     for beams in (1, 5):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, do_sample=False)
-        run = {"vlbridge": lambda: ours.generate(pixels, ids, mask, **kw),
-               "transformers": lambda: hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kw)}
+        run = {
+            "vlbridge": lambda kw=kw: ours.generate(pixels, ids, mask, **kw),
+            "transformers": lambda kw=kw: hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kw),
+        }
         times, out = {k: [] for k in run}, {}
         with torch.no_grad():
             for rep in range(reps + 1):  # rep 0 warms up
@@ -320,9 +404,19 @@ def generation(device: torch.device, reps: int, batch: int = 8, new_tokens: int 
         same = torch.equal(out["vlbridge"], out["transformers"][:, -new_tokens:])
         for name, ts in times.items():
             dt = sorted(ts)[len(ts) // 2]
-            rows.append({"bench": "generate", "mode": name, "num_beams": beams, "batch": batch,
-                         "new_tokens": new_tokens, "s_per_batch": dt, "images_per_s": batch / dt, "times": ts,
-                         "same_ids": same})
+            rows.append(
+                {
+                    "bench": "generate",
+                    "mode": name,
+                    "num_beams": beams,
+                    "batch": batch,
+                    "new_tokens": new_tokens,
+                    "s_per_batch": dt,
+                    "images_per_s": batch / dt,
+                    "times": ts,
+                    "same_ids": same,
+                }
+            )
         hf_rate = rows[-1]["images_per_s"]
         for r in rows[-2:]:
             r["speedup_vs_transformers"] = r["images_per_s"] / hf_rate
@@ -341,25 +435,37 @@ def main(argv=None):
     env = environment(device)
     parts = args.parts.split(",")
     batch = args.batch or (32 if device.type == "cuda" else 8)
-    rows = (train_step(device, args.steps, batch) if "train" in parts else []) + \
-        (generation(device, args.reps) if "generate" in parts else [])
-    print(f"device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}  threads {env['threads']}")
+    rows = (train_step(device, args.steps, batch) if "train" in parts else []) + (
+        generation(device, args.reps) if "generate" in parts else []
+    )
+    print(
+        f"device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}  threads {env['threads']}"
+    )
     train = [r for r in rows if r["bench"] == "train_step"]
     if train:
         peaks = train[0]["matmul_peak"]
         print("matmul peak: " + ", ".join(f"{k} {v['flops_per_s'] / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
-        print(f"{'train step (batch ' + str(batch) + ')':28} {'precision':9} {'s/step':>8} {'samples/s':>10} "
-              f"{'vs transformers':>16} {'GFLOP/step':>11} {'% of peak':>10}")
+        print(
+            f"{'train step (batch ' + str(batch) + ')':28} {'precision':9} {'s/step':>8} {'samples/s':>10} "
+            f"{'vs transformers':>16} {'GFLOP/step':>11} {'% of peak':>10}"
+        )
         for r in train:
-            print(f"{r['mode']:28} {r['precision']:9} {r['s_per_step']:8.2f} {r['samples_per_s']:10.2f} "
-                  f"{r['speedup_vs_transformers_best']:15.2f}x {r['flops_per_step'] / 1e9:11.0f} "
-                  f"{100 * r['fraction_of_matmul_peak']:9.1f}%")
+            print(
+                f"{r['mode']:28} {r['precision']:9} {r['s_per_step']:8.2f} {r['samples_per_s']:10.2f} "
+                f"{r['speedup_vs_transformers_best']:15.2f}x {r['flops_per_step'] / 1e9:11.0f} "
+                f"{100 * r['fraction_of_matmul_peak']:9.1f}%"
+            )
     gen = [r for r in rows if r["bench"] == "generate"]
     if gen:
-        print(f"{'generation (batch 8, 20 tokens)':32} {'beams':>5} {'images/s':>9} {'vs transformers':>16} {'same ids':>9}")
+        print(
+            f"{'generation (batch 8, 20 tokens)':32} {'beams':>5} {'images/s':>9} {'vs transformers':>16} "
+            f"{'same ids':>9}"
+        )
         for r in gen:
-            print(f"{r['mode']:32} {r['num_beams']:5} {r['images_per_s']:9.2f} {r['speedup_vs_transformers']:15.2f}x "
-                  f"{str(r['same_ids']):>9}")
+            print(
+                f"{r['mode']:32} {r['num_beams']:5} {r['images_per_s']:9.2f} {r['speedup_vs_transformers']:15.2f}x "
+                f"{str(r['same_ids']):>9}"
+            )
     write_results(Path(args.out) / "bench_transformers.json", env, rows)
 
 

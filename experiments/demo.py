@@ -29,21 +29,28 @@ from pathlib import Path
 import torch
 
 from experiments import eve_study, flamingo_study
-from vlbridge.evaluation import evaluate as ev
-from vlbridge.assets import SHAPESWORLD
-from vlbridge.models.blip2.modeling import Blip2
-from vlbridge.data import shapesworld as sw
-from vlbridge.models.blip2.processing import Blip2Processor
 from experiments.report import choose, write_html
+from vlbridge.assets import SHAPESWORLD
+from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
+from vlbridge.models.blip2.modeling import Blip2
+from vlbridge.models.blip2.processing import Blip2Processor
 from vlbridge.training.train import load_recipe, train
 
 log = logging.getLogger("experiments.demo")
 
 # Evaluation sizes (full / --quick).
-SIZES = {"full": dict(retrieval=1000, captions=500, vqa_scenes=300, curve=200, curve_every=100),
-         "quick": dict(retrieval=32, captions=16, vqa_scenes=8, curve=16, curve_every=2)}
-TARGETS = {"caption_color": 0.90, "caption_shape": 0.90, "caption_count": 0.95, "vqa_accuracy": 0.85,
-           "itc_i2t_r1": 0.80}
+SIZES = {
+    "full": dict(retrieval=1000, captions=500, vqa_scenes=300, curve=200, curve_every=100),
+    "quick": dict(retrieval=32, captions=16, vqa_scenes=8, curve=16, curve_every=2),
+}
+TARGETS = {
+    "caption_color": 0.90,
+    "caption_shape": 0.90,
+    "caption_count": 0.95,
+    "vqa_accuracy": 0.85,
+    "itc_i2t_r1": 0.80,
+}
 
 
 PARTS = ("blip2", "flamingo", "eve")
@@ -53,8 +60,10 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     """BLIP-2 always runs (the other parts compare against it); flamingo and eve when in `parts`."""
     size = SIZES["quick" if quick else "full"]
     t_start = time.time()
-    report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads()}, "timings_s": {}}
+    report: dict = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "timings_s": {},
+    }
 
     # ---- stage 1
     cfg1 = load_recipe("blip2_shapesworld_stage1", [f"out_dir={out / 'stage1'}", *overrides[0]])
@@ -70,8 +79,9 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
     report["timings_s"]["stage1_train"] = time.time() - t
 
     # ---- stage 2
-    cfg2 = load_recipe("blip2_shapesworld_stage2", [f"out_dir={out / 'stage2'}", f"init_from={stage1_dir}",
-                                                    *overrides[1]])
+    cfg2 = load_recipe(
+        "blip2_shapesworld_stage2", [f"out_dir={out / 'stage2'}", f"init_from={stage1_dir}", *overrides[1]]
+    )
     curve_caps = curve_scenes[: max(8, size["curve"] // 4)]
 
     def stage2_probe(step, model, processor, elapsed):
@@ -94,12 +104,16 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
         report[f"{split}_vqa"] = ev.shapesworld_vqa(m2, p2, scenes[: size["vqa_scenes"]], world)
     report["timings_s"]["evaluation"] = time.time() - t
     report["curves"] = {"stage1": _read_log(out / "stage1"), "stage2": _read_log(out / "stage2")}
-    report["recipes"] = {"stage1": json.loads((out / "stage1" / "recipe.json").read_text()),
-                         "stage2": json.loads((out / "stage2" / "recipe.json").read_text())}
+    report["recipes"] = {
+        "stage1": json.loads((out / "stage1" / "recipe.json").read_text()),
+        "stage2": json.loads((out / "stage2" / "recipe.json").read_text()),
+    }
     # What the backbones can do at best (measured by scripts/pretrain_backbones.py): the LM given the
     # true caption as text, linear probes of the vision features, and the BERT the Q-Former starts from.
-    report["backbone_ceilings"] = {name: json.loads((SHAPESWORLD / f"{name}.json").read_text())
-                                   for name in ("lm_ceiling", "vision_probe", "bert_probe")}
+    report["backbone_ceilings"] = {
+        name: json.loads((SHAPESWORLD / f"{name}.json").read_text())
+        for name in ("lm_ceiling", "vision_probe", "bert_probe")
+    }
     report["targets"] = _targets(report)
     report["timings_s"]["blip2_total"] = time.time() - t_start
     sections = []
@@ -112,8 +126,9 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
         t = time.time()
         report["eve"] = eve_study.run(out / "eve", list(eve_study.VARIANTS), blip2=str(stage2_dir), quick=quick)
         report["timings_s"]["eve"] = time.time() - t
-        sections.append(eve_study.html_section(report["eve"], {"captions": report["test_captions"],
-                                                                "vqa": report["test_vqa"]}))
+        sections.append(
+            eve_study.html_section(report["eve"], {"captions": report["test_captions"], "vqa": report["test_vqa"]})
+        )
     report["timings_s"]["total"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     write_html(report, out, m1, p1, m2, p2, world, sections)
@@ -127,11 +142,19 @@ def _read_log(run_dir: Path) -> list[dict]:
 def _targets(report: dict) -> dict:
     """Each issue target next to what was reached on the held-out test split."""
     caps, vqa, ret = report["test_captions"]["metrics"], report["test_vqa"], report["test_retrieval"]
-    reached = {"caption_color": caps["color"], "caption_shape": caps["shape"], "caption_count": caps["count"],
-               "vqa_accuracy": vqa["accuracy"], "itc_i2t_r1": ret["itc"]["i2t_r1"]}
+    reached = {
+        "caption_color": caps["color"],
+        "caption_shape": caps["shape"],
+        "caption_count": caps["count"],
+        "vqa_accuracy": vqa["accuracy"],
+        "itc_i2t_r1": ret["itc"]["i2t_r1"],
+    }
     rows = {k: {"target": TARGETS[k], "reached": v, "met": v >= TARGETS[k]} for k, v in reached.items()}
-    rows["itm_improves_r1"] = {"itc": ret["itc"]["i2t_r1"], "itc_itm": ret["itc_itm"]["i2t_r1"],
-                               "met": ret["itc_itm"]["i2t_r1"] > ret["itc"]["i2t_r1"]}
+    rows["itm_improves_r1"] = {
+        "itc": ret["itc"]["i2t_r1"],
+        "itc_itm": ret["itc_itm"]["i2t_r1"],
+        "met": ret["itc_itm"]["i2t_r1"] > ret["itc"]["i2t_r1"],
+    }
     return rows
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlbridge.evaluation import evaluate as ev
-from vlbridge.data import shapesworld as sw
-from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor
 from experiments.report import choose, fmt, html_table
+from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
+from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor
 from vlbridge.training.train import RECIPES, load_recipe, train
 
 log = logging.getLogger("experiments.eve_study")
@@ -40,8 +40,10 @@ VARIANTS = {
 }
 # text-only sequences for the language-ability measure: the prompts the recipes train with (EVEConfig's)
 TEXT_PROMPTS = (EVEConfig.caption_prompt, EVEConfig.vqa_prompt)
-SIZES = {"full": dict(captions=300, vqa_scenes=150, language=200, latency=32),
-         "quick": dict(captions=8, vqa_scenes=4, language=8, latency=2)}
+SIZES = {
+    "full": dict(captions=300, vqa_scenes=150, language=200, latency=32),
+    "quick": dict(captions=8, vqa_scenes=4, language=8, latency=2),
+}
 
 
 @torch.no_grad()
@@ -49,14 +51,16 @@ def language_loss(lm, tokenizer, scenes: list[sw.Scene], prompts: tuple[str, str
     """Mean next-token loss (nats/token) of the LM alone on text-only ShapesWorld: "{caption prompt}
     {caption}" and "{vqa prompt with the question} {answer}", one sequence each, no image."""
     caption_prompt, vqa_prompt = prompts
-    texts = {"caption": [f"{caption_prompt} {s.caption}" for s in scenes],
-             "qa": [f"{vqa_prompt.format(q)} {a}" for s in scenes for q, a in s.qa[:2]]}
+    texts = {
+        "caption": [f"{caption_prompt} {s.caption}" for s in scenes],
+        "qa": [f"{vqa_prompt.format(q)} {a}" for s in scenes for q, a in s.qa[:2]],
+    }
     lm = lm.eval()
     out = {}
     for name, batch in texts.items():
         total = count = 0.0
         for i in range(0, len(batch), 64):
-            enc = tokenizer(batch[i:i + 64], return_tensors="pt", padding=True)
+            enc = tokenizer(batch[i : i + 64], return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             pos = (mask.cumsum(1) - 1).clamp(min=0)  # left or right padding: real tokens from position 0
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
@@ -78,8 +82,12 @@ def latency(model, processor, images, prompt: str, new_tokens: int = 20, warmup:
     t0 = time.perf_counter()
     for image in images:
         model.generate(**processor(images=[image], text=[prompt]), **decode)
-    return {"seconds_per_image": (time.perf_counter() - t0) / len(images), "n": len(images), "new_tokens": new_tokens,
-            "threads": torch.get_num_threads()}
+    return {
+        "seconds_per_image": (time.perf_counter() - t0) / len(images),
+        "n": len(images),
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _stage(out: Path, stage: int, name: str, init_from: str | None, variant: dict, quick: list[str]) -> Path:
@@ -103,8 +111,12 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm_path = load_recipe("eve_shapesworld_stage1").eve.lm.name_or_path
-    res["language_loss_before"] = language_loss(AutoModelForCausalLM.from_pretrained(lm_path),
-                                                AutoTokenizer.from_pretrained(lm_path), scenes[:size["language"]], TEXT_PROMPTS)
+    res["language_loss_before"] = language_loss(
+        AutoModelForCausalLM.from_pretrained(lm_path),
+        AutoTokenizer.from_pretrained(lm_path),
+        scenes[: size["language"]],
+        TEXT_PROMPTS,
+    )
     stage_dir = None
     for stage in (1, 2, 3):
         if stage == 1 and variant.get("skip_stage1"):
@@ -114,11 +126,12 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
         res["timings_s"][f"stage{stage}"] = time.time() - t
         model, processor = EVE.from_pretrained(stage_dir), EVEProcessor.from_pretrained(stage_dir)
         if stage >= 2:
-            res[f"language_loss_after_stage{stage}"] = language_loss(model.lm, processor.tokenizer,
-                                                                     scenes[:size["language"]], TEXT_PROMPTS)
+            res[f"language_loss_after_stage{stage}"] = language_loss(
+                model.lm, processor.tokenizer, scenes[: size["language"]], TEXT_PROMPTS
+            )
     t = time.time()
-    res["captions"] = ev.shapesworld_captions(model, processor, scenes[:size["captions"]], world)
-    res["vqa"] = ev.shapesworld_vqa(model, processor, scenes[:size["vqa_scenes"]], world)
+    res["captions"] = ev.shapesworld_captions(model, processor, scenes[: size["captions"]], world)
+    res["vqa"] = ev.shapesworld_vqa(model, processor, scenes[: size["vqa_scenes"]], world)
     res["timings_s"]["evaluation"] = time.time() - t
     res["final"] = str(stage_dir)
     return res
@@ -140,10 +153,13 @@ def run(out: Path, variants: list[str], blip2: str | None = None, quick: bool = 
         b, bp = Blip2.from_pretrained(blip2), Blip2Processor.from_pretrained(blip2)
         e = EVE.from_pretrained(report["eve"]["final"])
         ep = EVEProcessor.from_pretrained(report["eve"]["final"])
-        report["latency"] = {"blip2": latency(b, bp, images, b.config.caption_prompt),
-                             "eve": latency(e, ep, images, e.config.caption_prompt)}
-        report["latency"]["eve_over_blip2"] = (report["latency"]["eve"]["seconds_per_image"]
-                                               / report["latency"]["blip2"]["seconds_per_image"])
+        report["latency"] = {
+            "blip2": latency(b, bp, images, b.config.caption_prompt),
+            "eve": latency(e, ep, images, e.config.caption_prompt),
+        }
+        report["latency"]["eve_over_blip2"] = (
+            report["latency"]["eve"]["seconds_per_image"] / report["latency"]["blip2"]["seconds_per_image"]
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "eve_study.json").write_text(json.dumps(report, indent=2))
     return report
@@ -155,10 +171,15 @@ def summary(report: dict) -> dict:
     for name, r in report.items():
         if name == "latency":
             continue
-        rows[name] = {**{f"caption_{k}": round(v, 3) for k, v in r["captions"]["metrics"].items()
-                         if k in ("color", "shape", "size", "count")},
-                      "vqa": round(r["vqa"]["accuracy"], 3),
-                      **{k: {t: round(v, 3) for t, v in r[k].items()} for k in r if k.startswith("language_loss")}}
+        rows[name] = {
+            **{
+                f"caption_{k}": round(v, 3)
+                for k, v in r["captions"]["metrics"].items()
+                if k in ("color", "shape", "size", "count")
+            },
+            "vqa": round(r["vqa"]["accuracy"], 3),
+            **{k: {t: round(v, 3) for t, v in r[k].items()} for k in r if k.startswith("language_loss")},
+        }
     return rows
 
 
@@ -166,29 +187,54 @@ def html_section(report: dict, blip2: dict | None = None) -> str:
     """The demo report's EVE section: the variants next to BLIP-2 (blip2: {"captions", "vqa"} results of
     the demo's stage-2 model on the same test split), language ability and latency."""
     rows = []
-    results = {**({"blip2 (demo stage 2)": blip2} if blip2 else {}), **{k: v for k, v in report.items() if k != "latency"}}
+    results = {
+        **({"blip2 (demo stage 2)": blip2} if blip2 else {}),
+        **{k: v for k, v in report.items() if k != "latency"},
+    }
     for name, r in results.items():
         m = r["captions"]["metrics"]
-        rows.append([name, *(fmt(m[a]) for a in ("color", "shape", "size", "count", "relation")),
-                     fmt(r["vqa"]["accuracy"]), str(r["captions"]["n"])])
+        rows.append(
+            [
+                name,
+                *(fmt(m[a]) for a in ("color", "shape", "size", "count", "relation")),
+                fmt(r["vqa"]["accuracy"]),
+                str(r["captions"]["n"]),
+            ]
+        )
     table = html_table(["model", "caption colour", "shape", "size", "count", "relation", "VQA", "n"], rows)
     lang = []
     for name, r in report.items():
         if name == "latency":
             continue
-        lang.append([name, *(fmt(r[k]["caption"]) + " / " + fmt(r[k]["qa"]) if k in r else fmt(None)
-                             for k in ("language_loss_before", "language_loss_after_stage2", "language_loss_after_stage3"))])
+        lang.append(
+            [
+                name,
+                *(
+                    fmt(r[k]["caption"]) + " / " + fmt(r[k]["qa"]) if k in r else fmt(None)
+                    for k in ("language_loss_before", "language_loss_after_stage2", "language_loss_after_stage3")
+                ),
+            ]
+        )
     lang_table = html_table(["variant", "text-only loss before (caption / QA)", "after stage 2", "after stage 3"], lang)
     lat = report.get("latency")
-    lat_html = "" if not lat else (
-        "<p>Inference latency per image (one image at a time, 20 greedy tokens, "
-        f"{lat['eve']['threads']} threads): BLIP-2 {lat['blip2']['seconds_per_image'] * 1000:.1f} ms, "
-        f"EVE {lat['eve']['seconds_per_image'] * 1000:.1f} ms (EVE / BLIP-2 = {lat['eve_over_blip2']:.2f}).</p>")
-    return ("<h2 id='eve'>EVE against BLIP-2 (same LM, same data, test split)</h2>"
-            "<p>eve: the three stages (pre-align with PAL, generative pre-training with PAL, SFT); eve_no_pal: no "
-            "teacher; eve_skip_stage1: stage 2 from a fresh patch embedding; eve_nonsquare: 96x64 scenes.</p>"
-            + table + lat_html + "<h3>Language ability (LM loss on text-only captions and questions, nats/token)</h3>"
-            + lang_table)
+    lat_html = (
+        ""
+        if not lat
+        else (
+            "<p>Inference latency per image (one image at a time, 20 greedy tokens, "
+            f"{lat['eve']['threads']} threads): BLIP-2 {lat['blip2']['seconds_per_image'] * 1000:.1f} ms, "
+            f"EVE {lat['eve']['seconds_per_image'] * 1000:.1f} ms (EVE / BLIP-2 = {lat['eve_over_blip2']:.2f}).</p>"
+        )
+    )
+    return (
+        "<h2 id='eve'>EVE against BLIP-2 (same LM, same data, test split)</h2>"
+        "<p>eve: the three stages (pre-align with PAL, generative pre-training with PAL, SFT); eve_no_pal: no "
+        "teacher; eve_skip_stage1: stage 2 from a fresh patch embedding; eve_nonsquare: 96x64 scenes.</p>"
+        + table
+        + lat_html
+        + "<h3>Language ability (LM loss on text-only captions and questions, nats/token)</h3>"
+        + lang_table
+    )
 
 
 def main(argv=None):

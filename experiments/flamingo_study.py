@@ -19,9 +19,9 @@ import logging
 import time
 from pathlib import Path
 
+from experiments.report import choose, figure_html, fmt, html_table, log_series, plot_curves
 from vlbridge.evaluation.fewshot import fewshot_summary, shapesworld_fewshot
 from vlbridge.models.flamingo.modeling import Flamingo, FlamingoProcessor
-from experiments.report import choose, figure_html, fmt, html_table, log_series, plot_curves
 from vlbridge.training.train import load_recipe, train
 
 log = logging.getLogger("experiments.flamingo_study")
@@ -41,13 +41,26 @@ def run_variant(out: Path, name: str, overrides: list[str], shots, n: int, beams
     t = time.time()
     fewshot = shapesworld_fewshot(model, processor, shots, n, beams)
     log_rows = [json.loads(x) for x in (out / name / "log.jsonl").read_text().splitlines()]
-    return {"overrides": overrides, "fewshot": fewshot, "summary": fewshot_summary(fewshot),
-            "final_loss": next((r["loss"] for r in reversed(log_rows) if "loss" in r), None),
-            "curve": log_rows, "timings_s": {"train": train_s, "evaluation": time.time() - t}, "final": str(final)}
+    return {
+        "overrides": overrides,
+        "fewshot": fewshot,
+        "summary": fewshot_summary(fewshot),
+        "final_loss": next((r["loss"] for r in reversed(log_rows) if "loss" in r), None),
+        "curve": log_rows,
+        "timings_s": {"train": train_s, "evaluation": time.time() - t},
+        "final": str(final),
+    }
 
 
-def run(out: Path, variants: list[str], steps: int | None = None, shots=(0, 1, 4, 8), n: int = 64, beams: int = 1,
-        quick: bool = False) -> dict:
+def run(
+    out: Path,
+    variants: list[str],
+    steps: int | None = None,
+    shots=(0, 1, 4, 8),
+    n: int = 64,
+    beams: int = 1,
+    quick: bool = False,
+) -> dict:
     extra = [f"steps={steps}"] if steps else []
     if quick:
         extra += ["steps=3", "save_every=0"]
@@ -66,21 +79,45 @@ def html_section(report: dict, out: Path) -> str:
         sm = r["summary"]
         for k in sm["vqa"]:
             cap = sm["caption_random"][k]
-            rows.append([name, str(k), *(fmt(cap[a]) for a in ("color", "shape", "count", "exact")),
-                         fmt(sm["caption_rices"][k]["color"]), fmt(sm["vqa"][k]),
-                         fmt(sm["incontext"][k]["accuracy"]), fmt(sm["incontext"][k]["format_accuracy"])])
-    table = html_table(["variant", "shots", "caption colour", "shape", "count", "exact", "colour (RICES)", "VQA",
-                        "in-context acc.", "in-context format"], rows)
+            rows.append(
+                [
+                    name,
+                    str(k),
+                    *(fmt(cap[a]) for a in ("color", "shape", "count", "exact")),
+                    fmt(sm["caption_rices"][k]["color"]),
+                    fmt(sm["vqa"][k]),
+                    fmt(sm["incontext"][k]["accuracy"]),
+                    fmt(sm["incontext"][k]["format_accuracy"]),
+                ]
+            )
+    table = html_table(
+        [
+            "variant",
+            "shots",
+            "caption colour",
+            "shape",
+            "count",
+            "exact",
+            "colour (RICES)",
+            "VQA",
+            "in-context acc.",
+            "in-context format",
+        ],
+        rows,
+    )
     series = [(name, xs, ys) for name, r in report.items() for _, xs, ys in log_series(r["curve"], ["loss"])]
     title = "Flamingo training loss"
     plot = plot_curves(title, series, out / "curve_flamingo_loss.png")
     steps = {n: r["curve"][-1].get("step") if r["curve"] else None for n, r in report.items()}
-    return ("<h2 id='flamingo'>Flamingo: few-shot on ShapesWorld (val split)</h2>"
-            f"<p>Trained steps per variant: {fmt(steps)}. Captions: demonstrations chosen at random unless marked "
-            "RICES; attribute accuracy of the generated caption. In-context task: the attribute to answer "
-            "(colour, shape, size or count) is shown only by the demonstrations; format = an answer of the "
-            "right attribute. no_tanh = gates removed; all_images = tokens attend to every earlier image.</p>"
-            + table + figure_html(plot, title))
+    return (
+        "<h2 id='flamingo'>Flamingo: few-shot on ShapesWorld (val split)</h2>"
+        f"<p>Trained steps per variant: {fmt(steps)}. Captions: demonstrations chosen at random unless marked "
+        "RICES; attribute accuracy of the generated caption. In-context task: the attribute to answer "
+        "(colour, shape, size or count) is shown only by the demonstrations; format = an answer of the "
+        "right attribute. no_tanh = gates removed; all_images = tokens attend to every earlier image.</p>"
+        + table
+        + figure_html(plot, title)
+    )
 
 
 def main(argv=None):

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.evaluation.generation import DECODING, generate_texts
 from vlbridge.evaluation.metrics import vqa_score
 
@@ -195,19 +195,22 @@ def figure_html(path: Path, title: str = "", width: int = 440) -> str:
     path = Path(path)
     b64 = base64.b64encode(path.read_bytes()).decode("ascii")
     alt = html.escape(title or path.name)
-    return (f'<figure><img class="plot" src="data:image/png;base64,{b64}" width="{width}" alt="{alt}" title="{alt}">'
-            f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+    return (
+        f'<figure><img class="plot" src="data:image/png;base64,{b64}" width="{width}" alt="{alt}" title="{alt}">'
+        f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
+    )
 
 
 def curve_panels(curves: dict) -> list[tuple[str, str, list]]:
     """(file stem, title, series) for each training-curve panel of the demo's logs."""
     s1, s2 = curves.get("stage1", []), curves.get("stage2", [])
     probe2 = sorted({k for r in s2 for k in r if k.startswith("probe_caption_")})
-    return [("curve_stage1_losses", "Stage 1 losses", log_series(s1, ["loss_itc", "loss_itm", "loss_itg"], "loss_")),
-            ("curve_stage1_probe", "Stage 1 probe: ITC image->text R@1",
-             log_series(s1, ["probe_itc_i2t_r1"], "probe_")),
-            ("curve_stage2_loss", "Stage 2 LM loss", log_series(s2, ["loss"])),
-            ("curve_stage2_probe", "Stage 2 probe: caption accuracy", log_series(s2, probe2, "probe_caption_"))]
+    return [
+        ("curve_stage1_losses", "Stage 1 losses", log_series(s1, ["loss_itc", "loss_itm", "loss_itg"], "loss_")),
+        ("curve_stage1_probe", "Stage 1 probe: ITC image->text R@1", log_series(s1, ["probe_itc_i2t_r1"], "probe_")),
+        ("curve_stage2_loss", "Stage 2 LM loss", log_series(s2, ["loss"])),
+        ("curve_stage2_probe", "Stage 2 probe: caption accuracy", log_series(s2, probe2, "probe_caption_")),
+    ]
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -229,8 +232,10 @@ def png_b64(image: Image.Image) -> str:
 
 
 def _img(image: Image.Image, width: int = 96, title: str = "") -> str:
-    return (f'<img src="data:image/png;base64,{png_b64(image)}" width="{width}" height="{width}" '
-            f'title="{html.escape(title)}" alt="{html.escape(title)}">')
+    return (
+        f'<img src="data:image/png;base64,{png_b64(image)}" width="{width}" height="{width}" '
+        f'title="{html.escape(title)}" alt="{html.escape(title)}">'
+    )
 
 
 def fmt(v) -> str:
@@ -264,20 +269,26 @@ def targets_section(report: dict) -> str:
         if "target" in r:
             rows.append([html.escape(name), fmt(r["target"]), fmt(r["reached"]), met])
         else:  # itm_improves_r1: ITC+ITM must beat ITC alone
-            rows.append([html.escape(name), f"ITC+ITM R@1 &gt; ITC R@1 ({fmt(r.get('itc'))})",
-                         fmt(r.get("itc_itm")), met])
+            rows.append(
+                [html.escape(name), f"ITC+ITM R@1 &gt; ITC R@1 ({fmt(r.get('itc'))})", fmt(r.get("itc_itm")), met]
+            )
     return "<h2 id='targets'>Targets (held-out test split)</h2>" + html_table(["target", "wanted", "reached", ""], rows)
 
 
 def metrics_section(report: dict) -> str:
     splits = [s for s in ("test", "compositional") if f"{s}_captions" in report or f"{s}_retrieval" in report]
-    out = ["<h2 id='metrics'>Metrics</h2><p>compositional = scenes holding colour-shape pairs never seen in "
-           "training.</p>"]
+    out = [
+        "<h2 id='metrics'>Metrics</h2><p>compositional = scenes holding colour-shape pairs never seen in training.</p>"
+    ]
     caps = {s: report.get(f"{s}_captions", {}) for s in splits}
     names = list(dict.fromkeys(k for s in splits for k in caps[s].get("metrics", {})))
     if names:
-        out.append("<h3>Captions: attribute accuracy</h3>" + html_table(
-            ["metric", *splits], [[n, *(fmt(caps[s].get("metrics", {}).get(n)) for s in splits)] for n in names]))
+        out.append(
+            "<h3>Captions: attribute accuracy</h3>"
+            + html_table(
+                ["metric", *splits], [[n, *(fmt(caps[s].get("metrics", {}).get(n)) for s in splits)] for n in names]
+            )
+        )
     vqa = {s: report.get(f"{s}_vqa", {}) for s in splits}
     kinds = list(dict.fromkeys(k for s in splits for k in vqa[s].get("by_kind", {})))
     if any(vqa.values()):
@@ -295,8 +306,11 @@ def metrics_section(report: dict) -> str:
         for task in ("captions", "vqa", "retrieval"):
             r = report.get(f"{s}_{task}")
             if r:
-                extra = (html.escape(", ".join(f"{k}={v!r}" for k, v in r["decode"].items())) if "decode" in r
-                         else f"ITM re-ranks the ITC top {r.get('k')}")
+                extra = (
+                    html.escape(", ".join(f"{k}={v!r}" for k, v in r["decode"].items()))
+                    if "decode" in r
+                    else f"ITM re-ranks the ITC top {r.get('k')}"
+                )
                 setting.append([f"{s} {task}", fmt(r.get("n")), fmt(r.get("seconds")), extra])
     if setting:
         out.append("<h3>Settings</h3>" + html_table(["evaluation", "n", "seconds", "settings"], setting, "small"))
@@ -312,8 +326,9 @@ def curves_section(report: dict, out: Path) -> str:
 
 def samples_section(report: dict, m2, p2, world) -> str:
     """Captions and answers regenerated with the stage-2 model, with the decode settings of the evaluation."""
-    cap_kwargs, cap_prompt = _decode_kwargs(report.get("test_captions", {}).get("decode"),
-                                            DECODING["shapesworld_caption"])
+    cap_kwargs, cap_prompt = _decode_kwargs(
+        report.get("test_captions", {}).get("decode"), DECODING["shapesworld_caption"]
+    )
     vqa_kwargs, vqa_prompt = _decode_kwargs(report.get("test_vqa", {}).get("decode"), DECODING["shapesworld_vqa"])
     cap_prompt = m2.config.caption_prompt if cap_prompt is None else cap_prompt
     vqa_prompt = m2.config.vqa_prompt if vqa_prompt is None else vqa_prompt
@@ -323,25 +338,44 @@ def samples_section(report: dict, m2, p2, world) -> str:
         images = [sw.render(s, world) for s in scenes]
         captions = generate_texts(m2, p2, images, [cap_prompt] * len(images), cap_kwargs, len(images))
         qas = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa[:3]]
-        answers = generate_texts(m2, p2, [images[i] for i, _ in qas], [vqa_prompt.format(qa.question) for _, qa in qas],
-                              vqa_kwargs, len(qas), questions=[qa.question for _, qa in qas])
+        answers = generate_texts(
+            m2,
+            p2,
+            [images[i] for i, _ in qas],
+            [vqa_prompt.format(qa.question) for _, qa in qas],
+            vqa_kwargs,
+            len(qas),
+            questions=[qa.question for _, qa in qas],
+        )
         rows = []
         for i, (scene, image, caption) in enumerate(zip(scenes, images, captions)):
             acc = sw.attribute_accuracy([caption], [scene])
             qa_rows = "".join(
                 f"<li>{html.escape(qa.question)} <b>{html.escape(a)}</b> "
                 f"({'right' if vqa_score(a, [qa.answer]) == 1 else 'truth: ' + html.escape(qa.answer)})</li>"
-                for (j, qa), a in zip(qas, answers) if j == i)
-            rows.append([_img(image, 128, scene.caption),
-                         f"<b>generated:</b> {html.escape(caption)}<br><b>truth:</b> {html.escape(scene.caption)}"
-                         f"<br>objects right {acc['object']:.0%}, exact {'yes' if acc['exact'] else 'no'}"
-                         f"<ul>{qa_rows}</ul>"])
+                for (j, qa), a in zip(qas, answers)
+                if j == i
+            )
+            rows.append(
+                [
+                    _img(image, 128, scene.caption),
+                    f"<b>generated:</b> {html.escape(caption)}<br><b>truth:</b> {html.escape(scene.caption)}"
+                    f"<br>objects right {acc['object']:.0%}, exact {'yes' if acc['exact'] else 'no'}"
+                    f"<ul>{qa_rows}</ul>",
+                ]
+            )
         out.append(f"<h3>{split}</h3>" + html_table(["image", "caption and answers"], rows))
         more = report.get(f"{split}_captions", {}).get("samples", [])
         if more:
-            out.append("<details><summary>more captions from the evaluation</summary>" + html_table(
-                ["truth", "generated"], [[html.escape(s["caption"]), html.escape(s["predicted"])] for s in more],
-                "small") + "</details>")
+            out.append(
+                "<details><summary>more captions from the evaluation</summary>"
+                + html_table(
+                    ["truth", "generated"],
+                    [[html.escape(s["caption"]), html.escape(s["predicted"])] for s in more],
+                    "small",
+                )
+                + "</details>"
+            )
     return "\n".join(out)
 
 
@@ -355,13 +389,17 @@ def retrieval_section(m1, p1, world) -> str:
     rows = []
     for t, scores in enumerate(t2i):  # (N_POOL,) ITM + ITC for the ITC top 8, -inf elsewhere
         order = scores.argsort(descending=True).tolist()
-        cells = [f"{_img(images[i], 96, scenes[i].caption)}<br>{float(scores[i]):.2f}{' (right)' if i == t else ''}"
-                 for i in order[:3]]
+        cells = [
+            f"{_img(images[i], 96, scenes[i].caption)}<br>{float(scores[i]):.2f}{' (right)' if i == t else ''}"
+            for i in order[:3]
+        ]
         rank = order.index(t) + 1 if torch.isfinite(scores[t]) else "&gt; 8"
         rows.append([html.escape(scenes[t].caption), *cells, str(rank)])
-    return (f"<h2 id='retrieval'>Retrieval examples (stage-1 model, {N_POOL} candidate images)</h2>"
-            "<p>Score = ITM match logit + ITC similarity, for each caption's ITC top 8.</p>"
-            + html_table(["caption", "1st", "2nd", "3rd", "rank of the right image"], rows))
+    return (
+        f"<h2 id='retrieval'>Retrieval examples (stage-1 model, {N_POOL} candidate images)</h2>"
+        "<p>Score = ITM match logit + ITC similarity, for each caption's ITC top 8.</p>"
+        + html_table(["caption", "1st", "2nd", "3rd", "rank of the right image"], rows)
+    )
 
 
 def attention_section(model, processor, world, out: Path) -> str:
@@ -373,18 +411,25 @@ def attention_section(model, processor, world, out: Path) -> str:
     maps, prefix_share = patch_maps(probs, grid)
     maps = maps.numpy()
     attention_sheet(images, maps, out / "attention.png")
-    layer = max(i for i, l in enumerate(model.qformer.layers) if l.crossattention is not None)
+    layer = max(i for i, lay in enumerate(model.qformer.layers) if lay.crossattention is not None)
     rows = []
     for b, (scene, image) in enumerate(zip(scenes, images)):
         cells = [_img(overlay(image, maps[b, q]), 72, f"query {q}") for q in range(maps.shape[1])]
-        rows.append([_img(image, 72, scene.caption) + f"<br><small>{html.escape(scene.caption)}</small>", *cells,
-                     f"{float(prefix_share[b].mean()):.0%}"])
-    return (f"<h2 id='attention'>Where the queries look (stage-2 model)</h2><p>Cross-attention of each query over "
-            f"the {grid}x{grid} image patches in Q-Former layer {layer} (the last with cross-attention), averaged "
-            f"over heads, renormalised over the patches and shown scaled to its maximum (bright = more). The last "
-            f"column is the mean share that went to the other {probs.shape[-1] - grid * grid} token(s) (CLS). "
-            f"Also in attention.png.</p>"
-            + html_table(["image", *(f"query {q}" for q in range(maps.shape[1])), "to CLS"], rows, "small"))
+        rows.append(
+            [
+                _img(image, 72, scene.caption) + f"<br><small>{html.escape(scene.caption)}</small>",
+                *cells,
+                f"{float(prefix_share[b].mean()):.0%}",
+            ]
+        )
+    return (
+        f"<h2 id='attention'>Where the queries look (stage-2 model)</h2><p>Cross-attention of each query over "
+        f"the {grid}x{grid} image patches in Q-Former layer {layer} (the last with cross-attention), averaged "
+        f"over heads, renormalised over the patches and shown scaled to its maximum (bright = more). The last "
+        f"column is the mean share that went to the other {probs.shape[-1] - grid * grid} token(s) (CLS). "
+        f"Also in attention.png.</p>"
+        + html_table(["image", *(f"query {q}" for q in range(maps.shape[1])), "to CLS"], rows, "small")
+    )
 
 
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}
@@ -405,19 +450,30 @@ def write_html(report: dict, out: Path, m1, p1, m2, p2, world, sections: list[st
     out.mkdir(parents=True, exist_ok=True)
     m1.eval()
     m2.eval()
-    timings = html_table(["", "seconds"], [[html.escape(k), fmt(v)] for k, v in report.get("timings_s", {}).items()],
-                         "small")
+    timings = html_table(
+        ["", "seconds"], [[html.escape(k), fmt(v)] for k, v in report.get("timings_s", {}).items()], "small"
+    )
     machine = html.escape(", ".join(f"{k} {v}" for k, v in report.get("machine", {}).items()))
-    body = [f"<h1>vlbridge demo: BLIP-2{', Flamingo and EVE' if sections else ''} on ShapesWorld</h1><p>{machine}</p>",
-            "<p><a href='#targets'>targets</a> &middot; <a href='#metrics'>metrics</a> &middot; "
-            "<a href='#curves'>curves</a> &middot; <a href='#samples'>samples</a> &middot; "
-            "<a href='#retrieval'>retrieval</a> &middot; <a href='#attention'>attention</a>"
-            + "".join(f" &middot; <a href='#{k}'>{k}</a>" for k in ("flamingo", "eve") if k in report) + "</p>",
-            targets_section(report), metrics_section(report), curves_section(report, out),
-            samples_section(report, m2, p2, world), retrieval_section(m1, p1, world),
-            attention_section(m2, p2, world, out), *sections, "<h2 id='timings'>Timings</h2>" + timings]
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>vlbridge demo report</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    body = [
+        f"<h1>vlbridge demo: BLIP-2{', Flamingo and EVE' if sections else ''} on ShapesWorld</h1><p>{machine}</p>",
+        "<p><a href='#targets'>targets</a> &middot; <a href='#metrics'>metrics</a> &middot; "
+        "<a href='#curves'>curves</a> &middot; <a href='#samples'>samples</a> &middot; "
+        "<a href='#retrieval'>retrieval</a> &middot; <a href='#attention'>attention</a>"
+        + "".join(f" &middot; <a href='#{k}'>{k}</a>" for k in ("flamingo", "eve") if k in report)
+        + "</p>",
+        targets_section(report),
+        metrics_section(report),
+        curves_section(report, out),
+        samples_section(report, m2, p2, world),
+        retrieval_section(m1, p1, world),
+        attention_section(m2, p2, world, out),
+        *sections,
+        "<h2 id='timings'>Timings</h2>" + timings,
+    ]
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>vlbridge demo report</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -22,9 +22,9 @@ import json
 import torch
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge.models.blip2.modeling import rerank_score
-from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
+from vlbridge.models.blip2.modeling import rerank_score
 
 
 @torch.no_grad()
@@ -38,25 +38,39 @@ def rerank_r1(model, processor, scenes, world, k: int = 16, batch_size: int = 12
     feats = torch.cat([model.vision(x) for x in pixels.split(batch_size)])  # (N, P, Dv) frozen features
     # ITC as model.itc computes it, with each image and each text embedded once
     image_emb = torch.cat([model.extract_features(image_features=f).image_embeds_proj for f in feats.split(batch_size)])
-    text_emb = torch.cat([model.extract_features(i, m).text_embeds_proj
-                          for i, m in zip(ids.split(batch_size), mask.split(batch_size))])
+    text_emb = torch.cat(
+        [model.extract_features(i, m).text_embeds_proj for i, m in zip(ids.split(batch_size), mask.split(batch_size))]
+    )
     itc = torch.einsum("iqe,te->itq", image_emb, text_emb).amax(-1)  # (N, N)
     sim, top = itc.topk(min(k, len(scenes)), dim=1)  # (N, k)
-    logits = torch.stack([model.itm(ids[top[i]], mask[top[i]], image_features=feats[i].expand(top.shape[1], -1, -1))
-                          for i in range(len(scenes))]).float()  # (N, k, 2)
+    logits = torch.stack(
+        [
+            model.itm(ids[top[i]], mask[top[i]], image_features=feats[i].expand(top.shape[1], -1, -1))
+            for i in range(len(scenes))
+        ]
+    ).float()  # (N, k, 2)
     match, logodds = logits[..., 1], logits[..., 1] - logits[..., 0]
     temp = model.itc_temperature.item()
-    rules = {"itc": sim, "itm": match, "itm+itc": rerank_score(logits, sim, temp, "lavis"), "logodds": logodds,
-             "logodds+itc": logodds + sim, "prob+itc": logodds.sigmoid() + sim,
-             "logodds+itc/temp": rerank_score(logits, sim, temp, "log_odds")}
+    rules = {
+        "itc": sim,
+        "itm": match,
+        "itm+itc": rerank_score(logits, sim, temp, "lavis"),
+        "logodds": logodds,
+        "logodds+itc": logodds + sim,
+        "prob+itc": logodds.sigmoid() + sim,
+        "logodds+itc/temp": rerank_score(logits, sim, temp, "log_odds"),
+    }
     truth = torch.arange(len(scenes))
-    out = {name: round((top.gather(1, s.argmax(1, keepdim=True))[:, 0] == truth).float().mean().item(), 4)
-           for name, s in rules.items()}
+    out = {
+        name: round((top.gather(1, s.argmax(1, keepdim=True))[:, 0] == truth).float().mean().item(), 4)
+        for name, s in rules.items()
+    }
     # how far each term moves across an image's k candidates (median over images): a term that barely
     # moves cannot change the order of a sum it is part of
     spread = lambda x: round((x.amax(1) - x.amin(1)).median().item(), 4)
-    return out | {"spread": {"itc": spread(sim), "itc/temp": spread(sim / temp), "itm": spread(match),
-                             "logodds": spread(logodds)}}
+    return out | {
+        "spread": {"itc": spread(sim), "itc/temp": spread(sim / temp), "itm": spread(match), "logodds": spread(logodds)}
+    }
 
 
 def main() -> None:
@@ -68,8 +82,10 @@ def main() -> None:
     args = p.parse_args()
     model, processor = Blip2.from_pretrained(args.model), Blip2Processor.from_pretrained(args.model)
     world = sw.ShapesWorldConfig()
-    out = {split: rerank_r1(model, processor, ev.retrieval_scenes(split, args.n, world), world, args.k)
-           for split in args.splits}
+    out = {
+        split: rerank_r1(model, processor, ev.retrieval_scenes(split, args.n, world), world, args.k)
+        for split in args.splits
+    }
     print(json.dumps({"model": args.model, "n": args.n, "k": args.k, **out}, indent=1))
 
 

@@ -44,11 +44,37 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import (
-    BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
-    CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+    BertTokenizerFast,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
-from vlbridge.data.shapesworld import COLORS, CONVERSE, GRID, QA, RELATIONS, SHAPES, SIZES, ShapesWorldConfig, contrast_group, hard_negative_captions, make_split, holds, object_pieces, parse_caption, relation, render_batch, split_scene
+from vlbridge.data.shapesworld import (
+    COLORS,
+    CONVERSE,
+    GRID,
+    QA,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    ShapesWorldConfig,
+    contrast_group,
+    hard_negative_captions,
+    holds,
+    make_split,
+    object_pieces,
+    parse_caption,
+    relation,
+    render_batch,
+    split_scene,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "src/vlbridge/assets/shapesworld"
 CAPTION_PROMPT = "a photo of"  # downstream captioning prompt: "a photo of {caption}"
@@ -70,32 +96,63 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip-groups", type=int, default=16, help="contrast groups of 4 per batch")
     p.add_argument("--clip-lr", type=float, default=2e-3)
     p.add_argument("--clip-patch", type=int, default=8, help="ViT patch size (pixels) of the 64x64 images")
-    p.add_argument("--clip-dense", type=float, default=3.0,
-                   help="weight of the per-cell attribute loss on the layer BLIP-2 reads (0: contrastive only)")
-    p.add_argument("--clip-pos", type=float, default=1.0,
-                   help="weight of the per-patch position loss (row and column) on the layer BLIP-2 reads")
+    p.add_argument(
+        "--clip-dense",
+        type=float,
+        default=3.0,
+        help="weight of the per-cell attribute loss on the layer BLIP-2 reads (0: contrastive only)",
+    )
+    p.add_argument(
+        "--clip-pos",
+        type=float,
+        default=1.0,
+        help="weight of the per-patch position loss (row and column) on the layer BLIP-2 reads",
+    )
     p.add_argument("--lm-steps", type=int, default=6000)
     p.add_argument("--lm-batch", type=int, default=64)
     p.add_argument("--lm-layers", type=int, default=6)
     p.add_argument("--lm-width", type=int, default=128)
     p.add_argument("--lm-lr", type=float, default=1e-3)
-    p.add_argument("--lm-layout", choices=tuple(POOLED_SLOTS), default="grid",
-                   help="the pooled contexts the LM learns to read (pooled_context)")
-    p.add_argument("--lm-mix", type=json.loads, default=LM_MIX, help="JSON: share of each kind of sequence (lm_example)")
-    p.add_argument("--lm-init", type=Path, default=None,
-                   help="start from this saved LM instead of the main phase (e.g. the curriculum alone)")
-    p.add_argument("--lm-phases", nargs="*", default=[], choices=[ph.name for ph in LM_CURRICULUM],
-                   help="phases of the yes/no relation curriculum (LM_CURRICULUM) to run after the main phase, e.g. "
-                        "forward yes_no mixed; none by default (the shipped LM has none)")
-    p.add_argument("--lm-tied", action="store_true",
-                   help="tie input and output embeddings (the old default; see train_lm for why not)")
+    p.add_argument(
+        "--lm-layout",
+        choices=tuple(POOLED_SLOTS),
+        default="grid",
+        help="the pooled contexts the LM learns to read (pooled_context)",
+    )
+    p.add_argument(
+        "--lm-mix", type=json.loads, default=LM_MIX, help="JSON: share of each kind of sequence (lm_example)"
+    )
+    p.add_argument(
+        "--lm-init",
+        type=Path,
+        default=None,
+        help="start from this saved LM instead of the main phase (e.g. the curriculum alone)",
+    )
+    p.add_argument(
+        "--lm-phases",
+        nargs="*",
+        default=[],
+        choices=[ph.name for ph in LM_CURRICULUM],
+        help="phases of the yes/no relation curriculum (LM_CURRICULUM) to run after the main phase, e.g. "
+        "forward yes_no mixed; none by default (the shipped LM has none)",
+    )
+    p.add_argument(
+        "--lm-tied",
+        action="store_true",
+        help="tie input and output embeddings (the old default; see train_lm for why not)",
+    )
     p.add_argument("--bert-steps", type=int, default=3000)
     p.add_argument("--bert-batch", type=int, default=128)
     p.add_argument("--bert-lr", type=float, default=1e-3)
     p.add_argument("--eval-scenes", type=int, default=300)
     p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--only", nargs="+", choices=("clip", "lm", "bert"), default=["clip", "lm", "bert"],
-                   help="which backbones to train (or, with --eval-only, measure)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=("clip", "lm", "bert"),
+        default=["clip", "lm", "bert"],
+        help="which backbones to train (or, with --eval-only, measure)",
+    )
     p.add_argument("--eval-only", action="store_true", help="load the saved models from --out and only measure")
     return p.parse_args()
 
@@ -137,8 +194,14 @@ def build_lm_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(cleanup=True)  # joins words with spaces, "circle ." -> "circle."
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
 
 
 def build_qformer_tokenizer(words: list[str]) -> BertTokenizerFast:
@@ -152,8 +215,12 @@ def build_clip_tokenizer(texts: list[str]) -> CLIPTokenizer:
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in state["merges"]]
@@ -180,7 +247,9 @@ def cell_pooling(image_size: int, patch: int) -> torch.Tensor:
     """(9, P): averages the patches whose centre lies in each grid cell (row-major, as the ViT orders
     patches), so a per-cell head reads what a cross-attention over that cell's patches can read."""
     side = image_size // patch
-    centre = ((torch.arange(side) * patch + patch / 2) * GRID // image_size).long()  # cell row/col of each patch row/col
+    centre = (
+        (torch.arange(side) * patch + patch / 2) * GRID // image_size
+    ).long()  # cell row/col of each patch row/col
     cell = (centre[:, None] * GRID + centre[None, :]).flatten()  # (P,)
     member = F.one_hot(cell, GRID * GRID).T.float()  # (9, P)
     return member / member.sum(1, keepdim=True)
@@ -209,11 +278,25 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
     retrieval learns later (README). Weight 0.25 gave the same demo within noise; 1 is shipped.
     The heads are thrown away; only CLIPModel is saved."""
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=cfg.height, patch_size=args.clip_patch, hidden_size=128, intermediate_size=512,
-                           num_hidden_layers=4, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=cfg.height,
+            patch_size=args.clip_patch,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
         projection_dim=128,
     )
     model = CLIPModel(config)
@@ -224,7 +307,10 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
     heads = [*head.parameters(), *pos_head.parameters()]
     patch_row, patch_col = patch_rows_cols(side)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"CLIP: {n_params / 1e6:.2f}M params (vision {sum(p.numel() for p in model.vision_model.parameters()) / 1e6:.2f}M)")
+    print(
+        f"CLIP: {n_params / 1e6:.2f}M params "
+        f"(vision {sum(p.numel() for p in model.vision_model.parameters()) / 1e6:.2f}M)"
+    )
     opt = torch.optim.AdamW([*model.parameters(), *heads], lr=args.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng([args.seed, 1])
     pool = cell_pooling(cfg.height, config.vision_config.patch_size)
@@ -234,17 +320,25 @@ def train_clip(args, cfg, tok, mean, std) -> CLIPModel:
         captions = [s.caption for s in scenes]
         text = tok(captions, padding=True, return_tensors="pt")
         with autocast(args):
-            out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
-                        pixel_values=pixels(scenes, cfg, mean, std), output_hidden_states=True)
+            out = model(
+                input_ids=text.input_ids,
+                attention_mask=text.attention_mask,
+                pixel_values=pixels(scenes, cfg, mean, std),
+                output_hidden_states=True,
+            )
             patches = out.vision_model_output.hidden_states[-2][:, 1:]  # (B, P, 128), CLS dropped
             logits = head(pool @ patches)  # (B, 9, 7 + 7 + 3)
             pos_logits = pos_head(patches).float()  # (B, P, 2 * side): row and column of each patch
         contrastive = clip_loss(out, captions)
         y = cell_labels(scenes)  # (B, 9, 3)
-        dense = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[..., j].flatten())
-                    for j, lg in enumerate(logits.split(DENSE_HEADS, -1))) / len(DENSE_HEADS)
-        position = (F.cross_entropy(pos_logits[..., :side].flatten(0, 1), patch_row.repeat(len(scenes)))
-                    + F.cross_entropy(pos_logits[..., side:].flatten(0, 1), patch_col.repeat(len(scenes)))) / 2
+        dense = sum(
+            F.cross_entropy(lg.flatten(0, 1).float(), y[..., j].flatten())
+            for j, lg in enumerate(logits.split(DENSE_HEADS, -1))
+        ) / len(DENSE_HEADS)
+        position = (
+            F.cross_entropy(pos_logits[..., :side].flatten(0, 1), patch_row.repeat(len(scenes)))
+            + F.cross_entropy(pos_logits[..., side:].flatten(0, 1), patch_col.repeat(len(scenes)))
+        ) / 2
         loss = contrastive + args.clip_dense * dense + args.clip_pos * position
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.clip_steps, args.clip_lr)
@@ -261,7 +355,10 @@ def embed(model, tok, scenes, captions, cfg, mean, std):
     img = model.get_image_features(pixel_values=pixels(scenes, cfg, mean, std))
     text = tok(captions, padding=True, return_tensors="pt")
     txt = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
-    img, txt = (img.pooler_output if hasattr(img, "pooler_output") else img), (txt.pooler_output if hasattr(txt, "pooler_output") else txt)
+    img, txt = (
+        (img.pooler_output if hasattr(img, "pooler_output") else img),
+        (txt.pooler_output if hasattr(txt, "pooler_output") else txt),
+    )
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
@@ -279,7 +376,7 @@ def cell_features(model, scenes, cfg, mean, std) -> torch.Tensor:
     pool = cell_pooling(cfg.height, model.config.vision_config.patch_size)
     feats = []
     for i in range(0, len(scenes), 256):
-        out = model.vision_model(pixel_values=pixels(scenes[i:i + 256], cfg, mean, std), output_hidden_states=True)
+        out = model.vision_model(pixel_values=pixels(scenes[i : i + 256], cfg, mean, std), output_hidden_states=True)
         feats.append(torch.stack([pool @ h[:, 1:] for h in out.hidden_states]))
     return torch.cat(feats, 1)
 
@@ -289,7 +386,9 @@ def cell_labels(scenes) -> torch.Tensor:
     y = torch.zeros(len(scenes), GRID * GRID, 3, dtype=torch.long)
     for n, s in enumerate(scenes):
         for o in s.objects:
-            y[n, o.row * GRID + o.col] = torch.tensor([SHAPES.index(o.shape) + 1, COLORS.index(o.color) + 1, SIZES.index(o.size) + 1])
+            y[n, o.row * GRID + o.col] = torch.tensor(
+                [SHAPES.index(o.shape) + 1, COLORS.index(o.color) + 1, SIZES.index(o.size) + 1]
+            )
     return y
 
 
@@ -315,7 +414,10 @@ def cell_probe(xtr, ytr, tests: dict, ridge: float = 1e-2) -> dict:
         scores = predict(x.flatten(0, 1)).view(*x.shape[:2], -1)
         preds = [sc.argmax(-1) for sc in scores.split(DENSE_HEADS, dim=-1)]
         occupied = y[..., 0] > 0
-        acc = {a: (p == y[..., j])[occupied].float().mean().item() for j, (a, p) in enumerate(zip(("shape", "color", "size"), preds))}
+        acc = {
+            a: (p == y[..., j])[occupied].float().mean().item()
+            for j, (a, p) in enumerate(zip(("shape", "color", "size"), preds))
+        }
         acc["occupancy"] = ((preds[0] > 0) == occupied).float().mean().item()
         acc["count"] = ((preds[0] > 0) == occupied).all(1).float().mean().item()
         result[name] = {k: round(v, 4) for k, v in acc.items()}
@@ -332,9 +434,11 @@ def patch_rows_cols(side: int) -> tuple[torch.Tensor, torch.Tensor]:
 def position_probe(model, train, test, cfg, mean, std, ridge: float = 1e-2) -> dict:
     """Per layer: a ridge map from one patch token onto its one-hot (row, column); the fraction of test
     patches with both right. Where a patch is must be readable for a query to attend to a place."""
+
     def tokens(scenes):  # (L + 1, N * P, H)
         out = model.vision_model(pixel_values=pixels(scenes, cfg, mean, std), output_hidden_states=True)
         return torch.stack([h[:, 1:] for h in out.hidden_states]).flatten(1, 2)
+
     htr, hte = tokens(train), tokens(test)
     side = int(round((htr.shape[1] // len(train)) ** 0.5))
     row, col = patch_rows_cols(side)
@@ -380,9 +484,12 @@ def evaluate_clip(model, random_model, tok, cfg, mean, std, args) -> dict:
     ytr, yte, yco = cell_labels(train), cell_labels(test), cell_labels(comp)
     for name, m in (("cell_probe", model), ("cell_probe_random_init", random_model)):
         ftr, fte, fco = (cell_features(m, x, cfg, mean, std) for x in (train, test, comp))
-        res[name] = {f"layer_{i}" + (" (read by BLIP-2)" if i == len(ftr) - 2 else ""):
-                     cell_probe(ftr[i], ytr, {"test": (fte[i], yte), "compositional": (fco[i], yco)})
-                     for i in range(len(ftr))}
+        res[name] = {
+            f"layer_{i}" + (" (read by BLIP-2)" if i == len(ftr) - 2 else ""): cell_probe(
+                ftr[i], ytr, {"test": (fte[i], yte), "compositional": (fco[i], yco)}
+            )
+            for i in range(len(ftr))
+        }
     res["patch_position_probe"] = position_probe(model, train[:500], test[:200], cfg, mean, std)
     return res
 
@@ -438,8 +545,9 @@ def lm_example(scene, rng, tok, mix: dict = LM_MIX, layout: str = "grid") -> tup
     return context_example(scene, rng, tok, prompt, target, layout)
 
 
-def context_example(scene, rng, tok, prompt: str, target: str, layout: str = "grid",
-                    form: str | None = None) -> tuple[list[list[int]], int]:
+def context_example(
+    scene, rng, tok, prompt: str, target: str, layout: str = "grid", form: str | None = None
+) -> tuple[list[list[int]], int]:
     """The scene as context, then prompt and target (only the target scored). form: "pooled", "caption_bos"
     (the caption's tokens, then <bos>) or "bos_caption"; None draws them 1/2, 1/4, 1/4."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -487,10 +595,12 @@ class Phase:
     noise: float = 0.0  # Gaussian noise on pooled vectors, relative to their RMS (embed_positions)
 
 
-LM_CURRICULUM = (Phase("forward", 1000, 1.0, "forward", False, 0.0),
-                 Phase("yes_no", 1500, 1.0, "caption", False, 0.0),
-                 Phase("mixed", 5000, 0.5, "caption", True, 0.5),
-                 Phase("robust", 1500, 0.5, "caption", True, 0.5, noise=0.3))
+LM_CURRICULUM = (
+    Phase("forward", 1000, 1.0, "forward", False, 0.0),
+    Phase("yes_no", 1500, 1.0, "caption", False, 0.0),
+    Phase("mixed", 5000, 0.5, "caption", True, 0.5),
+    Phase("robust", 1500, 0.5, "caption", True, 0.5, noise=0.3),
+)
 
 
 def yes_no_question(scene, rng, order: str) -> QA | None:
@@ -536,8 +646,14 @@ def curriculum_example(scene, rng, tok, phase: Phase, mix: dict, layout: str = "
     return context_example(scene, rng, tok, VQA_PROMPT.format(q=qa.question), qa.answer, layout, form)
 
 
-def embed_positions(model, seqs: list[list[list[int]]], pad_id: int, scored_from: list[int] | None = None,
-                    noise: float = 0.0, generator: torch.Generator | None = None):
+def embed_positions(
+    model,
+    seqs: list[list[list[int]]],
+    pad_id: int,
+    scored_from: list[int] | None = None,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+):
     """inputs_embeds (B, T, H), attention_mask (B, T) and labels (B, T) for lm_example sequences
     (right-padded); pooled positions are the mean of their tokens' embeddings and carry no label, nor
     do positions before scored_from[i]. noise > 0 adds Gaussian noise of that size (relative to each
@@ -575,16 +691,27 @@ def train_lm(args, cfg, tok) -> LlamaForCausalLM:
             seqs, scored_from = zip(*(example(s, rng) for s in scenes))
             x, mask, labels = embed_positions(model, seqs, tok.pad_token_id, scored_from, noise, gen)
             return dict(inputs_embeds=x, attention_mask=mask, labels=labels)
+
         return batch
 
     if args.lm_init:
         model = LlamaForCausalLM.from_pretrained(args.lm_init)
     else:
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tok), hidden_size=args.lm_width, intermediate_size=3 * args.lm_width,
-            num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_width // 32,
-            num_key_value_heads=args.lm_width // 32, max_position_embeddings=512, tie_word_embeddings=args.lm_tied,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=args.lm_width,
+                intermediate_size=3 * args.lm_width,
+                num_hidden_layers=args.lm_layers,
+                num_attention_heads=args.lm_width // 32,
+                num_key_value_heads=args.lm_width // 32,
+                max_position_embeddings=512,
+                tie_word_embeddings=args.lm_tied,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
     model.set_attn_implementation("eager")  # see autocast() below
     if not args.lm_init:
         print(f"LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tok)}")
@@ -595,14 +722,32 @@ def train_lm(args, cfg, tok) -> LlamaForCausalLM:
         # 1500 steps: untied alone, size copy 0.52 / VQA 0.50; + no decay + targets only, 1.00 / 0.63; with
         # 80% question sequences after 2000 steps, lr 1e-3 0.77 vs lr 3e-3 0.51.
         example = lambda scene, rng: lm_example(scene, rng, tok, args.lm_mix, args.lm_layout)
-        fit(model, args, "lm", args.lm_steps, args.lm_lr, decayed, batcher(model, example),
-            np.random.default_rng([args.seed, 3]))
+        fit(
+            model,
+            args,
+            "lm",
+            args.lm_steps,
+            args.lm_lr,
+            decayed,
+            batcher(model, example),
+            np.random.default_rng([args.seed, 3]),
+        )
     for i, phase in enumerate(LM_CURRICULUM):
         if phase.name not in args.lm_phases:
             continue
-        example = lambda scene, rng, phase=phase: curriculum_example(scene, rng, tok, phase, args.lm_mix, args.lm_layout)
-        fit(model, args, f"lm/{phase.name}", phase.steps, args.lm_lr, decayed,
-            batcher(model, example, phase.noise, args.seed * 100 + i), np.random.default_rng([args.seed, 4, i]))
+        example = lambda scene, rng, phase=phase: curriculum_example(
+            scene, rng, tok, phase, args.lm_mix, args.lm_layout
+        )
+        fit(
+            model,
+            args,
+            f"lm/{phase.name}",
+            phase.steps,
+            args.lm_lr,
+            decayed,
+            batcher(model, example, phase.noise, args.seed * 100 + i),
+            np.random.default_rng([args.seed, 4, i]),
+        )
     return model.eval()
 
 
@@ -612,8 +757,9 @@ def fit(model, args, desc: str, steps: int, lr: float, decayed, batch, rng) -> N
     groups: dict[bool, list] = {True: [], False: []}
     for n, p in model.named_parameters():
         groups[bool(decayed(n, p))].append(p)
-    opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": 0.01},
-                             {"params": groups[False], "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": groups[True], "weight_decay": 0.01}, {"params": groups[False], "weight_decay": 0.0}], lr=lr
+    )
     model.train()
     for step in (bar := tqdm(range(steps), desc=desc)):
         inputs = batch(rng)
@@ -644,8 +790,13 @@ def greedy(model, tok, prompts: list[list[list[int]]], max_new: int) -> list[str
         new.append(nxt)
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     texts = []
     for row in torch.stack(new, 1).tolist():
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
@@ -678,8 +829,8 @@ def context_losses(model, tok, scenes, layout: str = "grid") -> dict[str, float]
                 starts.append(len(head))
         total = count = 0.0
         for i in range(0, len(seqs), 256):
-            x, mask, labels = embed_positions(model, seqs[i:i + 256], tok.pad_token_id)
-            for j, start in enumerate(starts[i:i + 256]):
+            x, mask, labels = embed_positions(model, seqs[i : i + 256], tok.pad_token_id)
+            for j, start in enumerate(starts[i : i + 256]):
                 labels[j, :start] = -100  # only the target (and its eos) is scored
             logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
@@ -710,7 +861,9 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
         for name, ctx in contexts.items():
             preds = []
             for i in range(0, len(qa), 512):
-                preds += greedy(model, tok, [ctx(s) + ids(VQA_PROMPT.format(q=q)) for s, q, _ in qa[i:i + 512]], max_new=2)
+                preds += greedy(
+                    model, tok, [ctx(s) + ids(VQA_PROMPT.format(q=q)) for s, q, _ in qa[i : i + 512]], max_new=2
+                )
             # relation also splits into yes/no ("is the red circle above the blue star?") and open ("what
             # shape is left of the red circle?") questions, which the LM answers very differently
             per: dict[str, list[float]] = {}
@@ -726,7 +879,9 @@ def evaluate_lm(model, tok, cfg, args) -> dict:
             res[f"{split}/vqa/{name}"] = acc
             if name != "no_context":
                 caps = greedy(model, tok, [ctx(s) + ids(CAPTION_PROMPT) for s in scenes], max_new=30)
-                res[f"{split}/caption_copy/{name}"] = {k: round(v, 4) for k, v in attribute_accuracy(caps, scenes).items()}
+                res[f"{split}/caption_copy/{name}"] = {
+                    k: round(v, 4) for k, v in attribute_accuracy(caps, scenes).items()
+                }
     return res
 
 
@@ -755,8 +910,13 @@ def bert_example(scene, rng, tok, mask_p: float = 0.15) -> tuple[list[int], list
             continue
         labels[i] = t
         r = rng.random()  # BERT's 80 / 10 / 10: [MASK], a random word, the word itself
-        ids[i] = tok.mask_token_id if (i == answer_at or r < 0.8) else \
-            int(rng.integers(len(special), len(tok))) if r < 0.9 else t
+        ids[i] = (
+            tok.mask_token_id
+            if (i == answer_at or r < 0.8)
+            else int(rng.integers(len(special), len(tok)))
+            if r < 0.9
+            else t
+        )
     return ids, labels
 
 
@@ -771,20 +931,36 @@ def train_bert(args, cfg, tok, q):
     """A BertForMaskedLM shaped like the ShapesWorld recipes' Q-Former (q, a QFormerConfig), trained with masked LM."""
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(vocab_size=len(tok), hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-                        num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size,
-                        max_position_embeddings=q.max_position_embeddings, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_layers,
+        num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size,
+        max_position_embeddings=q.max_position_embeddings,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tok.pad_token_id,
+    )
     model = BertForMaskedLM(config)
     model.set_attn_implementation("eager")  # see autocast()
     print(f"BERT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tok)}")
+
     def batch(rng):
         scenes = [split_scene("train", int(i), cfg) for i in rng.integers(0, 1_000_000, size=args.bert_batch)]
         ids, mask, labels = bert_batch([bert_example(s, rng, tok) for s in scenes], tok.pad_token_id)
         return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
-    fit(model, args, "bert", args.bert_steps, args.bert_lr, lambda n, p: p.ndim == 2 and "embeddings" not in n,
-        batch, np.random.default_rng([args.seed, 4]))
+    fit(
+        model,
+        args,
+        "bert",
+        args.bert_steps,
+        args.bert_lr,
+        lambda n, p: p.ndim == 2 and "embeddings" not in n,
+        batch,
+        np.random.default_rng([args.seed, 4]),
+    )
     return model.eval()
 
 
@@ -870,13 +1046,19 @@ def main() -> None:
             model = train_clip(args, cfg, ctok, mean, std)
         train_s = time.time() - t0
         processor = CLIPProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": cfg.height}, crop_size={"height": cfg.height, "width": cfg.width},
-                                               image_mean=mean.round(4).tolist(), image_std=std.round(4).tolist()),
-            tokenizer=ctok)
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": cfg.height},
+                crop_size={"height": cfg.height, "width": cfg.width},
+                image_mean=mean.round(4).tolist(),
+                image_std=std.round(4).tolist(),
+            ),
+            tokenizer=ctok,
+        )
         save(args, "vision", model, processor)
         # the shipped processor must reproduce the normalisation used in training
         scenes = make_split("val", 4, cfg)
         from vlbridge.data.shapesworld import render
+
         ref = processor(images=[render(s, cfg) for s in scenes], return_tensors="pt").pixel_values
         assert torch.allclose(ref, pixels(scenes, cfg, mean.round(4), std.round(4)), atol=1e-4)
         assert CLIPVisionModel.from_pretrained(args.out / "vision").config.hidden_size == 128
@@ -902,8 +1084,11 @@ def main() -> None:
 
         # shaped like the recipes' Q-Former, with its tokenizer ([DEC] is in the vocabulary, never trained)
         t0 = time.time()
-        bert = BertForMaskedLM.from_pretrained(args.out / "bert").eval() if args.eval_only else \
-            train_bert(args, cfg, qtok, load_recipe("blip2_shapesworld_stage1").model.qformer)
+        bert = (
+            BertForMaskedLM.from_pretrained(args.out / "bert").eval()
+            if args.eval_only
+            else train_bert(args, cfg, qtok, load_recipe("blip2_shapesworld_stage1").model.qformer)
+        )
         train_s = time.time() - t0
         save(args, "bert", bert, qtok)
         probe = evaluate_bert(bert, qtok, cfg, args)

@@ -60,7 +60,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    overrides = [f"model.qformer.num_query_tokens={SLOTS}"] + ([f"model.vision.name_or_path={args.vision}"] if args.vision else [])
+    overrides = [f"model.qformer.num_query_tokens={SLOTS}"] + (
+        [f"model.vision.name_or_path={args.vision}"] if args.vision else []
+    )
     cfg = load_recipe("blip2_shapesworld_stage2", overrides)
     model, processor = build_blip2(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.lm.name_or_path)  # load_recipe expanded {assets}
@@ -72,7 +74,7 @@ def main() -> None:
         scenes = sw.make_split(name, n, world)
         with torch.no_grad():
             px = processor.images([sw.render(s, world) for s in scenes])
-            feats = torch.cat([model.vision(px[i:i + 500]) for i in range(0, n, 500)])
+            feats = torch.cat([model.vision(px[i : i + 500]) for i in range(0, n, 500)])
         return scenes, feats, torch.stack([torch.stack([vec(t) for t in targets(s, args.layout)[0]]) for s in scenes])
 
     _, ftr, ytr = split("train", args.train_scenes)
@@ -98,8 +100,11 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
 
     # decode every query to the nearest candidate phrase; score the queries that should hold an object
-    cands = ["."] + [f"a {z} {c} {s}{r}" for z, c, s in itertools.product(sw.SIZES, sw.COLORS, sw.SHAPES)
-                     for r in ([""] if args.layout == "grid" else [" above", " below", " left of", " ."])]
+    cands = ["."] + [
+        f"a {z} {c} {s}{r}"
+        for z, c, s in itertools.product(sw.SIZES, sw.COLORS, sw.SHAPES)
+        for r in ([""] if args.layout == "grid" else [" above", " below", " left of", " ."])
+    ]
     cand = norm(torch.stack([vec(c) for c in cands]))
     with torch.no_grad():
         nearest = torch.cdist(readout(fte).float(), cand[None].expand(len(fte), -1, -1)).argmin(-1)
@@ -111,8 +116,16 @@ def main() -> None:
             if len(words) >= 4:
                 for a, w in zip(("size", "color", "shape"), words[1:4]):
                     hits[a] += w == getattr(o, a)
-    print(json.dumps({"layout": args.layout, "steps": args.steps, "vision": cfg.model.vision.name_or_path,
-                      **{k: round(v / n, 3) for k, v in hits.items()}}))
+    print(
+        json.dumps(
+            {
+                "layout": args.layout,
+                "steps": args.steps,
+                "vision": cfg.model.vision.name_or_path,
+                **{k: round(v / n, 3) for k, v in hits.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

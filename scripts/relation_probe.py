@@ -23,16 +23,26 @@ import numpy as np
 import torch
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
 
 
 def yes_no_items(split: str, n: int, world) -> list[tuple]:
     return [(s, qa) for s in sw.make_split(split, n, world) for qa in s.qa if qa.yes_no_relation]
 
 
-def probe(model, processor, world, steps: int, lr: float, every: int, batch_size: int = 64,
-          n_train: int = 6000, n_test: int = 300, seed: int = 0) -> list[dict]:
+def probe(
+    model,
+    processor,
+    world,
+    steps: int,
+    lr: float,
+    every: int,
+    batch_size: int = 64,
+    n_train: int = 6000,
+    n_test: int = 300,
+    seed: int = 0,
+) -> list[dict]:
     """Train the bridge on yes/no relation questions; returns the test curve [{step, loss, accuracy, said_yes}]."""
     torch.manual_seed(seed)
     train_items = yes_no_items("train", n_train, world)
@@ -53,9 +63,11 @@ def probe(model, processor, world, steps: int, lr: float, every: int, batch_size
         batch = [train_items[i] for i in rng.integers(len(train_items), size=batch_size)]
         with torch.no_grad():
             features = model.vision(processor.images([sw.render(s, world) for s, _ in batch]))
-        text = processor(text=[model.config.vqa_prompt.format(qa.question) for _, qa in batch],
-                         targets=[qa.answer for _, qa in batch],
-                         **({"qformer_text": [qa.question for _, qa in batch]} if model.config.qformer_question else {}))
+        text = processor(
+            text=[model.config.vqa_prompt.format(qa.question) for _, qa in batch],
+            targets=[qa.answer for _, qa in batch],
+            **({"qformer_text": [qa.question for _, qa in batch]} if model.config.qformer_question else {}),
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(image_features=features, **text).loss
         loss.backward()
@@ -64,8 +76,9 @@ def probe(model, processor, world, steps: int, lr: float, every: int, batch_size
         opt.zero_grad(set_to_none=True)
         if step % every == 0 or step == steps:
             model.eval()
-            curve.append({"step": step, "loss": round(loss.item(), 4), **score(),
-                          "seconds": round(time.time() - t0, 1)})
+            curve.append(
+                {"step": step, "loss": round(loss.item(), 4), **score(), "seconds": round(time.time() - t0, 1)}
+            )
             print(json.dumps(curve[-1]), flush=True)
     return curve
 
@@ -80,8 +93,13 @@ def main() -> None:
     args = p.parse_args()
     model, processor = Blip2.from_pretrained(args.model), Blip2Processor.from_pretrained(args.model)
     curve = probe(model, processor, sw.ShapesWorldConfig(), args.steps, args.lr, args.every)
-    result = {"model": args.model, "qformer_question": model.config.qformer_question, "steps": args.steps,
-              "lr": args.lr, "curve": curve}
+    result = {
+        "model": args.model,
+        "qformer_question": model.config.qformer_question,
+        "steps": args.steps,
+        "lr": args.lr,
+        "curve": curve,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -20,8 +20,8 @@ import argparse
 import json
 
 from vlbridge import Blip2, Blip2Processor
-from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.evaluation.generation import DECODING, generate_texts
 
 KINDS = ("color", "shape", "size")
@@ -43,26 +43,46 @@ def caption_answer(question: str, kind: str, caption: str) -> str | None:
 def vqa_errors(model, processor, scenes, world, batch_size: int = 64) -> dict:
     model.eval()
     images = [sw.render(s, world) for s in scenes]
-    captions = generate_texts(model, processor, images, [model.config.caption_prompt] * len(scenes), DECODING["shapesworld_caption"],
-                           batch_size)
+    captions = generate_texts(
+        model,
+        processor,
+        images,
+        [model.config.caption_prompt] * len(scenes),
+        DECODING["shapesworld_caption"],
+        batch_size,
+    )
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa if qa.kind in KINDS]
-    answers = generate_texts(model, processor, [images[i] for i, _ in items],
-                          [model.config.vqa_prompt.format(qa.question) for _, qa in items], DECODING["shapesworld_vqa"], batch_size,
-                          questions=[qa.question for _, qa in items])
-    cells = {k: {"right/caption_right": 0, "right/caption_wrong": 0, "wrong/caption_right": 0, "wrong/caption_wrong": 0}
-             for k in KINDS}
+    answers = generate_texts(
+        model,
+        processor,
+        [images[i] for i, _ in items],
+        [model.config.vqa_prompt.format(qa.question) for _, qa in items],
+        DECODING["shapesworld_vqa"],
+        batch_size,
+        questions=[qa.question for _, qa in items],
+    )
+    cells = {
+        k: {"right/caption_right": 0, "right/caption_wrong": 0, "wrong/caption_right": 0, "wrong/caption_wrong": 0}
+        for k in KINDS
+    }
     examples = []
     for (i, qa), pred in zip(items, answers):
         said = caption_answer(qa.question, qa.kind, captions[i])
-        cell = f"{'right' if pred.strip() == qa.answer else 'wrong'}/caption_{'right' if said == qa.answer else 'wrong'}"
+        cell = (
+            f"{'right' if pred.strip() == qa.answer else 'wrong'}/caption_{'right' if said == qa.answer else 'wrong'}"
+        )
         cells[qa.kind][cell] += 1
         if cell == "wrong/caption_right" and len(examples) < 8:
             examples.append({"question": qa.question, "answer": qa.answer, "predicted": pred, "caption": captions[i]})
     total = {c: sum(k[c] for k in cells.values()) for c in cells[KINDS[0]]}
     wrong = total["wrong/caption_right"] + total["wrong/caption_wrong"]
-    return {"cells": cells, "all": total,
-            "wrong_with_caption_right": round(total["wrong/caption_right"] / wrong, 4) if wrong else None,
-            "examples": examples, "relation_yes_no": ev.shapesworld_yes_no(model, processor, scenes, world, batch_size, images)}
+    return {
+        "cells": cells,
+        "all": total,
+        "wrong_with_caption_right": round(total["wrong/caption_right"] / wrong, 4) if wrong else None,
+        "examples": examples,
+        "relation_yes_no": ev.shapesworld_yes_no(model, processor, scenes, world, batch_size, images),
+    }
 
 
 def main() -> None:

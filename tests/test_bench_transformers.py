@@ -5,8 +5,14 @@ import torch
 
 from benchmarks.bench_transformers import loss_parity, make_inputs, retrieval_checkpoint, retrieval_pair
 
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1100,
-             max_position_embeddings=64)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=1100,
+    max_position_embeddings=64,
+)
 
 
 def test_transformers_itc_itm_matches_vlbridge(tmp_path):
@@ -22,9 +28,15 @@ def test_transformers_itc_itm_matches_vlbridge(tmp_path):
     ours.pretrain_losses(ids, mask, image_features=feats, generator=gen(), itg=False).loss.backward()
     hf = wrapped["sdpa"]
     sum(hf(feats, ids, mask, gen())).backward()
-    pairs = [(ours.qformer.query_tokens, hf.hf.query_tokens),
-             (ours.qformer.layers[0].crossattention.key.weight, hf.hf.qformer.encoder.layer[0].crossattention.attention.key.weight),
-             (ours.itm_head.weight, hf.hf.itm_head.weight), (ours.ln_vision.weight, hf.hf.vision_model.post_layernorm.weight)]
+    pairs = [
+        (ours.qformer.query_tokens, hf.hf.query_tokens),
+        (
+            ours.qformer.layers[0].crossattention.key.weight,
+            hf.hf.qformer.encoder.layer[0].crossattention.attention.key.weight,
+        ),
+        (ours.itm_head.weight, hf.hf.itm_head.weight),
+        (ours.ln_vision.weight, hf.hf.vision_model.post_layernorm.weight),
+    ]
     for a, b in pairs:
         assert a.grad.abs().max() > 0
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)

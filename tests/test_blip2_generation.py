@@ -63,8 +63,9 @@ def test_batched_padded_generation_matches_one_by_one(model_of, images, kind, be
     for i, prompt in enumerate(PROMPTS):
         one = proc(text=[prompt])
         assert one["attention_mask"].all()  # alone: no padding at all
-        alone = model.generate(px[i:i + 1], one["input_ids"], one["attention_mask"], max_new_tokens=8,
-                               num_beams=beams, **VARIED)[0]
+        alone = model.generate(
+            px[i : i + 1], one["input_ids"], one["attention_mask"], max_new_tokens=8, num_beams=beams, **VARIED
+        )[0]
         n = len(alone)
         assert torch.equal(batch[i, :n], alone), (i, batch[i], alone)
         filler = (batch[i, n:] == pad) | (batch[i, n:] == proc.tokenizer.eos_token_id)  # beam search pads with eos
@@ -125,7 +126,7 @@ def test_forward_agrees_with_greedy_generation(model_of, images, kind):
     else:
         logits = model(px, torch.cat([ids, gen], 1), torch.cat([mask, torch.ones_like(gen)], 1)).logits
         start = Q + ids.shape[1] - 1  # the position that predicts the first new token
-        logits = logits[:, start:start + 5]
+        logits = logits[:, start : start + 5]
     logits = logits.clone()
     logits[..., proc.tokenizer.eos_token_id] = float("-inf")  # min_new_tokens kept eos out of `gen`
     assert torch.equal(logits.argmax(-1), gen)

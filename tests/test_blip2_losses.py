@@ -40,7 +40,7 @@ def test_soft_cross_entropy_one_positive_is_label_smoothed_ce():
 def test_soft_cross_entropy_hand_computed():
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     positives = torch.tensor([[True, False, False], [False, False, True]])
-    lse = math.log(math.e + math.e ** 2 + math.e ** 3)
+    lse = math.log(math.e + math.e**2 + math.e**3)
     row0 = -((0.9 + 0.1 / 3) * (1 - lse) + (0.1 / 3) * (2 - lse) + (0.1 / 3) * (3 - lse))
     row1 = math.log(3)  # uniform logits: -log(1/3) whatever the target
     expected = (row0 + row1) / 2
@@ -150,7 +150,9 @@ def test_itc_loss_by_hand(stage1, temp):
         out = model.pretrain_losses(ids, mask, image_features=feats)
         sim = _cosine_sims(model, ids, mask, feats) / min(temp, 0.5)  # the temperature is clamped to [0.001, 0.5]
         labels = torch.arange(4)
-        manual = (F.cross_entropy(sim, labels, label_smoothing=EPS) + F.cross_entropy(sim.t(), labels, label_smoothing=EPS)) / 2
+        manual = (
+            F.cross_entropy(sim, labels, label_smoothing=EPS) + F.cross_entropy(sim.t(), labels, label_smoothing=EPS)
+        ) / 2
         assert torch.allclose(out.loss_itc, manual, atol=1e-5)
         assert torch.allclose(model.itc(ids, mask, image_features=feats), sim * min(temp, 0.5), atol=1e-5)
 
@@ -169,11 +171,17 @@ def test_itc_loss_by_hand(stage1, temp):
 def test_itm_loss_by_hand(stage1, monkeypatch):
     model, _, ids, mask, feats = stage1
     neg = torch.tensor([1, 2, 3, 0])
-    monkeypatch.setattr(pretrain_module, "sample_hard_negatives", lambda sim, positives: (neg, torch.ones(4, dtype=torch.bool)))
+    monkeypatch.setattr(
+        pretrain_module, "sample_hard_negatives", lambda sim, positives: (neg, torch.ones(4, dtype=torch.bool))
+    )
     out = model.pretrain_losses(ids, mask, image_features=feats)
-    logits = torch.cat([model.itm(ids, mask, image_features=feats),  # positives
-                        model.itm(ids, mask, image_features=feats[neg]),  # each text with a negative image
-                        model.itm(ids[neg], mask[neg], image_features=feats)])  # each image with a negative text
+    logits = torch.cat(
+        [
+            model.itm(ids, mask, image_features=feats),  # positives
+            model.itm(ids, mask, image_features=feats[neg]),  # each text with a negative image
+            model.itm(ids[neg], mask[neg], image_features=feats),
+        ]
+    )  # each image with a negative text
     labels = torch.tensor([1] * 4 + [0] * 8)
     assert torch.allclose(out.loss_itm, F.cross_entropy(logits, labels), atol=1e-5)
 
@@ -181,7 +189,9 @@ def test_itm_loss_by_hand(stage1, monkeypatch):
 def test_itc_itm_only_and_indexed_images(stage1):
     model, _, ids, mask, feats = stage1
     full = model.pretrain_losses(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(3))
-    short = model.pretrain_losses(ids, mask, image_features=feats, generator=torch.Generator().manual_seed(3), itg=False)
+    short = model.pretrain_losses(
+        ids, mask, image_features=feats, generator=torch.Generator().manual_seed(3), itg=False
+    )
     assert float(full.loss_itg) > 0 and float(short.loss_itg) == 0.0
     assert torch.allclose(short.loss_itc, full.loss_itc) and torch.allclose(short.loss_itm, full.loss_itm)
     assert torch.allclose(short.loss, short.loss_itc + short.loss_itm)
@@ -259,11 +269,11 @@ def test_retrieval_scores(stage1, images):
     temp = model.temp.clamp(0.001, 0.5).item()
     lavis = model.retrieval_scores(ids, mask, image_features=feats, k=k, batch_size=2, rerank="lavis")
     for i, t in torch.isfinite(r.i2t).nonzero().tolist():
-        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0]
+        itm = model.itm(ids[t : t + 1], mask[t : t + 1], image_features=feats[i : i + 1])[0]
         assert torch.allclose(r.i2t[i, t], itm[1] - itm[0] + itc[i, t] / temp, atol=1e-4), (i, t)
         assert torch.allclose(lavis.i2t[i, t], itm[1] + itc[i, t], atol=1e-5), (i, t)
     for t, i in torch.isfinite(r.t2i).nonzero().tolist():
-        itm = model.itm(ids[t:t + 1], mask[t:t + 1], image_features=feats[i:i + 1])[0]
+        itm = model.itm(ids[t : t + 1], mask[t : t + 1], image_features=feats[i : i + 1])[0]
         assert torch.allclose(r.t2i[t, i], itm[1] - itm[0] + itc[i, t] / temp, atol=1e-4), (t, i)
         assert torch.allclose(lavis.t2i[t, i], itm[1] + itc[i, t], atol=1e-5), (t, i)
     with pytest.raises(ValueError, match="rerank"):
@@ -287,7 +297,9 @@ def test_extract_features(stage1):
     combined = torch.einsum("iqe,te->itq", f.image_embeds_proj, f.text_embeds_proj).amax(-1)
     assert torch.allclose(combined, model.itc(ids, mask, image_features=feats), atol=1e-6)
     # multimodal embeds are the queries after a bidirectional pass with the text: what ITM reads
-    assert torch.allclose(model.itm_head(f.multimodal_embeds).mean(1), model.itm(ids, mask, image_features=feats), atol=1e-5)
+    assert torch.allclose(
+        model.itm_head(f.multimodal_embeds).mean(1), model.itm(ids, mask, image_features=feats), atol=1e-5
+    )
     assert not torch.allclose(f.multimodal_embeds, f.image_embeds, atol=1e-3)
     image_only = model.extract_features(image_features=feats)
     assert torch.equal(image_only.image_embeds, f.image_embeds) and image_only.text_embeds is None

@@ -10,8 +10,15 @@ TARGETS = ["red circle", "blue", "two", "a large yellow square"]
 Q = 4
 
 # Parts of a stage-2 model that the LM loss cannot reach (they serve ITC/ITM/ITG only).
-TEXT_SIDE = ("qformer.word_embeddings.", "qformer.position_embeddings.", "qformer.lm_head.",
-             "vision_proj.", "text_proj.", "itm_head.", "temp")
+TEXT_SIDE = (
+    "qformer.word_embeddings.",
+    "qformer.position_embeddings.",
+    "qformer.lm_head.",
+    "vision_proj.",
+    "text_proj.",
+    "itm_head.",
+    "temp",
+)
 
 
 def _text_side(name: str) -> bool:
@@ -19,8 +26,11 @@ def _text_side(name: str) -> bool:
 
 
 def _snapshot(model) -> dict:
-    return {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()}
-            for name in ("vision", "lm") if getattr(model, name) is not None}
+    return {
+        name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()}
+        for name in ("vision", "lm")
+        if getattr(model, name) is not None
+    }
 
 
 def _assert_backbones_untouched(model, before):

@@ -31,8 +31,20 @@ def _rows(capsys):
 
 
 def test_caption_skips_and_reports_bad_images(saved, capsys):
-    main(["caption", str(saved / "model"), str(saved / "images"), "--max-new-tokens", "3", "--num-beams", "2",
-          "--min-new-tokens", "3", "--json"])
+    main(
+        [
+            "caption",
+            str(saved / "model"),
+            str(saved / "images"),
+            "--max-new-tokens",
+            "3",
+            "--num-beams",
+            "2",
+            "--min-new-tokens",
+            "3",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     rows = [json.loads(x) for x in captured.out.splitlines()]
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["0.png", "1.png", "2.png"]
@@ -41,26 +53,71 @@ def test_caption_skips_and_reports_bad_images(saved, capsys):
 
 
 def test_ask_answers_each_question(saved, capsys):
-    main(["ask", str(saved / "model"), str(saved / "images" / "0.png"), "what color is the circle ?",
-          "how many", "--max-new-tokens", "2", "--json"])
+    main(
+        [
+            "ask",
+            str(saved / "model"),
+            str(saved / "images" / "0.png"),
+            "what color is the circle ?",
+            "how many",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ]
+    )
     rows = _rows(capsys)
     assert [r["question"] for r in rows] == ["what color is the circle ?", "how many"]
     assert all(1 <= len(r["answer"].split()) <= 2 for r in rows)
 
 
 def test_retrieve_both_directions(saved, capsys):
-    main(["retrieve", str(saved / "model"), "--images", str(saved / "images"), "--text", "a red circle",
-          "--k", "2", "--json"])
+    main(
+        [
+            "retrieve",
+            str(saved / "model"),
+            "--images",
+            str(saved / "images"),
+            "--text",
+            "a red circle",
+            "--k",
+            "2",
+            "--json",
+        ]
+    )
     rows = _rows(capsys)
     assert len(rows) == 2  # only the top k are re-ranked and listed
     assert rows[0]["score"] >= rows[1]["score"]
-    main(["retrieve", str(saved / "model"), "--image", str(saved / "images" / "1.png"), "--texts", "a red circle",
-          "two", "blue square", "--json"])
+    main(
+        [
+            "retrieve",
+            str(saved / "model"),
+            "--image",
+            str(saved / "images" / "1.png"),
+            "--texts",
+            "a red circle",
+            "two",
+            "blue square",
+            "--json",
+        ]
+    )
     rows = _rows(capsys)
     assert sorted(r["text"] for r in rows) == ["a red circle", "blue square", "two"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
-    main(["retrieve", str(saved / "model"), "--image", str(saved / "images" / "1.png"), "--texts", "a red circle",
-          "two", "blue square", "--rerank", "lavis", "--json"])
+    main(
+        [
+            "retrieve",
+            str(saved / "model"),
+            "--image",
+            str(saved / "images" / "1.png"),
+            "--texts",
+            "a red circle",
+            "two",
+            "blue square",
+            "--rerank",
+            "lavis",
+            "--json",
+        ]
+    )
     lavis = _rows(capsys)
     assert len(lavis) == 3 and [r["score"] for r in lavis] != [r["score"] for r in rows]  # another rule, other scores
 

@@ -9,13 +9,22 @@ from vlbridge.core.config import from_dict, load_json, save_json, to_dict
 
 
 def _configs():
-    stage1 = Blip2Config(vision=VisionConfig("some/vision", feature_layer=-3, dtype="bfloat16", hidden_size=48),
-                         qformer=QFormerConfig(hidden_size=64, num_layers=3, num_query_tokens=8, dropout=0.0,
-                                               text_branch=False, bos_token_id=77),
-                         qformer_tokenizer="tok", embed_dim=24, init_temperature=0.05, max_text_length=20)
-    stage2 = Blip2Config(vision=VisionConfig("v"), lm=LMConfig("some/lm", dtype="float16", hidden_size=96,
-                                                                is_encoder_decoder=True),
-                         image_token_id=5, vqa_prompt="Q: {} A:")
+    stage1 = Blip2Config(
+        vision=VisionConfig("some/vision", feature_layer=-3, dtype="bfloat16", hidden_size=48),
+        qformer=QFormerConfig(
+            hidden_size=64, num_layers=3, num_query_tokens=8, dropout=0.0, text_branch=False, bos_token_id=77
+        ),
+        qformer_tokenizer="tok",
+        embed_dim=24,
+        init_temperature=0.05,
+        max_text_length=20,
+    )
+    stage2 = Blip2Config(
+        vision=VisionConfig("v"),
+        lm=LMConfig("some/lm", dtype="float16", hidden_size=96, is_encoder_decoder=True),
+        image_token_id=5,
+        vqa_prompt="Q: {} A:",
+    )
     return {"stage1": stage1, "stage2": stage2}
 
 

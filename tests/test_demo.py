@@ -14,7 +14,10 @@ def test_quick_demo_writes_every_part(tmp_path):
     assert set(report["flamingo"]) == {"flamingo", "no_tanh", "all_images"}
     assert all(set(r["summary"]["vqa"]) == {"0", "1"} for r in report["flamingo"].values())
     assert {"eve", "eve_no_pal", "eve_skip_stage1", "eve_nonsquare", "latency"} <= set(report["eve"])
-    assert "language_loss_after_stage2" in report["eve"]["eve"] and "stage1" not in report["eve"]["eve_skip_stage1"]["timings_s"]
+    assert (
+        "language_loss_after_stage2" in report["eve"]["eve"]
+        and "stage1" not in report["eve"]["eve_skip_stage1"]["timings_s"]
+    )
     assert report["eve"]["latency"]["blip2"]["seconds_per_image"] > 0
     # "before" is the shipped LM, whatever the variant trains first
     assert report["eve"]["eve_skip_stage1"]["language_loss_before"] == report["eve"]["eve"]["language_loss_before"]

@@ -23,9 +23,19 @@ def _recipe(tmp_path, name, batch_size):
     # the ranks, which equals the global token mean only when the ranks hold as many tokens each.
     cfg = tiny_blip2_config(tmp_path / "backbones", lm=None)
     cfg.max_text_length = 6
-    r = {"stage": 1, "model": to_dict(cfg), "data": {"num_samples": 96, "group_size": 4},
-         "steps": 2, "batch_size": batch_size, "log_every": 1, "save_every": 1, "out_dir": str(tmp_path / name),
-         "optim": {"warmup_steps": 1, "lr": 1e-3}, "precision": "fp32", "device": "cpu"}
+    r = {
+        "stage": 1,
+        "model": to_dict(cfg),
+        "data": {"num_samples": 96, "group_size": 4},
+        "steps": 2,
+        "batch_size": batch_size,
+        "log_every": 1,
+        "save_every": 1,
+        "out_dir": str(tmp_path / name),
+        "optim": {"warmup_steps": 1, "lr": 1e-3},
+        "precision": "fp32",
+        "device": "cpu",
+    }
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(r))
     return path
@@ -40,8 +50,24 @@ def _torchrun(tmp_path, recipe, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "vlbridge.training.train", str(recipe), *overrides], check=True, env=env, cwd=tmp_path, timeout=180)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vlbridge.training.train",
+            str(recipe),
+            *overrides,
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=180,
+    )
 
 
 def _assert_same_logs(tmp_path, keys, one="one", two="two"):
@@ -121,15 +147,30 @@ def test_eve_two_processes_match_one(tmp_path, tiny_configs):
     from vlbridge import LMConfig, VisionConfig
     from vlbridge.models.eve.modeling import EVEConfig
 
-    eve = EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
-                    teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
-                    patch_size=4, pel_width=16, pel_heads=2, max_image_size=32, pal_layers=[1, 2])
+    eve = EVEConfig(
+        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+        teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
+        patch_size=4,
+        pel_width=16,
+        pel_heads=2,
+        max_image_size=32,
+        pal_layers=[1, 2],
+    )
 
     def recipe(name, batch_size):
-        r = {"model_kind": "eve", "stage": 1, "eve": to_dict(eve), "steps": 2, "batch_size": batch_size,
-             "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
-             "log_every": 1, "out_dir": str(tmp_path / name), "optim": {"warmup_steps": 1, "lr": 1e-3},
-             "precision": "fp32", "device": "cpu"}
+        r = {
+            "model_kind": "eve",
+            "stage": 1,
+            "eve": to_dict(eve),
+            "steps": 2,
+            "batch_size": batch_size,
+            "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
+            "log_every": 1,
+            "out_dir": str(tmp_path / name),
+            "optim": {"warmup_steps": 1, "lr": 1e-3},
+            "precision": "fp32",
+            "device": "cpu",
+        }
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
         return tmp_path / f"{name}.json"
 
@@ -142,10 +183,20 @@ def _stage2_recipe(tmp_path, tiny_configs, name, batch_size, **kw):
     """BLIP-2 stage 2 through the frozen tiny GPT-2, sharded with FSDP under torchrun. One-word VQA
     answers give every rank as many target tokens, so the mean of the ranks' LM losses is the global
     mean. min_lr = lr: a constant rate after the 1-step warm-up, the same whatever `steps` a run sets."""
-    r = {"stage": 2, "model": to_dict(tiny_configs["gpt2"]), "parallel": "fsdp", "steps": 2, "batch_size": batch_size,
-         "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
-         "log_every": 1, "out_dir": str(tmp_path / name), "optim": {"warmup_steps": 1, "lr": 1e-3, "min_lr": 1e-3},
-         "precision": "fp32", "device": "cpu", **kw}
+    r = {
+        "stage": 2,
+        "model": to_dict(tiny_configs["gpt2"]),
+        "parallel": "fsdp",
+        "steps": 2,
+        "batch_size": batch_size,
+        "data": {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["vqa"]},
+        "log_every": 1,
+        "out_dir": str(tmp_path / name),
+        "optim": {"warmup_steps": 1, "lr": 1e-3, "min_lr": 1e-3},
+        "precision": "fp32",
+        "device": "cpu",
+        **kw,
+    }
     (tmp_path / f"{name}.json").write_text(json.dumps(r))
     return tmp_path / f"{name}.json"
 
@@ -168,7 +219,9 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_configs):
     _assert_same_logs(tmp_path, ("loss", "grad_norm"))
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     for sub in ("final", "last"):  # the same files: the sharded run's model is whole on disk
-        assert sorted(p.name for p in (tmp_path / "two" / sub).iterdir()) == sorted(p.name for p in (tmp_path / "one" / sub).iterdir())
+        assert sorted(p.name for p in (tmp_path / "two" / sub).iterdir()) == sorted(
+            p.name for p in (tmp_path / "one" / sub).iterdir()
+        )
     sa = load_file(str(tmp_path / "one" / "last" / "trainer_state.safetensors"))
     sb = load_file(str(tmp_path / "two" / "last" / "trainer_state.safetensors"))
     assert sa.keys() == sb.keys() and any(k.endswith(".exp_avg_sq") for k in sa)
@@ -191,8 +244,10 @@ def test_question_reading_stage2_two_processes_match_one(tmp_path, tiny_configs,
     _assert_same_params(one, tmp_path / "two" / "final", lr=1e-3)
     assert "qformer.word_embeddings.weight" in load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     data = {"num_samples": 64, "group_size": 1, "width": 32, "height": 32, "tasks": ["caption"]}
-    _torchrun(tmp_path, _stage2_recipe(tmp_path, tiny_configs, "captions", B, parallel=parallel, model=model,
-                                       data=data, steps=3))
+    _torchrun(
+        tmp_path,
+        _stage2_recipe(tmp_path, tiny_configs, "captions", B, parallel=parallel, model=model, data=data, steps=3),
+    )
     assert [r["step"] for r in _log(tmp_path / "captions")] == [1, 2, 3]
 
 
@@ -223,15 +278,32 @@ def test_flamingo_two_processes_match_one(tmp_path, tiny_configs, parallel):
     from vlbridge import LMConfig, VisionConfig
     from vlbridge.models.flamingo.modeling import FlamingoConfig
 
-    flamingo = FlamingoConfig(vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
-                              lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), perceiver_depth=1, num_latents=4,
-                              perceiver_heads=2, perceiver_dim_head=8, max_media=4, xattn_heads=2, xattn_dim_head=8)
+    flamingo = FlamingoConfig(
+        vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
+        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+        perceiver_depth=1,
+        num_latents=4,
+        perceiver_heads=2,
+        perceiver_dim_head=8,
+        max_media=4,
+        xattn_heads=2,
+        xattn_dim_head=8,
+    )
 
     def recipe(name, batch_size):
         data = {"kind": "shapesworld_incontext", "batch_size": batch_size, "num_samples": 64, "width": 32, "height": 32}
-        r = {"model_kind": "flamingo", "flamingo": to_dict(flamingo), "parallel": parallel, "steps": 2, "log_every": 1,
-             "datasets": [{**data, "name": "a", "max_images": 2}, {**data, "name": "b", "weight": 0.5, "max_images": 3}],
-             "optim": {"warmup_steps": 1, "lr": 1e-3}, "precision": "fp32", "device": "cpu", "out_dir": str(tmp_path / name)}
+        r = {
+            "model_kind": "flamingo",
+            "flamingo": to_dict(flamingo),
+            "parallel": parallel,
+            "steps": 2,
+            "log_every": 1,
+            "datasets": [{**data, "name": "a", "max_images": 2}, {**data, "name": "b", "weight": 0.5, "max_images": 3}],
+            "optim": {"warmup_steps": 1, "lr": 1e-3},
+            "precision": "fp32",
+            "device": "cpu",
+            "out_dir": str(tmp_path / name),
+        }
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
         return tmp_path / f"{name}.json"
 
@@ -281,8 +353,11 @@ def test_webdataset_stream_batches_skips_and_rank_shards(tmp_path, tiny_configs)
     shards = _shards(tmp_path)
     _, proc = create_blip2(tiny_configs[None])
     data = DataConfig(source="webdataset", path=shards)
-    assert ShardStream(DataConfig(source="webdataset", path=str(tmp_path / "*.tar")), proc, 4, 1, 1, ("", "")).shards \
-        == ShardStream(data, proc, 4, 1, 1, ("", "")).shards == [str(tmp_path / f"data-{k:05d}.tar") for k in range(4)]
+    assert (
+        ShardStream(DataConfig(source="webdataset", path=str(tmp_path / "*.tar")), proc, 4, 1, 1, ("", "")).shards
+        == ShardStream(data, proc, 4, 1, 1, ("", "")).shards
+        == [str(tmp_path / f"data-{k:05d}.tar") for k in range(4)]
+    )
 
     stream = ShardStream(data, proc, 4, 2, 1, ("", ""))  # grad_accum 2: (step, micro) -> position (2 step + micro) * 4
     in_order = [stream.batch(step, micro) for step in range(3) for micro in range(2)]  # epoch 0 (23 samples) + 1

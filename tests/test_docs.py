@@ -58,7 +58,8 @@ def check_make(code: str, where: str):
         assert dry.returncode == 0, f"{where}: `{' '.join(command)}` fails as a dry run:\n{dry.stderr}"
         for module in re.findall(r"-m\s+([\w.]+)", dry.stdout):
             assert importlib.util.find_spec(module) is not None, (
-                f"{where}: `{' '.join(command)}` would run `python -m {module}`, which does not exist")
+                f"{where}: `{' '.join(command)}` would run `python -m {module}`, which does not exist"
+            )
 
 
 def commands(code: str) -> list[list[str]]:
@@ -113,10 +114,13 @@ def test_code_blocks_run(path, tmp_path, monkeypatch):
         elif lang in ("bash", "sh") and only("vlbridge", code):
             run_vlbridge(code, where)
         elif lang in ("bash", "sh"):
-            run = subprocess.run(["bash", "-e", "-c", code], cwd=tmp_path, env=shell_env(), capture_output=True,
-                                 text=True, timeout=300)
-            assert run.returncode == 0, (f"{where} exited {run.returncode}\n{code}\n--- stdout\n{run.stdout[-3000:]}"
-                                         f"\n--- stderr\n{run.stderr[-3000:]}")
+            run = subprocess.run(
+                ["bash", "-e", "-c", code], cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=300
+            )
+            assert run.returncode == 0, (
+                f"{where} exited {run.returncode}\n{code}\n--- stdout\n{run.stdout[-3000:]}"
+                f"\n--- stderr\n{run.stderr[-3000:]}"
+            )
 
 
 def check_json(code: str, where: str, tmp_path: Path):
@@ -136,7 +140,9 @@ def check_json(code: str, where: str, tmp_path: Path):
 
 def test_console_script():
     """The docs' `vlbridge` commands run in-process above; this is the installed command itself."""
-    run = subprocess.run(["vlbridge", "caption", "--help"], env=shell_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        ["vlbridge", "caption", "--help"], env=shell_env(), capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and "--example" in run.stdout, run.stderr
 
 
@@ -173,53 +179,150 @@ def test_cli_doc_names_every_command_and_flag():
 
 def synthetic_report() -> dict:
     """A report.json as experiments.demo writes it, with every part, tiny and made up."""
-    caps = {"metrics": {"color": 0.91, "shape": 0.82, "size": 0.73, "count": 0.99, "relation": 0.55, "object": 0.6,
-                        "exact": 0.4},
-            "decode": {"num_beams": 1, "max_new_tokens": 40, "prompt": "a photo of"}, "n": 500,
-            "samples": [{"caption": "a small red circle.", "predicted": "a small red square."}]}
-    vqa = {"accuracy": 0.876, "by_kind": {"color": 0.9, "relation": 0.6}, "n": 2752,
-           "decode": {"num_beams": 1, "max_new_tokens": 4, "prompt": "Question: {} Answer:"}}
-    ret = {"itc": {"i2t_r1": 0.945, "i2t_r5": 0.99, "i2t_r10": 1.0, "t2i_r1": 0.94},
-           "itc_itm": {"i2t_r1": 0.952, "t2i_r1": 0.949}, "k": 16, "rerank": "log_odds", "n": 1000}
+    caps = {
+        "metrics": {
+            "color": 0.91,
+            "shape": 0.82,
+            "size": 0.73,
+            "count": 0.99,
+            "relation": 0.55,
+            "object": 0.6,
+            "exact": 0.4,
+        },
+        "decode": {"num_beams": 1, "max_new_tokens": 40, "prompt": "a photo of"},
+        "n": 500,
+        "samples": [{"caption": "a small red circle.", "predicted": "a small red square."}],
+    }
+    vqa = {
+        "accuracy": 0.876,
+        "by_kind": {"color": 0.9, "relation": 0.6},
+        "n": 2752,
+        "decode": {"num_beams": 1, "max_new_tokens": 4, "prompt": "Question: {} Answer:"},
+    }
+    ret = {
+        "itc": {"i2t_r1": 0.945, "i2t_r5": 0.99, "i2t_r10": 1.0, "t2i_r1": 0.94},
+        "itc_itm": {"i2t_r1": 0.952, "t2i_r1": 0.949},
+        "k": 16,
+        "rerank": "log_odds",
+        "n": 1000,
+    }
     shots = {str(k): {"color": 0.1 * k, "shape": 0.2, "size": 0.3, "count": 0.4, "exact": 0.0} for k in (0, 1, 4)}
-    flamingo = {"summary": {"caption_random": shots, "caption_rices": shots, "vqa": {"0": 0.05, "1": 0.2, "4": 0.25},
-                            "incontext": {k: {"accuracy": 0.36, "format_accuracy": 1.0} for k in ("0", "1", "4")}},
-                "overrides": [], "final_loss": 1.96, "curve": [{"step": 400, "loss": 1.96}]}
-    eve = {"captions": {"metrics": {"color": 0.7, "shape": 0.19, "size": 0.8, "count": 0.86}, "n": 300},
-           "vqa": {"accuracy": 0.48}, "language_loss_before": {"caption": 0.88, "qa": 0.62},
-           "language_loss_after_stage2": {"caption": 1.11, "qa": 0.92}}
-    return {"machine": {"platform": "Linux", "torch": "2.x", "threads": 2},
-            "timings_s": {"stage1_train": 251.0, "total": 1154.0},
-            "test_retrieval": ret, "test_captions": caps, "test_vqa": vqa,
-            "compositional_retrieval": ret, "compositional_captions": caps, "compositional_vqa": vqa,
-            "curves": {"stage1": [{"step": s, "probe_itc_i2t_r1": s / 1000, "probe_n": 200} for s in range(100, 800, 100)],
-                       "stage2": [{"step": 100, "probe_caption_color": 0.3, "probe_caption_shape": 0.26,
-                                   "probe_caption_count": 0.58, "probe_n": 50}]},
-            "recipes": {"stage1": {"steps": 700, "batch_size": 64}, "stage2": {"steps": 2000, "batch_size": 64}},
-            "backbone_ceilings": {"lm_ceiling": {"test/vqa/pooled_bos": {"all": 0.9019, "relation_yes_no": 0.4696}}},
-            "targets": {"vqa_accuracy": {"target": 0.85, "reached": 0.876, "met": True},
-                        "itm_improves_r1": {"itc": 0.945, "itc_itm": 0.952, "met": True}},
-            "flamingo": {"flamingo": flamingo, "no_tanh": flamingo},
-            "eve": {"eve": eve, "latency": {"blip2": {"seconds_per_image": 0.034}, "eve_over_blip2": 0.9,
-                                            "eve": {"seconds_per_image": 0.031, "new_tokens": 20, "threads": 2}}}}
+    flamingo = {
+        "summary": {
+            "caption_random": shots,
+            "caption_rices": shots,
+            "vqa": {"0": 0.05, "1": 0.2, "4": 0.25},
+            "incontext": {k: {"accuracy": 0.36, "format_accuracy": 1.0} for k in ("0", "1", "4")},
+        },
+        "overrides": [],
+        "final_loss": 1.96,
+        "curve": [{"step": 400, "loss": 1.96}],
+    }
+    eve = {
+        "captions": {"metrics": {"color": 0.7, "shape": 0.19, "size": 0.8, "count": 0.86}, "n": 300},
+        "vqa": {"accuracy": 0.48},
+        "language_loss_before": {"caption": 0.88, "qa": 0.62},
+        "language_loss_after_stage2": {"caption": 1.11, "qa": 0.92},
+    }
+    return {
+        "machine": {"platform": "Linux", "torch": "2.x", "threads": 2},
+        "timings_s": {"stage1_train": 251.0, "total": 1154.0},
+        "test_retrieval": ret,
+        "test_captions": caps,
+        "test_vqa": vqa,
+        "compositional_retrieval": ret,
+        "compositional_captions": caps,
+        "compositional_vqa": vqa,
+        "curves": {
+            "stage1": [{"step": s, "probe_itc_i2t_r1": s / 1000, "probe_n": 200} for s in range(100, 800, 100)],
+            "stage2": [
+                {
+                    "step": 100,
+                    "probe_caption_color": 0.3,
+                    "probe_caption_shape": 0.26,
+                    "probe_caption_count": 0.58,
+                    "probe_n": 50,
+                }
+            ],
+        },
+        "recipes": {"stage1": {"steps": 700, "batch_size": 64}, "stage2": {"steps": 2000, "batch_size": 64}},
+        "backbone_ceilings": {"lm_ceiling": {"test/vqa/pooled_bos": {"all": 0.9019, "relation_yes_no": 0.4696}}},
+        "targets": {
+            "vqa_accuracy": {"target": 0.85, "reached": 0.876, "met": True},
+            "itm_improves_r1": {"itc": 0.945, "itc_itm": 0.952, "met": True},
+        },
+        "flamingo": {"flamingo": flamingo, "no_tanh": flamingo},
+        "eve": {
+            "eve": eve,
+            "latency": {
+                "blip2": {"seconds_per_image": 0.034},
+                "eve_over_blip2": 0.9,
+                "eve": {"seconds_per_image": 0.031, "new_tokens": 20, "threads": 2},
+            },
+        },
+    }
 
 
 def synthetic_bench() -> dict:
     env = {"environment": {"device": "cpu", "torch": "2.x", "transformers": "5.x", "threads": 2}}
-    return {"bench.json": {**env, "results": [
-                {"bench": "stage1_step", "size": "tiny", "precision": "bf16", "attention": "explicit",
-                 "s_per_step": 0.71, "samples_per_s": 90.1, "speedup_vs_fp32_fused": 2.04}]},
-            "bench_transformers.json": {**env, "results": [
-                {"bench": "train_step", "mode": "vlbridge itc+itm", "precision": "bf16", "batch": 8, "s_per_step": 5.44,
-                 "flops_per_step": 1.32e12, "fraction_of_matmul_peak": 0.62, "speedup_vs_transformers_best": 1.15,
-                 "parity_max_abs_loss_diff": {"sdpa": 0.0, "eager": 6e-8},
-                 "matmul_peak": {"bf16": {"flops_per_s": 3.9e11}}, "profile_bf16": {"vlbridge itc+itm": {"matmul_share": 0.76}}},
-                {"bench": "generate", "mode": "vlbridge", "num_beams": 5, "images_per_s": 0.98,
-                 "speedup_vs_transformers": 0.91, "same_ids": True}]},
-            "bench_memory.json": {**env, "lm": {"layers": 16, "width": 2048}, "batch": 4, "naive_over_frozen": 4.18,
-                                  "results": [{"case": "frozen_bf16", "peak_gib": 4.09, "memory": "peak RSS",
-                                               "lm_params": 950_000_000, "trainable_params": 100,
-                                               "optimizer_state_bytes": 2 ** 30}]}}
+    return {
+        "bench.json": {
+            **env,
+            "results": [
+                {
+                    "bench": "stage1_step",
+                    "size": "tiny",
+                    "precision": "bf16",
+                    "attention": "explicit",
+                    "s_per_step": 0.71,
+                    "samples_per_s": 90.1,
+                    "speedup_vs_fp32_fused": 2.04,
+                }
+            ],
+        },
+        "bench_transformers.json": {
+            **env,
+            "results": [
+                {
+                    "bench": "train_step",
+                    "mode": "vlbridge itc+itm",
+                    "precision": "bf16",
+                    "batch": 8,
+                    "s_per_step": 5.44,
+                    "flops_per_step": 1.32e12,
+                    "fraction_of_matmul_peak": 0.62,
+                    "speedup_vs_transformers_best": 1.15,
+                    "parity_max_abs_loss_diff": {"sdpa": 0.0, "eager": 6e-8},
+                    "matmul_peak": {"bf16": {"flops_per_s": 3.9e11}},
+                    "profile_bf16": {"vlbridge itc+itm": {"matmul_share": 0.76}},
+                },
+                {
+                    "bench": "generate",
+                    "mode": "vlbridge",
+                    "num_beams": 5,
+                    "images_per_s": 0.98,
+                    "speedup_vs_transformers": 0.91,
+                    "same_ids": True,
+                },
+            ],
+        },
+        "bench_memory.json": {
+            **env,
+            "lm": {"layers": 16, "width": 2048},
+            "batch": 4,
+            "naive_over_frozen": 4.18,
+            "results": [
+                {
+                    "case": "frozen_bf16",
+                    "peak_gib": 4.09,
+                    "memory": "peak RSS",
+                    "lm_params": 950_000_000,
+                    "trainable_params": 100,
+                    "optimizer_state_bytes": 2**30,
+                }
+            ],
+        },
+    }
 
 
 def test_write_results_renders_a_report():
@@ -227,9 +330,25 @@ def test_write_results_renders_a_report():
 
     report = synthetic_report()
     page = wr.render(report, synthetic_bench())
-    for expected in ("0.945 / 0.990 / 1.000", "0.876", "0.952 / 0.949", "`no_tanh`", "0.360 (1.000)",
-                     "`eve`", "1.110 / 0.920", "EVE / BLIP-2 = 0.90", "0.902", "2.04x", "4.18x", "num_beams=1",
-                     "1.15x", "eager 6.0e-08", "bf16 0.39", "76%", "0.91x"):
+    for expected in (
+        "0.945 / 0.990 / 1.000",
+        "0.876",
+        "0.952 / 0.949",
+        "`no_tanh`",
+        "0.360 (1.000)",
+        "`eve`",
+        "1.110 / 0.920",
+        "EVE / BLIP-2 = 0.90",
+        "0.902",
+        "2.04x",
+        "4.18x",
+        "num_beams=1",
+        "1.15x",
+        "eager 6.0e-08",
+        "bf16 0.39",
+        "76%",
+        "0.91x",
+    ):
         assert expected in page, expected
     assert "not meaningful" not in page
     table = wr.headline(report)
@@ -251,8 +370,18 @@ def test_write_results_without_optional_parts(tmp_path):
     report["recipes"]["stage1"]["steps"] = 4  # a --quick run
     (tmp_path / "report.json").write_text(json.dumps(report))
     (tmp_path / "README.md").write_text(f"# x\n{wr.START}\n{wr.END}\n")
-    wr.main(["--demo", str(tmp_path / "report.json"), "--bench", str(tmp_path / "none"),
-             "--results", str(tmp_path / "docs" / "results.md"), "--readme", str(tmp_path / "README.md")])
+    wr.main(
+        [
+            "--demo",
+            str(tmp_path / "report.json"),
+            "--bench",
+            str(tmp_path / "none"),
+            "--results",
+            str(tmp_path / "docs" / "results.md"),
+            "--readme",
+            str(tmp_path / "README.md"),
+        ]
+    )
     page = (tmp_path / "docs" / "results.md").read_text()
     assert "did not include flamingo and eve" in page and "not meaningful" in page and "make bench" in page
     readme = (tmp_path / "README.md").read_text()

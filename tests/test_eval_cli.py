@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+
 import vlbridge.evaluation.evaluate as ev
 from vlbridge import create_blip2
 from vlbridge.cli import main
@@ -43,10 +44,24 @@ def data(tmp_path_factory):
     all_ids = GOOD + [BROKEN, MISSING]
     caps = {i: [scenes[i].caption, f"shapes number {i}."] for i in GOOD} | {BROKEN: ["broken."], MISSING: ["gone."]}
 
-    coco = {"images": [{"id": i, "file_name": _file(i)} for i in all_ids] + [{"id": 7, "file_name": _file(1)}],
-            "annotations": [{"image_id": i, "id": 10 * i + j, "caption": c} for i in all_ids for j, c in enumerate(caps[i])]}
-    karpathy = {"images": [{"filepath": "", "filename": _file(i), "cocoid": i, "split": "test" if i != 2 else "train",
-                            "sentences": [{"raw": c} for c in caps[i]]} for i in [BROKEN, 2, 1, 3, 4, MISSING]]}
+    coco = {
+        "images": [{"id": i, "file_name": _file(i)} for i in all_ids] + [{"id": 7, "file_name": _file(1)}],
+        "annotations": [
+            {"image_id": i, "id": 10 * i + j, "caption": c} for i in all_ids for j, c in enumerate(caps[i])
+        ],
+    }
+    karpathy = {
+        "images": [
+            {
+                "filepath": "",
+                "filename": _file(i),
+                "cocoid": i,
+                "split": "test" if i != 2 else "train",
+                "sentences": [{"raw": c} for c in caps[i]],
+            }
+            for i in [BROKEN, 2, 1, 3, 4, MISSING]
+        ]
+    }
     questions, annotations = [], []
     for i in all_ids:
         qas = scenes[i].qa[:2] if i in GOOD else [sw.QA("how many objects are there?", "1")]
@@ -55,12 +70,24 @@ def data(tmp_path_factory):
             questions.append({"image_id": i, "question": q, "question_id": qid})
             kind = "yes/no" if a in ("yes", "no") else "number" if a.isdigit() else "other"
             answers = [a] * 2 + ["no"] * 8  # a right answer scores 0.6, "no" 1.0 (when a != "no")
-            annotations.append({"question_id": qid, "image_id": i, "answer_type": kind, "question_type": "what",
-                                "multiple_choice_answer": a,
-                                "answers": [{"answer": x, "answer_id": k + 1, "answer_confidence": "yes"}
-                                            for k, x in enumerate(answers)]})
-    files = {"coco": coco, "karpathy": karpathy, "questions": {"data_subtype": "val2014", "questions": questions},
-             "annotations": {"annotations": annotations}}
+            annotations.append(
+                {
+                    "question_id": qid,
+                    "image_id": i,
+                    "answer_type": kind,
+                    "question_type": "what",
+                    "multiple_choice_answer": a,
+                    "answers": [
+                        {"answer": x, "answer_id": k + 1, "answer_confidence": "yes"} for k, x in enumerate(answers)
+                    ],
+                }
+            )
+    files = {
+        "coco": coco,
+        "karpathy": karpathy,
+        "questions": {"data_subtype": "val2014", "questions": questions},
+        "annotations": {"annotations": annotations},
+    }
     for name, obj in files.items():
         (root / f"{name}.json").write_text(json.dumps(obj))
     return {"root": root, "model": model, "processor": processor, "caps": caps, "annotations": annotations}
@@ -80,10 +107,35 @@ def test_coco_captions_vqa_retrieval(data, tmp_path, monkeypatch, capsys, caplog
 
     monkeypatch.setattr(ev, "caption_metrics", spy)
     out = tmp_path / "run" / "metrics.json"
-    _eval(data, "--captions", root / "coco.json", "--image-root", root / "images", "--vqa-questions",
-          root / "questions.json", "--vqa-annotations", root / "annotations.json", "--vqa-image-root", root / "images",
-          "--out", out, "--num-beams", 2, "--max-new-tokens", 3, "--min-new-tokens", 1, "--length-penalty", 0.5,
-          "--prompt", "a photo of", "--batch-size", 3, "--k", 4)
+    _eval(
+        data,
+        "--captions",
+        root / "coco.json",
+        "--image-root",
+        root / "images",
+        "--vqa-questions",
+        root / "questions.json",
+        "--vqa-annotations",
+        root / "annotations.json",
+        "--vqa-image-root",
+        root / "images",
+        "--out",
+        out,
+        "--num-beams",
+        2,
+        "--max-new-tokens",
+        3,
+        "--min-new-tokens",
+        1,
+        "--length-penalty",
+        0.5,
+        "--prompt",
+        "a photo of",
+        "--batch-size",
+        3,
+        "--k",
+        4,
+    )
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == ev.headline(report)
     assert report["tasks"] == ["caption", "vqa", "retrieval"]
@@ -97,8 +149,14 @@ def test_coco_captions_vqa_retrieval(data, tmp_path, monkeypatch, capsys, caplog
     assert cap["images"]["reasons"] == {"cannot decode": 1, "file not found": 1}
     assert set(cap["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert all(0 <= v <= 1 for k, v in cap["metrics"].items() if k != "CIDEr")
-    assert cap["decode"] == {"num_beams": 2, "max_new_tokens": 3, "min_new_tokens": 1, "length_penalty": 0.5,
-                             "do_sample": False, "prompt": "a photo of"}
+    assert cap["decode"] == {
+        "num_beams": 2,
+        "max_new_tokens": 3,
+        "min_new_tokens": 1,
+        "length_penalty": 0.5,
+        "do_sample": False,
+        "prompt": "a photo of",
+    }
     assert cap["predictions_file"] == str(tmp_path / "run" / "metrics_captions.json")
     preds = json.loads((tmp_path / "run" / "metrics_captions.json").read_text())
     assert sorted(p["image_id"] for p in preds) == GOOD
@@ -143,9 +201,27 @@ def test_karpathy_shapesworld_and_vqa_without_answers(data, tmp_path, monkeypatc
     root = data["root"]
     monkeypatch.setattr(ev, "caption_metrics", lambda preds, refs: {"CIDEr": float(len(preds))})  # no JVM here
     out = tmp_path / "m.json"
-    _eval(data, "--karpathy", root / "karpathy.json", "--image-root", root / "images", "--vqa-questions",
-          root / "questions.json", "--vqa-image-root", root / "images", "--shapesworld", "compositional", "--n", 2,
-          "--max-new-tokens", 4, "--k", 2, "--out", out)
+    _eval(
+        data,
+        "--karpathy",
+        root / "karpathy.json",
+        "--image-root",
+        root / "images",
+        "--vqa-questions",
+        root / "questions.json",
+        "--vqa-image-root",
+        root / "images",
+        "--shapesworld",
+        "compositional",
+        "--n",
+        2,
+        "--max-new-tokens",
+        4,
+        "--k",
+        2,
+        "--out",
+        out,
+    )
     report = json.loads(out.read_text())
     assert report["tasks"] == ["caption", "vqa", "retrieval"]
 
@@ -155,7 +231,10 @@ def test_karpathy_shapesworld_and_vqa_without_answers(data, tmp_path, monkeypatc
     assert cap["metrics"] == {"CIDEr": 1.0}
     # BLIP-2's caption defaults under our limit: 5 beams, min_new_tokens lowered from 8 to max_new_tokens
     assert {k: cap["decode"][k] for k in ("num_beams", "max_new_tokens", "min_new_tokens")} == {
-        "num_beams": 5, "max_new_tokens": 4, "min_new_tokens": 4}
+        "num_beams": 5,
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+    }
     assert (report["retrieval"]["n_images"], report["retrieval"]["n_texts"]) == (1, 2)
 
     # VQA without annotations: predictions only (--n 2 keeps the first two questions)
@@ -172,7 +251,8 @@ def test_karpathy_shapesworld_and_vqa_without_answers(data, tmp_path, monkeypatc
     assert s["vqa"]["n"] == sum(len(sc.qa) for sc in scenes) and set(s["vqa"]["by_kind"]) <= set(sw.QA_KINDS)
     if s["vqa"]["n"] == len(s["vqa"]["samples"]):
         assert s["vqa"]["accuracy"] == pytest.approx(
-            vqa_accuracy([x["predicted"] for x in s["vqa"]["samples"]], [[x["answer"]] for x in s["vqa"]["samples"]]))
+            vqa_accuracy([x["predicted"] for x in s["vqa"]["samples"]], [[x["answer"]] for x in s["vqa"]["samples"]])
+        )
     assert set(s["retrieval"]["itc"]) == RECALLS and s["retrieval"]["itc"]["i2t_r5"] == 1
     assert "shapesworld" in report["timings_s"]
 
@@ -189,8 +269,11 @@ def _refused(capsys, call, match: str):
 
 def test_eval_refuses_what_it_cannot_do(data, tmp_path, capsys):
     _refused(capsys, lambda: _eval(data, "--out", tmp_path / "m.json"), "give --captions")
-    _refused(capsys, lambda: _eval(data, "--captions", data["root"] / "coco.json", "--tasks", "vqa", "--out",
-                                   tmp_path / "m.json"), "task vqa needs --vqa-questions")
+    _refused(
+        capsys,
+        lambda: _eval(data, "--captions", data["root"] / "coco.json", "--tasks", "vqa", "--out", tmp_path / "m.json"),
+        "task vqa needs --vqa-questions",
+    )
     assert not (tmp_path / "m.json").exists()
 
 
@@ -200,30 +283,70 @@ def test_eval_takes_eve_and_flamingo_models(tiny_configs, tmp_path, capsys):
     from vlbridge.models.flamingo.modeling import FlamingoConfig, create_flamingo
 
     torch.manual_seed(0)
-    eve, eve_proc = create_eve(EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), patch_size=4, pel_width=16,
-                                         pel_heads=2, max_image_size=64))
+    eve, eve_proc = create_eve(
+        EVEConfig(
+            lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+            patch_size=4,
+            pel_width=16,
+            pel_heads=2,
+            max_image_size=64,
+        )
+    )
     eve.save_pretrained(tmp_path / "eve", processor=eve_proc)
     out = tmp_path / "eve.json"
-    main(["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--n", "2", "--max-new-tokens", "3", "--out", str(out)])
+    main(
+        ["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--n", "2", "--max-new-tokens", "3", "--out", str(out)]
+    )
     report = json.loads(out.read_text())
     assert report["kind"] == "eve" and report["tasks"] == ["caption", "vqa"]  # no Q-Former: no retrieval
     assert report["shapesworld"]["captions"]["n"] == 2 and report["shapesworld"]["vqa"]["n"] > 0
-    _refused(capsys, lambda: main(["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--tasks", "retrieval",
-                                   "--out", str(out)]), "cannot do retrieval")
+    _refused(
+        capsys,
+        lambda: main(
+            ["eval", str(tmp_path / "eve"), "--shapesworld", "test", "--tasks", "retrieval", "--out", str(out)]
+        ),
+        "cannot do retrieval",
+    )
 
-    flamingo, fl_proc = create_flamingo(FlamingoConfig(
-        vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
-        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path), perceiver_depth=1, num_latents=4, perceiver_heads=2,
-        perceiver_dim_head=8, xattn_heads=2, xattn_dim_head=8))
+    flamingo, fl_proc = create_flamingo(
+        FlamingoConfig(
+            vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
+            lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+            perceiver_depth=1,
+            num_latents=4,
+            perceiver_heads=2,
+            perceiver_dim_head=8,
+            xattn_heads=2,
+            xattn_dim_head=8,
+        )
+    )
     flamingo.save_pretrained(tmp_path / "flamingo", processor=fl_proc)
     out = tmp_path / "flamingo.json"
-    main(["eval", str(tmp_path / "flamingo"), "--shapesworld", "val", "--n", "2", "--shots", "0", "1",
-          "--num-beams", "1", "--out", str(out)])
+    main(
+        [
+            "eval",
+            str(tmp_path / "flamingo"),
+            "--shapesworld",
+            "val",
+            "--n",
+            "2",
+            "--shots",
+            "0",
+            "1",
+            "--num-beams",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["kind"] == "flamingo" and set(report["summary"]["vqa"]) == {"0", "1"}
     assert report["fewshot"]["caption"]["random"]["shots"]["1"]["n"] == 2
-    _refused(capsys, lambda: main(["eval", str(tmp_path / "flamingo"), "--vqa-questions", "q.json", "--out", str(out)]),
-             "few-shot")
+    _refused(
+        capsys,
+        lambda: main(["eval", str(tmp_path / "flamingo"), "--vqa-questions", "q.json", "--out", str(out)]),
+        "few-shot",
+    )
 
 
 def test_shapesworld_retrieval_candidates_have_distinct_captions():

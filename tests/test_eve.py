@@ -27,9 +27,15 @@ VARIED = dict(no_repeat_ngram_size=1)  # tiny LMs repeat one token; this makes e
 
 @pytest.fixture(scope="module")
 def config(tiny_configs):
-    return EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
-                     teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
-                     patch_size=4, pel_width=16, pel_heads=2, max_image_size=32, pal_layers=[1, 2])
+    return EVEConfig(
+        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+        teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
+        patch_size=4,
+        pel_width=16,
+        pel_heads=2,
+        max_image_size=32,
+        pal_layers=[1, 2],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_token_count_is_cls_plus_rows_with_split(make, kind):
     ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     img, words = proc.image_token_id, proc.tokenizer.convert_tokens_to_ids
     assert ids[0] == [img] * expected[0] + words(["a", "photo", "of"])
-    assert ids[1][:expected[1] + 1] == [img] * expected[1] + words(["question"])
+    assert ids[1][: expected[1] + 1] == [img] * expected[1] + words(["question"])
     for i, im in enumerate(pictures()):  # alone, each image gives the same count as in the batch
         alone = proc(images=[im], text=[PROMPTS[i]])
         assert (alone["input_ids"] == proc.image_token_id).sum().item() == expected[i]
@@ -116,7 +122,7 @@ def test_padding_never_influences_valid_tokens(make):
     assert torch.equal(base.embeds[base.valid], again.embeds[again.valid])
     assert not torch.equal(base.embeds[~base.valid], again.embeds[~again.valid])  # the padding did change
     for i, (h, w) in enumerate(sizes.tolist()):  # and alone, unpadded, each image gives the same tokens
-        alone = model.image_tokens(px[i:i + 1, :, :h, :w])
+        alone = model.image_tokens(px[i : i + 1, :, :h, :w])
         torch.testing.assert_close(alone.embeds[0], base.embeds[i][base.valid[i]], rtol=1e-5, atol=1e-6)
 
 
@@ -128,7 +134,7 @@ def test_local_attention_sees_only_its_own_sub_patches(make):
         for sub_r, sub_c in [(0, 0), (1, 1)]:
             x = px.clone()
             pr, pc = 2 * r + sub_r, 2 * c + sub_c  # the patch, 4 px a side
-            x[..., 4 * pr:4 * pr + 4, 4 * pc:4 * pc + 4] += 1.0
+            x[..., 4 * pr : 4 * pr + 4, 4 * pc : 4 * pc + 4] += 1.0
             changed = (model.image_tokens(x).embeds[0] != base).any(-1).nonzero().flatten().tolist()
             assert changed == [0, 1 + r * 5 + c]  # CLS and the one cell; other cells and SPL untouched
 
@@ -139,8 +145,13 @@ def test_labels_ignore_image_positions(make):
     slots = batch["input_ids"] == proc.image_token_id
     assert (batch["labels"][slots] == -100).all() and (batch["labels"] != -100).any()
     # the model masks image positions itself, whatever labels it is given
-    _, _, labels, model_slots, _ = model.lm_inputs(batch["pixel_values"], batch["image_sizes"], batch["input_ids"],
-                                                   batch["attention_mask"], batch["input_ids"].clone())
+    _, _, labels, model_slots, _ = model.lm_inputs(
+        batch["pixel_values"],
+        batch["image_sizes"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["input_ids"].clone(),
+    )
     assert torch.equal(model_slots, slots) and (labels[slots] == -100).all()
     assert torch.equal(labels[~slots], batch["input_ids"][~slots])
     decoded = proc.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
@@ -281,7 +292,7 @@ def test_batched_padded_generation_equals_one_by_one(generator, lm):
         one = proc(images=[im], text=[PROMPTS[i]])
         assert one["attention_mask"].all() and one["pixel_values"].shape[-2:] == tuple(one["image_sizes"][0])
         alone = model.generate(**one, max_new_tokens=8, **VARIED)[0]
-        assert torch.equal(batch[i, :len(alone)], alone), (i, batch[i], alone)
+        assert torch.equal(batch[i, : len(alone)], alone), (i, batch[i], alone)
 
 
 def test_fuyu_variant(make):

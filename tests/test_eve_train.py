@@ -13,20 +13,42 @@ from vlbridge.core.config import LMConfig, VisionConfig, to_dict
 from vlbridge.models.eve.modeling import EVE, EVEConfig
 from vlbridge.training.train import load_recipe, train
 
-DATA = {"source": "shapesworld", "split": "train", "num_samples": 64, "group_size": 1, "width": 32, "height": 32,
-        "tasks": ["caption"]}
+DATA = {
+    "source": "shapesworld",
+    "split": "train",
+    "num_samples": 64,
+    "group_size": 1,
+    "width": 32,
+    "height": 32,
+    "tasks": ["caption"],
+}
 
 
 @pytest.fixture(scope="module")
 def eve_config(tiny_configs) -> EVEConfig:
-    return EVEConfig(lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
-                     teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
-                     patch_size=4, pel_width=16, pel_heads=2, max_image_size=32, pal_layers=[1, 2])
+    return EVEConfig(
+        lm=LMConfig(tiny_configs["gpt2"].lm.name_or_path),
+        teacher=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-2),
+        patch_size=4,
+        pel_width=16,
+        pel_heads=2,
+        max_image_size=32,
+        pal_layers=[1, 2],
+    )
 
 
 def _recipe(tmp_path, name, stage, **kw) -> str:
-    r = {"model_kind": "eve", "stage": stage, "data": DATA, "steps": 4, "batch_size": 4, "log_every": 1,
-         "optim": {"warmup_steps": 1, "lr": 1e-2}, "precision": "fp32", "out_dir": str(tmp_path / name)}
+    r = {
+        "model_kind": "eve",
+        "stage": stage,
+        "data": DATA,
+        "steps": 4,
+        "batch_size": 4,
+        "log_every": 1,
+        "optim": {"warmup_steps": 1, "lr": 1e-2},
+        "precision": "fp32",
+        "out_dir": str(tmp_path / name),
+    }
     r.update(kw)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(r))
@@ -80,8 +102,11 @@ def test_three_stages_train_what_the_paper_says(tmp_path, eve_config):
     assert any(not torch.equal(lm_two[k], lm_one[k]) for k in lm_one)  # stage 2: the LM trains
     assert any(not torch.equal(pel_two[k], pel_one[k]) for k in pel_one if k.startswith("pel."))
 
-    three = train(load_recipe(_recipe(tmp_path, "s3", 3, init_from=str(two), eve={"pal_weight": 0.0},
-                                      data={**DATA, "tasks": ["vqa"]})))
+    three = train(
+        load_recipe(
+            _recipe(tmp_path, "s3", 3, init_from=str(two), eve={"pal_weight": 0.0}, data={**DATA, "tasks": ["vqa"]})
+        )
+    )
     rows = _log(tmp_path / "s3")
     assert "loss_pal" not in rows[0] and all(r["loss"] == pytest.approx(r["loss_ce"]) for r in rows)
     assert json.loads((three / "config.json").read_text())["pal_weight"] == 0.0
@@ -100,6 +125,8 @@ def test_stage2_resumes_exactly(tmp_path, eve_config):
     a, b = _log(tmp_path / "straight"), _log(tmp_path / "cut")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
-    for x, y in ((_lm_weights(straight), _lm_weights(resumed)),
-                 (load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors")))):
+    for x, y in (
+        (_lm_weights(straight), _lm_weights(resumed)),
+        (load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))),
+    ):
         assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)

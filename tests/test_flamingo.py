@@ -16,8 +16,17 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from vlbridge.core.config import LMConfig, VisionConfig, from_dict, to_dict
-from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig, FlamingoLayer, FlamingoProcessor, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, create_flamingo
 from vlbridge.models.flamingo.convert_openflamingo import load_openflamingo, openflamingo_key, openflamingo_state_dict
+from vlbridge.models.flamingo.modeling import (
+    Flamingo,
+    FlamingoConfig,
+    FlamingoLayer,
+    FlamingoProcessor,
+    GatedCrossAttentionBlock,
+    MaskedCrossAttention,
+    PerceiverResampler,
+    create_flamingo,
+)
 from vlbridge.testing import make_lm, make_vision, randomize_, word_tokenizer
 
 KINDS = ("opt", "gpt2", "llama", "gpt_neox", "qwen2")
@@ -31,9 +40,17 @@ def _make_lm(path: Path, kind: str) -> str:
     import transformers as tf
 
     tok = word_tokenizer("lm")
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     if kind == "gpt_neox":
         model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common))
@@ -54,9 +71,18 @@ def paths(tmp_path_factory) -> dict:
 
 
 def tiny_config(paths, kind: str, **overrides) -> FlamingoConfig:
-    cfg = FlamingoConfig(vision=VisionConfig(paths["vision"]), lm=LMConfig(paths[kind]), perceiver_depth=2,
-                         num_latents=4, perceiver_heads=2, perceiver_dim_head=8, max_media=4,
-                         cross_attn_every=1, xattn_heads=2, xattn_dim_head=8)
+    cfg = FlamingoConfig(
+        vision=VisionConfig(paths["vision"]),
+        lm=LMConfig(paths[kind]),
+        perceiver_depth=2,
+        num_latents=4,
+        perceiver_heads=2,
+        perceiver_dim_head=8,
+        max_media=4,
+        cross_attn_every=1,
+        xattn_heads=2,
+        xattn_dim_head=8,
+    )
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -125,7 +151,9 @@ def test_perceiver_shapes_and_media_time():
 @pytest.mark.parametrize("immediate", [True, False])
 def test_cross_attention_media_masks(immediate):
     torch.manual_seed(0)
-    attn = randomize_(MaskedCrossAttention(dim=16, dim_visual=12, heads=2, dim_head=8, only_attend_immediate_media=immediate))
+    attn = randomize_(
+        MaskedCrossAttention(dim=16, dim_visual=12, heads=2, dim_head=8, only_attend_immediate_media=immediate)
+    )
     x, media = torch.randn(2, 7, 16), torch.randn(2, 3, 4, 12)  # (B, T, D), (B, N, n, Dv)
     time = torch.tensor([[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1]])  # row 1 has one image; slots 2, 3 pad
     out = attn(x, media, time)
@@ -201,8 +229,11 @@ def test_only_the_bridge_and_the_added_rows_train(build, kind):
     model, proc = build(kind)
     model.train()
     b = batch(proc)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision.", "lm."))
-              and ".gated_xattn." not in k and ".added." not in k}
+    frozen = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(("vision.", "lm.")) and ".gated_xattn." not in k and ".added." not in k
+    }
     emb, old_ids = model.lm.get_input_embeddings(), torch.arange(proc.image_token_id)
     old_rows = emb(old_ids).detach().clone()
     added_ids = torch.tensor([proc.image_token_id, proc.eoc_token_id])
@@ -259,8 +290,10 @@ def test_added_rows_look_up_and_sum_their_gradient_exactly():
 
 def test_sequences_with_different_numbers_of_images(build):
     model, proc = build("opt", open_gates=True)
-    texts = ["<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",
-             "the answer is <image> yes"]
+    texts = [
+        "<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",
+        "the answer is <image> yes",
+    ]
     b = batch(proc, texts)
     assert b["pixel_values"].shape[:2] == (2, 3) and b["image_mask"].tolist() == [[True] * 3, [True, False, False]]
     with torch.no_grad():
@@ -280,8 +313,10 @@ def test_sequences_with_different_numbers_of_images(build):
 
 
 # ---------------------------------------------------------------------- generation (transformers' generate)
-MIXED = ["<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",
-         "the answer is <image> yes"]  # three images and one, the second row left-padded
+MIXED = [
+    "<image> red circle <|endofchunk|> <image> blue square <|endofchunk|> <image> green",
+    "the answer is <image> yes",
+]  # three images and one, the second row left-padded
 
 
 def prompt_of(b: dict) -> dict:
@@ -330,8 +365,10 @@ def test_text_only_rows(build):
     assert torch.equal(model.generate(**text, max_new_tokens=6), greedy_reference(model, proc, text, 6))
     mixed = batch(proc, ["what color is the circle", "<image> a photo of"])  # one row without an image
     assert mixed["image_mask"].tolist() == [[False], [True]]
-    assert torch.equal(model.generate(**prompt_of(mixed), image_mask=mixed["image_mask"], max_new_tokens=6),
-                       greedy_reference(model, proc, mixed, 6))
+    assert torch.equal(
+        model.generate(**prompt_of(mixed), image_mask=mixed["image_mask"], max_new_tokens=6),
+        greedy_reference(model, proc, mixed, 6),
+    )
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox", "qwen2"])
@@ -353,12 +390,19 @@ def test_beam_search_returns_the_best_beam(build):
     b = batch(proc, MIXED)
     K, lp = 3, 0.5
     best = model.generate(**prompt_of(b), num_beams=K, length_penalty=lp, max_new_tokens=6)
-    out = model.generate(**prompt_of(b), num_beams=K, length_penalty=lp, max_new_tokens=6, num_return_sequences=K,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(
+        **prompt_of(b),
+        num_beams=K,
+        length_penalty=lp,
+        max_new_tokens=6,
+        num_return_sequences=K,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     seqs, scores = out.sequences, out.sequences_scores
     assert seqs.shape[0] == 2 * K and (scores.view(2, K).diff(dim=1) <= 0).all()
     pad = model.lm.generation_config.pad_token_id
-    assert torch.equal(seqs[::K, :best.shape[1]], best) and (seqs[::K, best.shape[1]:] == pad).all()
+    assert torch.equal(seqs[::K, : best.shape[1]], best) and (seqs[::K, best.shape[1] :] == pad).all()
     media = model.encode_images(b["pixel_values"], image_mask=b["image_mask"])
     eos = torch.tensor([proc.eoc_token_id, model.lm.config.eos_token_id])
     for row, seq in enumerate(seqs):
@@ -368,7 +412,7 @@ def test_beam_search_returns_the_best_beam(build):
         ids = torch.cat([b["input_ids"][s], seq])[None]
         mask = torch.cat([b["attention_mask"][s], torch.ones_like(seq)])[None]
         with torch.no_grad():
-            logits = model(ids, mask, media=media[s:s + 1]).logits[0, -len(seq) - 1:-1].float()
+            logits = model(ids, mask, media=media[s : s + 1]).logits[0, -len(seq) - 1 : -1].float()
         logp = logits.log_softmax(-1).gather(-1, seq[:, None]).sum()
         torch.testing.assert_close(scores[row], logp / len(seq) ** lp, rtol=0, atol=1e-4)
 
@@ -409,7 +453,9 @@ def test_sampling_streamer_processors_and_stopping(build):
             return torch.full((len(input_ids),), input_ids.shape[1] >= T0 + 2, dtype=torch.bool)
 
     greedy = model.generate(**b, max_new_tokens=10, min_new_tokens=10)
-    stopped = model.generate(**b, max_new_tokens=10, min_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopAfterTwo()]))
+    stopped = model.generate(
+        **b, max_new_tokens=10, min_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopAfterTwo()])
+    )
     assert greedy.shape[1] == 10 and torch.equal(stopped, greedy[:, :2])
 
     class Record(BaseStreamer):
@@ -471,7 +517,9 @@ def test_no_state_survives_a_call(build):
         except ValueError as e:
             errors.append(e)
 
-    with visual_context(model.lm, model.encode_images(b["pixel_values"]), model.text_time(b["input_ids"]), proc.image_token_id):
+    with visual_context(
+        model.lm, model.encode_images(b["pixel_values"]), model.text_time(b["input_ids"]), proc.image_token_id
+    ):
         thread = threading.Thread(target=call)
         thread.start()
         thread.join()
@@ -482,13 +530,28 @@ def test_no_state_survives_a_call(build):
 def test_processor_labels_and_images(build):
     _, proc = build("gpt2")
     ims = [Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green")]
-    out = proc(["the <image> red circle <|endofchunk|> two <image> blue", "<image> a"],
-               images=[[ims[0], ims[1]], ims[2]], return_labels=True)
-    assert out["pixel_values"].shape == (2, 2, 3, 32, 32) and out["image_mask"].tolist() == [[True, True], [True, False]]
+    out = proc(
+        ["the <image> red circle <|endofchunk|> two <image> blue", "<image> a"],
+        images=[[ims[0], ims[1]], ims[2]],
+        return_labels=True,
+    )
+    assert out["pixel_values"].shape == (2, 2, 3, 32, 32) and out["image_mask"].tolist() == [
+        [True, True],
+        [True, False],
+    ]
     assert (out["pixel_values"][1, 1] == 0).all()
     tok = proc.tokenizer
     ids = out["input_ids"][0].tolist()
-    assert tok.convert_ids_to_tokens(ids) == ["the", "<image>", "red", "circle", "<|endofchunk|>", "two", "<image>", "blue"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "the",
+        "<image>",
+        "red",
+        "circle",
+        "<|endofchunk|>",
+        "two",
+        "<image>",
+        "blue",
+    ]
     kept = [tok.convert_ids_to_tokens(i) for i, label in zip(ids, out["labels"][0].tolist()) if label != -100]
     assert kept == ["red", "circle", "<|endofchunk|>", "blue"]  # not before the first image, nor between chunks
     assert out["attention_mask"][1].tolist() == [0] * 6 + [1, 1] and (out["labels"][1, :7] == -100).all()
@@ -510,11 +573,16 @@ def test_save_load_round_trip(build, paths, tmp_path):
     x = batch(proc2)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, loaded(**x).logits)
-    gen = dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"], num_beams=2)
+    gen = dict(
+        input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"], num_beams=2
+    )
     assert torch.equal(model.generate(**gen), loaded.generate(**gen))
     # lm/ is the untouched LM in transformers' format
     ids = proc(["a photo of the red circle"])["input_ids"]
-    fresh, original = AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), AutoModelForCausalLM.from_pretrained(paths["llama"])
+    fresh, original = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "lm"),
+        AutoModelForCausalLM.from_pretrained(paths["llama"]),
+    )
     assert torch.equal(fresh(ids).logits, original(ids).logits)
     # a checkpoint that does not match is refused, naming the tensors
     from safetensors.torch import load_file, save_file
@@ -534,14 +602,21 @@ def test_openflamingo_key_map_round_trip(build, kind):
     sd = openflamingo_state_dict(model)
     layers = "model.decoder.layers" if kind == "opt" else "model.layers"
     embed = "model.decoder.embed_tokens" if kind == "opt" else "model.embed_tokens"
-    assert {"perceiver.layers.1.0.to_kv.weight", "perceiver.layers.0.1.3.weight", "perceiver.media_time_embs",
-            f"lang_encoder.{layers}.1.gated_cross_attn_layer.attn_gate",
-            f"lang_encoder.{layers}.1.gated_cross_attn_layer.ff.0.bias", f"lang_encoder.{embed}.weight"} <= set(sd)
+    assert {
+        "perceiver.layers.1.0.to_kv.weight",
+        "perceiver.layers.0.1.3.weight",
+        "perceiver.media_time_embs",
+        f"lang_encoder.{layers}.1.gated_cross_attn_layer.attn_gate",
+        f"lang_encoder.{layers}.1.gated_cross_attn_layer.ff.0.bias",
+        f"lang_encoder.{embed}.weight",
+    } <= set(sd)
     assert sd[f"lang_encoder.{embed}.weight"].shape[0] == proc.eoc_token_id + 1
 
     other, _ = build(kind, seed=1, cross_attn_every=2)
-    frozen_extras = {f"lang_encoder.{layers}.0.decoder_layer.self_attn.k_proj.weight": torch.zeros(1),
-                     "vision_encoder.conv1.weight": torch.zeros(1)}  # frozen parts: skipped
+    frozen_extras = {
+        f"lang_encoder.{layers}.0.decoder_layer.self_attn.k_proj.weight": torch.zeros(1),
+        "vision_encoder.conv1.weight": torch.zeros(1),
+    }  # frozen parts: skipped
     load_openflamingo(other, {**sd, **frozen_extras})
     a, b = model.bridge_state_dict(), other.bridge_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k != "new_tokens.output")
@@ -551,7 +626,9 @@ def test_openflamingo_key_map_round_trip(build, kind):
             assert torch.equal(model(**b_).logits, other(**b_).logits)
 
     with pytest.raises(ValueError, match=r"missing \['perceiver\.latents'\].*lang_encoder\.bogus"):
-        load_openflamingo(other, {**{k: v for k, v in sd.items() if k != "perceiver.latents"}, "lang_encoder.bogus": torch.zeros(1)})
+        load_openflamingo(
+            other, {**{k: v for k, v in sd.items() if k != "perceiver.latents"}, "lang_encoder.bogus": torch.zeros(1)}
+        )
     trained = {k: v.clone() for k, v in sd.items()}
     trained[f"lang_encoder.{embed}.weight"][3] += 1  # a checkpoint that trained the LM's own rows
     with pytest.raises(ValueError, match="LM's own tokens"):
@@ -566,8 +643,10 @@ def _open_flamingo_helpers():
     spec = importlib.util.find_spec("open_flamingo")
     missing = [m for m in ("einops", "einops_exts") if importlib.util.find_spec(m) is None]
     if spec is None or missing:
-        pytest.skip("open-flamingo / einops / einops-exts not installed (make install: pip install --no-deps "
-                    "open-flamingo==2.0.1 einops einops-exts)")
+        pytest.skip(
+            "open-flamingo / einops / einops-exts not installed (make install: pip install --no-deps "
+            "open-flamingo==2.0.1 einops einops-exts)"
+        )
     path = Path(spec.submodule_search_locations[0]) / "src" / "helpers.py"
     helpers_spec = importlib.util.spec_from_file_location("open_flamingo_helpers", path)
     module = importlib.util.module_from_spec(helpers_spec)
@@ -601,14 +680,21 @@ def test_parity_with_open_flamingo_perceiver():
 def test_parity_with_open_flamingo_gated_cross_attention(immediate):
     of = _open_flamingo_helpers()
     torch.manual_seed(0)
-    theirs = randomize_(of.GatedCrossAttentionBlock(dim=48, dim_visual=32, dim_head=8, heads=4, ff_mult=4,
-                                                    only_attend_immediate_media=immediate))
+    theirs = randomize_(
+        of.GatedCrossAttentionBlock(
+            dim=48, dim_visual=32, dim_head=8, heads=4, ff_mult=4, only_attend_immediate_media=immediate
+        )
+    )
     with torch.no_grad():  # gates at a size where every tensor of the block shows in the output
         theirs.attn_gate.fill_(0.8)
         theirs.ff_gate.fill_(-0.6)
-    ours = GatedCrossAttentionBlock(dim=48, dim_visual=32, heads=4, dim_head=8, ff_mult=4, only_attend_immediate_media=immediate)
+    ours = GatedCrossAttentionBlock(
+        dim=48, dim_visual=32, heads=4, dim_head=8, ff_mult=4, only_attend_immediate_media=immediate
+    )
     paths = {"layers": "model.layers", "embed": "model.embed_tokens"}
-    ours.load_state_dict(_through_key_map(theirs, "lang_encoder.model.layers.5.gated_cross_attn_layer.", "xattn.5.", paths))
+    ours.load_state_dict(
+        _through_key_map(theirs, "lang_encoder.model.layers.5.gated_cross_attn_layer.", "xattn.5.", paths)
+    )
     x, media = torch.randn(2, 9, 48), torch.randn(2, 3, 6, 32)
     locations = torch.zeros(2, 9, dtype=torch.bool)
     locations[0, [2, 5]] = True  # row 0: text, image, text, image, text
@@ -630,5 +716,7 @@ def test_parity_with_open_flamingo_gated_cross_attention(immediate):
         # generation: new tokens see the last cached image (open_flamingo's use_cached_media)
         new = torch.randn(2, 3, 48)
         last = time[:, -1:].expand(-1, 3)
-        diff = (ours(new, media, last) - theirs(new, media, media_locations=locations, use_cached_media=True)).abs().max()
+        diff = (
+            (ours(new, media, last) - theirs(new, media, media_locations=locations, use_cached_media=True)).abs().max()
+        )
         assert diff < 1e-5

@@ -22,21 +22,53 @@ from vlbridge.training.train import accumulate, load_recipe, train
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> FlamingoConfig:
     root = tmp_path_factory.mktemp("flamingo_train")
-    return FlamingoConfig(vision=VisionConfig(make_vision(root / "vision"), feature_layer=-1),
-                          lm=LMConfig(make_lm(root / "lm", "gpt2")), perceiver_depth=1, num_latents=4,
-                          perceiver_heads=2, perceiver_dim_head=8, max_media=4, xattn_heads=2, xattn_dim_head=8)
+    return FlamingoConfig(
+        vision=VisionConfig(make_vision(root / "vision"), feature_layer=-1),
+        lm=LMConfig(make_lm(root / "lm", "gpt2")),
+        perceiver_depth=1,
+        num_latents=4,
+        perceiver_heads=2,
+        perceiver_dim_head=8,
+        max_media=4,
+        xattn_heads=2,
+        xattn_dim_head=8,
+    )
 
 
-DATASETS = [{"name": "docs", "kind": "shapesworld_docs", "weight": 1.0, "batch_size": 4, "max_images": 3,
-             "num_samples": 64, "width": 32, "height": 32},
-            {"name": "pairs", "kind": "shapesworld_pairs", "weight": 0.5, "batch_size": 4, "num_samples": 64,
-             "width": 32, "height": 32}]
+DATASETS = [
+    {
+        "name": "docs",
+        "kind": "shapesworld_docs",
+        "weight": 1.0,
+        "batch_size": 4,
+        "max_images": 3,
+        "num_samples": 64,
+        "width": 32,
+        "height": 32,
+    },
+    {
+        "name": "pairs",
+        "kind": "shapesworld_pairs",
+        "weight": 0.5,
+        "batch_size": 4,
+        "num_samples": 64,
+        "width": 32,
+        "height": 32,
+    },
+]
 
 
 def _recipe(tmp_path, tiny, name, **kw):
-    r = {"model_kind": "flamingo", "flamingo": to_dict(tiny), "datasets": DATASETS, "steps": 8, "log_every": 1,
-         "optim": {"warmup_steps": 2, "lr": 2e-2, "weight_decay": 0.1}, "precision": "fp32",
-         "out_dir": str(tmp_path / name)}
+    r = {
+        "model_kind": "flamingo",
+        "flamingo": to_dict(tiny),
+        "datasets": DATASETS,
+        "steps": 8,
+        "log_every": 1,
+        "optim": {"warmup_steps": 2, "lr": 2e-2, "weight_decay": 0.1},
+        "precision": "fp32",
+        "out_dir": str(tmp_path / name),
+    }
     r.update(kw)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(r))
@@ -93,8 +125,10 @@ def test_accumulation_is_the_weighted_sum_of_dataset_gradients(tmp_path, tiny):
         for block in model.xattn.values():
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
-    streams = {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
-               for i, d in enumerate(cfg.datasets)}
+    streams = {
+        d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i))
+        for i, d in enumerate(cfg.datasets)
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     accumulate(model, streams, 5, cfg, nullcontext(), torch.device("cpu"))
     got = [p.grad.clone() for p in params]
@@ -115,7 +149,8 @@ def test_accumulation_is_the_weighted_sum_of_dataset_gradients(tmp_path, tiny):
     assert not xattn & {id(p) for p in no_decay["params"]} and no_decay["params"]
     decay, no_decay, gates = model.param_groups(0.1, gate_lr_scale=10.0)  # the gates in a group of their own
     assert {id(p) for p in gates["params"]} == {id(b.attn_gate) for b in model.xattn.values()} | {
-        id(b.ff_gate) for b in model.xattn.values()} and gates["lr_scale"] == 10.0
+        id(b.ff_gate) for b in model.xattn.values()
+    } and gates["lr_scale"] == 10.0
     assert not {id(p) for p in gates["params"]} & {id(p) for p in decay["params"] + no_decay["params"]}
 
 
@@ -123,10 +158,14 @@ def test_mmc4_reader_skips_and_counts_bad_images(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     lines = [
-        {"text_list": ["intro.", "a red square.", "more text.", "a second one."],
-         "image_info": [{"image_name": "ok.png", "matched_text_index": 3},
-                        {"image_name": "missing.jpg", "matched_text_index": 2},
-                        {"image_name": "ok.png", "matched_text_index": 1}]},
+        {
+            "text_list": ["intro.", "a red square.", "more text.", "a second one."],
+            "image_info": [
+                {"image_name": "ok.png", "matched_text_index": 3},
+                {"image_name": "missing.jpg", "matched_text_index": 2},
+                {"image_name": "ok.png", "matched_text_index": 1},
+            ],
+        },
         {"text_list": ["only a broken image."], "image_info": [{"image_name": "broken.jpg", "matched_text_index": 0}]},
         {"text_list": ["bad index."], "image_info": [{"image_name": "ok.png", "matched_text_index": 7}]},
     ]
@@ -135,7 +174,9 @@ def test_mmc4_reader_skips_and_counts_bad_images(tmp_path):
     images, docs_skips = SkipCounter(), SkipCounter()
     docs = read_mmc4(path, tmp_path, max_images=5, image_skips=images, doc_skips=docs_skips)
     assert len(docs) == 1 and len(docs[0]["images"]) == 2
-    assert docs[0]["text"] == "intro. <image> a red square. more text. <|endofchunk|><image> a second one.<|endofchunk|>"
+    assert (
+        docs[0]["text"] == "intro. <image> a red square. more text. <|endofchunk|><image> a second one.<|endofchunk|>"
+    )
     assert (images.seen, images.skipped) == (5, 3)  # two good, one missing, one undecodable, one bad index
     assert (docs_skips.seen, docs_skips.skipped) == (4, 3)  # one kept; no usable image twice; a bad line
     assert read_mmc4(path, tmp_path, max_images=1)[0]["text"].count("<image>") == 1
@@ -167,10 +208,19 @@ def test_fewshot_prompts_and_metrics_on_a_tiny_model(tiny):
     model, processor = create_flamingo(tiny)
     world = sw.ShapesWorldConfig(width=32, height=32)
     scenes = sw.make_split("val", 10, world)
-    samples = [{"image": sw.render(s, world), "answer": s.caption, "question": "how many objects are there?"}
-               for s in scenes]
-    out = fewshot_eval(model.eval(), processor, "caption", samples[:6], samples[6:], shots=(0, 2),
-                       selection="rices", decode={"max_new_tokens": 3, "num_beams": 1})
+    samples = [
+        {"image": sw.render(s, world), "answer": s.caption, "question": "how many objects are there?"} for s in scenes
+    ]
+    out = fewshot_eval(
+        model.eval(),
+        processor,
+        "caption",
+        samples[:6],
+        samples[6:],
+        shots=(0, 2),
+        selection="rices",
+        decode={"max_new_tokens": 3, "num_beams": 1},
+    )
     assert out["decode"] == {"num_beams": 1, "max_new_tokens": 3} and out["selection"] == "rices"
     zero, two = out["shots"][0], out["shots"][2]
     assert zero["prompt_example"].count("<image>") == 1 and zero["prompt_example"].count("Output:") == 3
@@ -192,5 +242,7 @@ def test_shapesworld_fewshot_scores_caption_attributes(tiny):
     assert set(summary) == {"caption_random", "caption_rices", "vqa", "incontext"}
     for k in (0, 1):
         attrs = report["caption"]["random"]["shots"][k]["attributes"]
-        assert set(attrs) >= {"color", "shape", "size", "count", "relation"} and all(0 <= v <= 1 for v in attrs.values())
+        assert set(attrs) >= {"color", "shape", "size", "count", "relation"} and all(
+            0 <= v <= 1 for v in attrs.values()
+        )
     assert report["vqa"]["template"].startswith("<image>Question: ") and report["vqa"]["shots"][1]["n"] == 3

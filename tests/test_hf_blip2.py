@@ -27,24 +27,55 @@ TOL = 1e-4
 
 
 def _vision_config():
-    return tf.Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    return tf.Blip2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
 
 
 def _qformer_config(text_input=False, freq=2, vocab=64):
-    return tf.Blip2QFormerConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                 intermediate_size=48, cross_attention_frequency=freq, max_position_embeddings=64,
-                                 use_qformer_text_input=text_input)
+    return tf.Blip2QFormerConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        cross_attention_frequency=freq,
+        max_position_embeddings=64,
+        use_qformer_text_input=text_input,
+    )
 
 
 def _text_config(kind, vocab):
     ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if kind == "opt":
-        return tf.OPTConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                            max_position_embeddings=128, word_embed_proj_dim=48, **ids)
+        return tf.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=48,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=48,
+            **ids,
+        )
     # like Flan-T5: no d_model**-0.5 output rescaling, which would leave a random T5 on near-ties
-    return tf.T5Config(vocab_size=vocab, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
-                       decoder_start_token_id=0, tie_word_embeddings=False, **ids)
+    return tf.T5Config(
+        vocab_size=vocab,
+        d_model=48,
+        d_kv=12,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+        **ids,
+    )
 
 
 def _save_processor(path, tokenizer, num_query_tokens):
@@ -56,9 +87,13 @@ def make_generation_checkpoint(path, kind, image_token, Q, freq, seed=0):
     """A random transformers Blip2ForConditionalGeneration (OPT or T5) and its processor, saved at `path`."""
     tok = word_tokenizer("lm")
     image_id = len(tok)  # transformers' processor appends <image> to the tokenizer
-    cfg = tf.Blip2Config(vision_config=_vision_config().to_dict(), qformer_config=_qformer_config(freq=freq).to_dict(),
-                         text_config=_text_config(kind, len(tok) + 1).to_dict(), num_query_tokens=Q,
-                         image_token_index=image_id if image_token else None)
+    cfg = tf.Blip2Config(
+        vision_config=_vision_config().to_dict(),
+        qformer_config=_qformer_config(freq=freq).to_dict(),
+        text_config=_text_config(kind, len(tok) + 1).to_dict(),
+        num_query_tokens=Q,
+        image_token_index=image_id if image_token else None,
+    )
     torch.manual_seed(seed)
     model = randomize_(tf.Blip2ForConditionalGeneration(cfg), seed=seed).eval()
     model.save_pretrained(path)
@@ -69,10 +104,13 @@ def make_generation_checkpoint(path, kind, image_token, Q, freq, seed=0):
 def make_retrieval_checkpoint(path, image_token, Q=4, seed=0):
     tok = word_tokenizer("bert")
     tok.add_special_tokens({"bos_token": "[DEC]"})  # BERT + [DEC] (the last Q-Former row), as LAVIS trained it
-    cfg = tf.Blip2Config(vision_config=_vision_config().to_dict(),
-                         qformer_config=_qformer_config(text_input=True, freq=1, vocab=len(tok)).to_dict(),
-                         num_query_tokens=Q, image_text_hidden_size=16,
-                         image_token_index=len(tok) if image_token else None)
+    cfg = tf.Blip2Config(
+        vision_config=_vision_config().to_dict(),
+        qformer_config=_qformer_config(text_input=True, freq=1, vocab=len(tok)).to_dict(),
+        num_query_tokens=Q,
+        image_text_hidden_size=16,
+        image_token_index=len(tok) if image_token else None,
+    )
     torch.manual_seed(seed)
     model = randomize_(tf.Blip2ForImageTextRetrieval(cfg), seed=seed).eval()
     model.save_pretrained(path)
@@ -92,10 +130,18 @@ def _prepend_reference(hf, px, ids, mask):
 
 
 GENERATION_CASES = [  # (LM, image-token layout, queries, cross-attention frequency)
-    ("opt", True, 4, 1), ("opt", False, 3, 2), ("t5", True, 3, 2), ("t5", False, 4, 1)]
+    ("opt", True, 4, 1),
+    ("opt", False, 3, 2),
+    ("t5", True, 3, 2),
+    ("t5", False, 4, 1),
+]
 
 
-@pytest.fixture(scope="module", params=GENERATION_CASES, ids=lambda c: f"{c[0]}-{'image_token' if c[1] else 'prepend'}-q{c[2]}-x{c[3]}")
+@pytest.fixture(
+    scope="module",
+    params=GENERATION_CASES,
+    ids=lambda c: f"{c[0]}-{'image_token' if c[1] else 'prepend'}-q{c[2]}-x{c[3]}",
+)
 def generation_case(request, tmp_path_factory):
     kind, image_token, Q, freq = request.param
     path = tmp_path_factory.mktemp(f"hf-{kind}")
@@ -140,13 +186,13 @@ def test_generation_logits_and_decoding_match_transformers(generation_case):
                 embeds, full_mask = _prepend_reference(hf, px, ids, mask)
                 ref = hf.language_model.generate(inputs_embeds=embeds, attention_mask=full_mask, **gen)
         # transformers returns the prompt first (decoder-only) or the decoder start token (T5)
-        ref = ref[:, 1:] if kind == "t5" else ref[:, ids.shape[1]:] if image_token else ref
+        ref = ref[:, 1:] if kind == "t5" else ref[:, ids.shape[1] :] if image_token else ref
         assert torch.equal(ours, ref), (gen, ours, ref)
     assert len({tuple(r) for r in ours.tolist()}) > 1  # the rows really differ
     if image_token:  # no prompt at all: transformers' default, the image tokens and bos
         with torch.no_grad():
             ref = hf.generate(pixel_values=px, max_new_tokens=4)
-        assert torch.equal(model.generate(px, max_new_tokens=4), ref[:, 1:] if kind == "t5" else ref[:, Q + 1:])
+        assert torch.equal(model.generate(px, max_new_tokens=4), ref[:, 1:] if kind == "t5" else ref[:, Q + 1 :])
 
 
 def test_processor_matches_transformers(generation_case):
@@ -154,7 +200,10 @@ def test_processor_matches_transformers(generation_case):
     hf_proc = tf.Blip2Processor.from_pretrained(path)
     hf_proc.tokenizer.padding_side = "right" if kind == "t5" else "left"  # vlbridge's choice, for batched generation
     g = torch.Generator().manual_seed(0)
-    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in ((40, 50), (32, 64), (80, 24))]
+    images = [
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+        for h, w in ((40, 50), (32, 64), (80, 24))
+    ]
     ref = hf_proc(images=images, text=PROMPTS, padding=True, return_tensors="pt")
     ours = proc(images=images, text=PROMPTS)
     assert ours.keys() == ref.keys() == {"pixel_values", "input_ids", "attention_mask"}
@@ -179,10 +228,18 @@ def test_round_trip_reproduces_the_transformers_tensors(generation_case, tmp_pat
     if image_token:  # and transformers runs it as before
         px, batch = _images(2), proc(text=PROMPTS[:2])
         with torch.no_grad():
-            assert torch.equal(back.eval()(pixel_values=px, **batch, **(
-                {"decoder_input_ids": torch.tensor([[0, 5], [0, 6]])} if kind == "t5" else {})).logits,
-                hf(pixel_values=px, **batch, **({"decoder_input_ids": torch.tensor([[0, 5], [0, 6]])}
-                                               if kind == "t5" else {})).logits)
+            assert torch.equal(
+                back.eval()(
+                    pixel_values=px,
+                    **batch,
+                    **({"decoder_input_ids": torch.tensor([[0, 5], [0, 6]])} if kind == "t5" else {}),
+                ).logits,
+                hf(
+                    pixel_values=px,
+                    **batch,
+                    **({"decoder_input_ids": torch.tensor([[0, 5], [0, 6]])} if kind == "t5" else {}),
+                ).logits,
+            )
 
 
 def test_vlbridge_format_round_trip_of_an_imported_model(generation_case, tmp_path):
@@ -203,8 +260,12 @@ def test_retrieval_matches_transformers_and_round_trips(tmp_path, image_token):
     px = _images(3)
     q = proc.qformer_text(TEXTS)  # [CLS] text [SEP], right-padded; no image tokens
     hf_proc = tf.Blip2Processor.from_pretrained(tmp_path / "hf")
-    ref_in = hf_proc(text=TEXTS, images=[(p.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy() for p in px],
-                     padding=True, return_tensors="pt")
+    ref_in = hf_proc(
+        text=TEXTS,
+        images=[(p.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy() for p in px],
+        padding=True,
+        return_tensors="pt",
+    )
     Q = model.config.qformer.num_query_tokens if image_token else 0
     assert torch.equal(ref_in["input_ids"][:, Q:], q["input_ids"])
     with torch.no_grad():
@@ -214,20 +275,27 @@ def test_retrieval_matches_transformers_and_round_trips(tmp_path, image_token):
     itc = model.itc(q["input_ids"], q["attention_mask"], pixel_values=px)
     d_itm = (itm - itm_ref.logits_per_image).abs().max().item()
     d_itc = (itc - itc_ref.logits_per_image).abs().max().item()
-    print(f"retrieval ({'image_token' if image_token else 'no image token'}): max |ITM diff| {d_itm:.2e}, "
-          f"max |ITC diff| {d_itc:.2e}")
+    print(
+        f"retrieval ({'image_token' if image_token else 'no image token'}): max |ITM diff| {d_itm:.2e}, "
+        f"max |ITC diff| {d_itc:.2e}"
+    )
     assert itc.shape == (3, 3) and d_itm < TOL and d_itc < TOL
     assert itm_ref.logits_per_image.std() > 0.1  # not a degenerate comparison
 
     model.save_pretrained(tmp_path / "back", processor=proc, format="transformers")
-    original, written = load_file(str(tmp_path / "hf/model.safetensors")), load_file(str(tmp_path / "back/model.safetensors"))
+    original, written = (
+        load_file(str(tmp_path / "hf/model.safetensors")),
+        load_file(str(tmp_path / "back/model.safetensors")),
+    )
     assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
     _, info = tf.Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
     model.save_pretrained(tmp_path / "ours", processor=proc)  # and vlbridge's own format
     again, proc2 = Blip2.from_pretrained(tmp_path / "ours").eval(), Blip2Processor.from_pretrained(tmp_path / "ours")
-    assert again.config.qformer.bos_token_id == proc2.qformer_tokenizer.bos_token_id == model.config.qformer.vocab_size - 1
+    assert (
+        again.config.qformer.bos_token_id == proc2.qformer_tokenizer.bos_token_id == model.config.qformer.vocab_size - 1
+    )
     q2 = proc2.qformer_text(TEXTS)
     assert torch.equal(again.itm(q2["input_ids"], q2["attention_mask"], pixel_values=px), itm)
 
@@ -251,8 +319,9 @@ def test_export_of_a_model_built_on_blip2s_tower(tmp_path, tiny_configs):
     torch.manual_seed(0)
     randomize_(tf.Blip2VisionModel(_vision_config())).save_pretrained(tmp_path / "tower")
     tf.BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "tower")
-    cfg = dataclasses.replace(tiny_configs["opt"], vision=VisionConfig(str(tmp_path / "tower"), feature_layer=-2),
-                              image_token_id=1)  # the tiny LM has no <image>: its <unk> stands in
+    cfg = dataclasses.replace(
+        tiny_configs["opt"], vision=VisionConfig(str(tmp_path / "tower"), feature_layer=-2), image_token_id=1
+    )  # the tiny LM has no <image>: its <unk> stands in
     model, proc = create_blip2(cfg)
     for i, name in enumerate(("ln_vision", "qformer", "lm_proj")):
         randomize_(nn.ModuleDict({name: getattr(model, name)}), seed=i)
@@ -266,8 +335,10 @@ def test_export_of_a_model_built_on_blip2s_tower(tmp_path, tiny_configs):
     ours = model(pixel_values=px, **batch).logits
     text = (batch["input_ids"] != 1) & batch["attention_mask"].bool()  # not the image slots, not padding
     assert (ours - ref).abs()[text].max() < TOL
-    assert torch.equal(model.generate(px, **batch, max_new_tokens=4),
-                       hf.generate(pixel_values=px, **batch, max_new_tokens=4)[:, batch["input_ids"].shape[1]:])
+    assert torch.equal(
+        model.generate(px, **batch, max_new_tokens=4),
+        hf.generate(pixel_values=px, **batch, max_new_tokens=4)[:, batch["input_ids"].shape[1] :],
+    )
 
 
 def test_unknown_and_missing_keys_are_named(tmp_path):
@@ -295,14 +366,31 @@ def test_export_needs_blip2s_vision_tower_and_no_text_branch(build, tmp_path):
 @pytest.mark.parametrize("head", [False, True], ids=["BertModel", "BertForMaskedLM"])
 def test_qformer_text_path_reproduces_bert(tmp_path, head):
     tok = word_tokenizer("bert")
-    bert_cfg = tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64)
+    bert_cfg = tf.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     bert = randomize_((tf.BertForMaskedLM if head else tf.BertModel)(bert_cfg)).eval()
     bert.save_pretrained(tmp_path)
-    qcfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
-                         cross_attention_frequency=1, encoder_hidden_size=24, vocab_size=len(tok) + 1,
-                         max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, bos_token_id=len(tok))
+    qcfg = QFormerConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        num_query_tokens=4,
+        cross_attention_frequency=1,
+        encoder_hidden_size=24,
+        vocab_size=len(tok) + 1,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=len(tok),
+    )
     qformer = QFormer(qcfg).eval()
     fresh = {k: v.clone() for k, v in qformer.state_dict().items()}
     init_qformer_from_bert(qformer, tmp_path)
@@ -329,13 +417,30 @@ def test_qformer_text_path_reproduces_bert(tmp_path, head):
 
 
 def test_bert_with_unknown_keys_is_refused(tmp_path):
-    bert = tf.BertModel(tf.BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=64))
+    bert = tf.BertModel(
+        tf.BertConfig(
+            vocab_size=30,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     state["encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "model.safetensors"))
-    qformer = QFormer(QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vocab_size=31,
-                                    max_position_embeddings=64, bos_token_id=30))
+    qformer = QFormer(
+        QFormerConfig(
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=64,
+            vocab_size=31,
+            max_position_embeddings=64,
+            bos_token_id=30,
+        )
+    )
     with pytest.raises(ValueError, match=r"rotary\.weight.*missing keys \['layers\.2\.attention\.dense\.bias'"):
         init_qformer_from_bert(qformer, tmp_path)

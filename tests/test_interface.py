@@ -11,7 +11,17 @@ import torch
 from PIL import Image
 
 import vlbridge
-from vlbridge import EVE, Blip2, EVEConfig, Flamingo, FlamingoConfig, LMConfig, VisionConfig, create_eve, create_flamingo
+from vlbridge import (
+    EVE,
+    Blip2,
+    EVEConfig,
+    Flamingo,
+    FlamingoConfig,
+    LMConfig,
+    VisionConfig,
+    create_eve,
+    create_flamingo,
+)
 from vlbridge.cli import main
 from vlbridge.core.base import VLModel
 from vlbridge.evaluation.generation import answer, caption
@@ -19,8 +29,12 @@ from vlbridge.testing import randomize_
 
 DESIGNS = ("blip2", "blip2_stage1", "flamingo", "eve")
 CLASSES = {"blip2": Blip2, "blip2_stage1": Blip2, "flamingo": Flamingo, "eve": EVE}
-TASKS = {"blip2": {"caption", "vqa"}, "blip2_stage1": {"retrieval"}, "flamingo": {"caption", "vqa", "in_context"},
-         "eve": {"caption", "vqa"}}
+TASKS = {
+    "blip2": {"caption", "vqa"},
+    "blip2_stage1": {"retrieval"},
+    "flamingo": {"caption", "vqa", "in_context"},
+    "eve": {"caption", "vqa"},
+}
 
 
 def _create(design, tiny_configs, build):
@@ -33,9 +47,18 @@ def _create(design, tiny_configs, build):
         return build(None, randomize=True)
     lm = LMConfig(tiny_configs["gpt2"].lm.name_or_path)
     if design == "flamingo":
-        model, processor = create_flamingo(FlamingoConfig(
-            vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1), lm=lm, perceiver_depth=1,
-            num_latents=4, perceiver_heads=2, perceiver_dim_head=8, xattn_heads=2, xattn_dim_head=8))
+        model, processor = create_flamingo(
+            FlamingoConfig(
+                vision=VisionConfig(tiny_configs[None].vision.name_or_path, feature_layer=-1),
+                lm=lm,
+                perceiver_depth=1,
+                num_latents=4,
+                perceiver_heads=2,
+                perceiver_dim_head=8,
+                xattn_heads=2,
+                xattn_dim_head=8,
+            )
+        )
     else:
         model, processor = create_eve(EVEConfig(lm=lm, patch_size=4, pel_width=16, pel_heads=2, max_image_size=32))
     randomize_(model, seed=1)  # open the gates / move the patch embedding off its init: outputs depend on the image
@@ -124,8 +147,15 @@ def test_examples_need_a_model_that_learns_in_context(saved):
     dirs, root = saved
     model, processor = vlbridge.load(dirs["flamingo"], device="cpu")
     image = Image.open(root / "0.png")
-    with_shots = caption(model, processor, [image], examples=[(Image.open(root / "1.png"), "a blue square .")],
-                         num_beams=1, max_new_tokens=3, min_new_tokens=0)
+    with_shots = caption(
+        model,
+        processor,
+        [image],
+        examples=[(Image.open(root / "1.png"), "a blue square .")],
+        num_beams=1,
+        max_new_tokens=3,
+        min_new_tokens=0,
+    )
     assert len(with_shots) == 1
     inputs = processor.prompt_inputs([image], ["Output:"], examples=[(image, "Output:", "red")])
     assert (inputs["input_ids"] == processor.image_token_id).sum() == 2 and inputs["pixel_values"].shape[1] == 2
@@ -150,24 +180,48 @@ def test_cli_caption_and_ask_every_design(saved, design, capsys):
 
 def test_cli_flamingo_takes_examples(saved, capsys):
     dirs, root = saved
-    rows = _cli(capsys, "caption", dirs["flamingo"], root / "0.png", "--example", root / "1.png", "a blue square .",
-                "--example", root / "0.png", "a red square .")
+    rows = _cli(
+        capsys,
+        "caption",
+        dirs["flamingo"],
+        root / "0.png",
+        "--example",
+        root / "1.png",
+        "a blue square .",
+        "--example",
+        root / "0.png",
+        "a red square .",
+    )
     assert len(rows) == 1
-    rows = _cli(capsys, "ask", dirs["flamingo"], root / "0.png", "what color?", "--example", root / "1.png",
-                "what color?", "blue")
+    rows = _cli(
+        capsys,
+        "ask",
+        dirs["flamingo"],
+        root / "0.png",
+        "what color?",
+        "--example",
+        root / "1.png",
+        "what color?",
+        "blue",
+    )
     assert len(rows) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["caption", "{blip2}", "{root}/0.png", "--example", "{root}/1.png", "a cap"], "cannot do in_context"),
-    (["retrieve", "{eve}", "--text", "a red square", "--images", "{root}"], "cannot do retrieval"),
-    (["caption", "{blip2_stage1}", "{root}/0.png"], "cannot do caption"),
-    (["ask", "{blip2}", "{root}/missing.png", "what?"], "missing.png"),
-    (["ask", "{blip2}", "{root}/0.png", " "], "a question is empty"),
-    (["caption", "{root}", "{root}/0.png"], "no config.json"),
-    (["caption", "{blip2}", "{root}/0.png", "--device", "cuda:7" if not torch.cuda.is_available() else "nope"],
-     "device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["caption", "{blip2}", "{root}/0.png", "--example", "{root}/1.png", "a cap"], "cannot do in_context"),
+        (["retrieve", "{eve}", "--text", "a red square", "--images", "{root}"], "cannot do retrieval"),
+        (["caption", "{blip2_stage1}", "{root}/0.png"], "cannot do caption"),
+        (["ask", "{blip2}", "{root}/missing.png", "what?"], "missing.png"),
+        (["ask", "{blip2}", "{root}/0.png", " "], "a question is empty"),
+        (["caption", "{root}", "{root}/0.png"], "no config.json"),
+        (
+            ["caption", "{blip2}", "{root}/0.png", "--device", "cuda:7" if not torch.cuda.is_available() else "nope"],
+            "device",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line(saved, capsys, argv, message):
     dirs, root = saved
     names = {**{k: str(v) for k, v in dirs.items()}, "root": str(root)}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vlbridge import create_blip2
-from vlbridge.evaluation import evaluate as ev
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
 from vlbridge.testing import randomize_, tiny_blip2_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "itm_rerank.py"

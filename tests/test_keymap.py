@@ -4,23 +4,27 @@ import pytest
 
 from vlbridge.core.keymap import KeyMap
 
-LAYERS = KeyMap([
-    ("enc.layer.{i}.attn.q.{p}", "layers.{i}.attention.query.{p}"),
-    ("enc.layer.{i}.{m}_gate", "layers.{i}.{m}_gate"),
-    ("tower.final_norm.{p}", "ln_vision.{p}"),  # before the catch-all below: it wins
-    ("tower.{rest}", "vision.{rest}"),
-    ("lm.{layers}.{i}.xattn.weight", "xattn.{i}.weight"),  # {layers}: a fixed path, bound per model
-    ("lm.{embed}.weight", "new_rows"),
-])
+LAYERS = KeyMap(
+    [
+        ("enc.layer.{i}.attn.q.{p}", "layers.{i}.attention.query.{p}"),
+        ("enc.layer.{i}.{m}_gate", "layers.{i}.{m}_gate"),
+        ("tower.final_norm.{p}", "ln_vision.{p}"),  # before the catch-all below: it wins
+        ("tower.{rest}", "vision.{rest}"),
+        ("lm.{layers}.{i}.xattn.weight", "xattn.{i}.weight"),  # {layers}: a fixed path, bound per model
+        ("lm.{embed}.weight", "new_rows"),
+    ]
+)
 
 
 def test_both_directions_and_placeholder_kinds():
     keys = LAYERS.bind(layers="model.decoder.layers", embed="model.embed_tokens")
-    for theirs, ours in [("enc.layer.11.attn.q.bias", "layers.11.attention.query.bias"),  # {i}, {p}
-                         ("enc.layer.0.attn_gate", "layers.0.attn_gate"),  # {m}
-                         ("tower.blocks.3.mlp.fc1.weight", "vision.blocks.3.mlp.fc1.weight"),  # {rest}
-                         ("lm.model.decoder.layers.5.xattn.weight", "xattn.5.weight"),  # bound path, one side only
-                         ("lm.model.embed_tokens.weight", "new_rows")]:
+    for theirs, ours in [
+        ("enc.layer.11.attn.q.bias", "layers.11.attention.query.bias"),  # {i}, {p}
+        ("enc.layer.0.attn_gate", "layers.0.attn_gate"),  # {m}
+        ("tower.blocks.3.mlp.fc1.weight", "vision.blocks.3.mlp.fc1.weight"),  # {rest}
+        ("lm.model.decoder.layers.5.xattn.weight", "xattn.5.weight"),  # bound path, one side only
+        ("lm.model.embed_tokens.weight", "new_rows"),
+    ]:
         assert keys.to_ours(theirs) == ours
         assert keys.to_theirs(ours) == theirs
 

@@ -44,9 +44,22 @@ def test_vqa_single_answer_is_exact_match():
     assert vqa_score("Cat.", ["cat"], official=False) == 1.0
 
 
-@pytest.mark.parametrize("pred, gt", [("Two", "2"), ("two", "2"), ("a dog", "dog"), ("the dog", "dog"),
-                                      ("yes.", "yes"), ("Yes", "yes"), ("dont", "don't"), ("none", "0"),
-                                      ("  yes\n", "yes"), ("black-white", "black white"), ("1,000", "1000")])
+@pytest.mark.parametrize(
+    "pred, gt",
+    [
+        ("Two", "2"),
+        ("two", "2"),
+        ("a dog", "dog"),
+        ("the dog", "dog"),
+        ("yes.", "yes"),
+        ("Yes", "yes"),
+        ("dont", "don't"),
+        ("none", "0"),
+        ("  yes\n", "yes"),
+        ("black-white", "black white"),
+        ("1,000", "1000"),
+    ],
+)
 def test_vqa_normalisation_matches(pred, gt):
     answers = [gt] * 3 + ["x", "y", "z", "w", "v", "u", "t"]  # not unanimous: official normalises
     assert vqa_score(pred, answers) == pytest.approx(0.9)
@@ -90,10 +103,12 @@ def test_vqa_accuracy_mean_and_errors():
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer and METEOR need java")
 def test_caption_metrics_identical_vs_unrelated():
     pytest.importorskip("pycocoevalcap")
-    refs = {1: ["a red circle left of a blue square", "a red circle next to a blue square"],
-            2: ["two dogs play with a ball on the grass", "dogs playing in a park"],
-            "a": ["a man rides a bicycle down the street", "a person cycling on a road"],
-            "b": ["a plate of food with rice and vegetables", "a meal on a white plate"]}
+    refs = {
+        1: ["a red circle left of a blue square", "a red circle next to a blue square"],
+        2: ["two dogs play with a ball on the grass", "dogs playing in a park"],
+        "a": ["a man rides a bicycle down the street", "a person cycling on a road"],
+        "b": ["a plate of food with rice and vegetables", "a meal on a white plate"],
+    }
     preds = {1: refs[1][0], 2: refs[2][0], "a": "the sky is green today", "b": "keyboard"}
     # one call (METEOR's JVM start dominates the test time); per-id scores separate the two kinds
     out = caption_metrics(preds, refs, per_id=True)
@@ -124,9 +139,7 @@ def test_caption_metrics_id_mismatch():
 # ---------------------------------------------------------------- retrieval
 
 # 3 images x 5 texts; texts 0,1 -> image 0, texts 2,3 -> image 1, text 4 -> image 2
-SCORES = torch.tensor([[0.1, 0.9, 0.8, 0.2, 0.3],
-                       [0.9, 0.8, 0.1, 0.7, 0.95],
-                       [0.5, 0.1, 0.2, 0.3, 0.4]])
+SCORES = torch.tensor([[0.1, 0.9, 0.8, 0.2, 0.3], [0.9, 0.8, 0.1, 0.7, 0.95], [0.5, 0.1, 0.2, 0.3, 0.4]])
 T2I = [0, 0, 1, 1, 2]
 
 

@@ -78,10 +78,19 @@ def test_modes_and_arrays_convert_to_rgb(procs, tmp_path):
     palette = Image.new("P", (40, 40), 0)
     palette.putpalette([100, 100, 100] + [0] * 765)
     gray.save(tmp_path / "gray.png")
-    accepted = [gray, rgba, palette, Image.new("LA", (40, 40), (100, 255)), tmp_path / "gray.png",
-                np.full((40, 40), 100, np.uint8), np.full((40, 40, 1), 100, np.uint8),
-                np.full((40, 40, 3), 100, np.uint8), np.full((40, 40, 4), 100, np.uint8),
-                np.full((40, 40, 3), 100 / 255, np.float32), np.full((40, 40), 100 / 255, np.float64)]
+    accepted = [
+        gray,
+        rgba,
+        palette,
+        Image.new("LA", (40, 40), (100, 255)),
+        tmp_path / "gray.png",
+        np.full((40, 40), 100, np.uint8),
+        np.full((40, 40, 1), 100, np.uint8),
+        np.full((40, 40, 3), 100, np.uint8),
+        np.full((40, 40, 4), 100, np.uint8),
+        np.full((40, 40, 3), 100 / 255, np.float32),
+        np.full((40, 40), 100 / 255, np.float64),
+    ]
     for image in accepted:
         assert load_image(image).mode == "RGB"
         assert torch.allclose(proc.images(image), ref, atol=1e-5), type(image)

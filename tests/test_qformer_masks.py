@@ -16,9 +16,19 @@ Q, N, ENC, V, T = 4, 5, 24, 40, 6
 
 
 def make_qformer(**overrides) -> QFormer:
-    cfg = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, num_query_tokens=Q,
-               cross_attention_frequency=2, encoder_hidden_size=ENC, vocab_size=V, max_position_embeddings=32,
-               dropout=0.0, attention_dropout=0.0)
+    cfg = dict(
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=64,
+        num_query_tokens=Q,
+        cross_attention_frequency=2,
+        encoder_hidden_size=ENC,
+        vocab_size=V,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     cfg.update(overrides)
     torch.manual_seed(0)
     return randomize_(QFormer(QFormerConfig(**cfg)), seed=0).eval()
@@ -52,17 +62,9 @@ def changed(a, b):
 _ = False
 X = True
 EXPECTED = {  # Q=2 queries, T=3 text tokens, the last one padding; keys [q0 q1 t0 t1 t2]
-    "unimodal": [[X, X, _, _, _],
-                 [X, X, _, _, _],
-                 [_, _, X, X, _],
-                 [_, _, X, X, _],
-                 [_, _, X, X, _]],
+    "unimodal": [[X, X, _, _, _], [X, X, _, _, _], [_, _, X, X, _], [_, _, X, X, _], [_, _, X, X, _]],
     "bidirectional": [[X, X, X, X, _]] * 5,
-    "causal": [[X, X, _, _, _],
-               [X, X, _, _, _],
-               [X, X, X, _, _],
-               [X, X, X, X, _],
-               [X, X, X, X, _]],
+    "causal": [[X, X, _, _, _], [X, X, _, _, _], [X, X, X, _, _], [X, X, X, X, _], [X, X, X, X, _]],
 }
 
 
@@ -75,8 +77,11 @@ def test_build_mask_hand_written(kind):
     assert torch.equal(mask[0, 0], expected)
     # the second sample has no padding: its last key column is visible wherever t2's row/kind allows
     full = expected.clone()
-    full[:, 4] = {"unimodal": torch.tensor([_, _, X, X, X]), "bidirectional": torch.ones(5, dtype=torch.bool),
-                  "causal": torch.tensor([_, _, _, _, X])}[kind]
+    full[:, 4] = {
+        "unimodal": torch.tensor([_, _, X, X, X]),
+        "bidirectional": torch.ones(5, dtype=torch.bool),
+        "causal": torch.tensor([_, _, _, _, X]),
+    }[kind]
     assert torch.equal(mask[1, 0], full)
     cached = build_mask(kind, 2, text_mask, batch=2, cached_query=True)
     assert cached.shape == (2, 1, 3, 5)  # rows: text only; keys: cached queries + text
@@ -171,12 +176,12 @@ def test_padding_tokens_are_never_seen(kind):
         h_full = qf(ids, full, image_embeds=img, use_queries=True, mask_kind=kind)
         h_full2 = qf(ids_pad, full, image_embeds=img, use_queries=True, mask_kind=kind)
         if kind == "bidirectional":
-            assert changed(h_full2[:1, :4 + Q], h_full[:1, :4 + Q])
+            assert changed(h_full2[:1, : 4 + Q], h_full[:1, : 4 + Q])
         elif kind == "unimodal":
-            assert changed(h_full2[:1, Q:Q + 4], h_full[:1, Q:Q + 4])
+            assert changed(h_full2[:1, Q : Q + 4], h_full[:1, Q : Q + 4])
             assert same(h_full2[:, :Q], h_full[:, :Q])
         else:  # causal: later tokens are invisible even when real
-            assert same(h_full2[:1, :4 + Q], h_full[:1, :4 + Q])
+            assert same(h_full2[:1, : 4 + Q], h_full[:1, : 4 + Q])
             assert changed(h_full2[:1, Q + 5], h_full[:1, Q + 5])
         if kind == "causal":  # the cached ITG path masks padding too
             _, cache = qf(image_embeds=img, use_cache=True)
@@ -198,9 +203,10 @@ def test_image_mask_hides_image_tokens():
 
 
 # ---------------------------------------------------------------------------------- structure
-@pytest.mark.parametrize("layers,freq,expected", [(4, 2, [True, False, True, False]),
-                                                  (4, 3, [True, False, False, True]),
-                                                  (3, 1, [True, True, True])])
+@pytest.mark.parametrize(
+    "layers,freq,expected",
+    [(4, 2, [True, False, True, False]), (4, 3, [True, False, False, True]), (3, 1, [True, True, True])],
+)
 def test_cross_attention_layers(layers, freq, expected):
     qf = make_qformer(num_layers=layers, cross_attention_frequency=freq)
     assert [layer.crossattention is not None for layer in qf.layers] == expected
@@ -215,8 +221,11 @@ def test_text_rows_never_cross_attend():
     qf = make_qformer()
     ids, img = make_inputs()
     rows = []
-    hooks = [layer.crossattention.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
-             for layer in qf.layers if layer.crossattention is not None]
+    hooks = [
+        layer.crossattention.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+        for layer in qf.layers
+        if layer.crossattention is not None
+    ]
     with torch.no_grad():
         for kind in ("unimodal", "bidirectional", "causal"):
             qf(ids, image_embeds=img, use_queries=True, mask_kind=kind)

@@ -42,7 +42,9 @@ def test_a_row_without_a_question_runs_the_queries_alone(build, images):
     mask[1] = 0  # row 1: a caption in a mixed batch
     with torch.no_grad():
         mixed = model.query_output(img, q["input_ids"], mask)  # row 1 skips the text positions
-        joint = model.qformer(q["input_ids"], mask, image_embeds=img, mask_kind="bidirectional")[:, : model.config.qformer.num_query_tokens]
+        joint = model.qformer(q["input_ids"], mask, image_embeds=img, mask_kind="bidirectional")[
+            :, : model.config.qformer.num_query_tokens
+        ]
         alone = model.query_output(img)
         asked = model.query_output(img, q["input_ids"], q["attention_mask"])
     # Skipping is the same function: in one joint pass no query sees a masked-out token either.
@@ -59,8 +61,12 @@ def test_the_lm_loss_trains_the_text_side_through_the_question(build, images, lm
     model.train()
     model(**batch).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for name in ("qformer.word_embeddings.weight", "qformer.layers.0.ffn.output.weight", "qformer.query_tokens",
-                 "lm_proj.weight"):
+    for name in (
+        "qformer.word_embeddings.weight",
+        "qformer.layers.0.ffn.output.weight",
+        "qformer.query_tokens",
+        "lm_proj.weight",
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert not any(n.startswith(("vision.", "lm.")) for n in grads)
 
@@ -102,8 +108,10 @@ def test_answer_gives_the_question_to_the_qformer(build):
 
 def test_stage2_batches_carry_the_questions(build):
     _, proc = _question_model(build)
-    samples = [{"prompt": PROMPTS[0], "target": TARGETS[0], "question": QUESTIONS[0]},
-               {"prompt": PROMPTS[1], "target": TARGETS[1], "question": None}]
+    samples = [
+        {"prompt": PROMPTS[0], "target": TARGETS[0], "question": QUESTIONS[0]},
+        {"prompt": PROMPTS[1], "target": TARGETS[1], "question": None},
+    ]
     out = text_inputs(proc, samples, stage=2, gathered=False, qformer_question=True)
     expected = proc.qformer_text([QUESTIONS[0]])
     n = expected["input_ids"].shape[1]

@@ -26,8 +26,13 @@ def test_layouts_place_each_object_where_the_lm_reads_it():
 
 
 def test_runs_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--steps", "3", "--train-scenes", "64"], capture_output=True,
-                         text=True, check=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "3", "--train-scenes", "64"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["layout"] == "grid" and result["steps"] == 3
     assert all(0.0 <= result[k] <= 1.0 for k in ("size", "color", "shape"))

@@ -8,7 +8,18 @@ import tarfile
 import pytest
 from PIL import Image
 
-from vlbridge.data.readers import SkipCounter, decode_image, decode_samples, expand_shards, read_coco_captions, read_csv, read_jsonl, read_karpathy, read_vqa, read_webdataset
+from vlbridge.data.readers import (
+    SkipCounter,
+    decode_image,
+    decode_samples,
+    expand_shards,
+    read_coco_captions,
+    read_csv,
+    read_jsonl,
+    read_karpathy,
+    read_vqa,
+    read_webdataset,
+)
 
 
 def _png(color=(255, 0, 0), fmt="PNG") -> bytes:
@@ -67,10 +78,21 @@ def test_decode_samples_skips_bad_images(images):
 
 
 def test_coco_captions(tmp_path, images):
-    ann = _write(tmp_path / "captions.json", {
-        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "missing.jpg"}, {"id": 3, "file_name": "b.jpg"}],
-        "annotations": [{"image_id": 1, "id": 10, "caption": " A red box. "}, {"image_id": 2, "id": 11, "caption": "gone"},
-                        {"image_id": 1, "id": 12, "caption": "red"}]})
+    ann = _write(
+        tmp_path / "captions.json",
+        {
+            "images": [
+                {"id": 1, "file_name": "a.png"},
+                {"id": 2, "file_name": "missing.jpg"},
+                {"id": 3, "file_name": "b.jpg"},
+            ],
+            "annotations": [
+                {"image_id": 1, "id": 10, "caption": " A red box. "},
+                {"image_id": 2, "id": 11, "caption": "gone"},
+                {"image_id": 1, "id": 12, "caption": "red"},
+            ],
+        },
+    )
     samples = read_coco_captions(ann, images)
     assert [(s["image_id"], s["caption"]) for s in samples] == [(1, "A red box."), (1, "red"), (2, "gone")]
     assert samples[0]["captions"] == ["A red box.", "red"] and samples[0]["image"] == images / "a.png"
@@ -98,10 +120,18 @@ def test_coco_malformed(tmp_path):
 
 def test_karpathy_splits(tmp_path):
     def img(i, split):
-        return {"filepath": "val2014", "filename": f"{i}.jpg", "cocoid": i, "split": split,
-                "sentences": [{"raw": f"caption {i} one"}, {"raw": f"caption {i} two "}]}
-    path = _write(tmp_path / "dataset_coco.json", {"images": [img(1, "train"), img(2, "restval"), img(3, "val"),
-                                                              img(4, "test"), img(5, "test")]})
+        return {
+            "filepath": "val2014",
+            "filename": f"{i}.jpg",
+            "cocoid": i,
+            "split": split,
+            "sentences": [{"raw": f"caption {i} one"}, {"raw": f"caption {i} two "}],
+        }
+
+    path = _write(
+        tmp_path / "dataset_coco.json",
+        {"images": [img(1, "train"), img(2, "restval"), img(3, "val"), img(4, "test"), img(5, "test")]},
+    )
     train = read_karpathy(path, tmp_path, "train")
     assert [s["image_id"] for s in train] == [1, 1, 2, 2] and train[1]["caption"] == "caption 1 two"
     assert [s["image_id"] for s in read_karpathy(path, tmp_path, "restval")] == [2]
@@ -111,8 +141,10 @@ def test_karpathy_splits(tmp_path):
     assert len(read_karpathy(path, tmp_path, "val", per_image=False)) == 2
     with pytest.raises(ValueError, match="split must be"):
         read_karpathy(path, tmp_path, "dev")
-    flickr = _write(tmp_path / "f.json", {"images": [{"filename": "x.jpg", "imgid": 7, "split": "test",
-                                                      "sentences": [{"raw": "a"}]}]})
+    flickr = _write(
+        tmp_path / "f.json",
+        {"images": [{"filename": "x.jpg", "imgid": 7, "split": "test", "sentences": [{"raw": "a"}]}]},
+    )
     assert read_karpathy(flickr, tmp_path, "test")[0]["image_id"] == 7
     bad = _write(tmp_path / "bad.json", {"images": [{"filename": "x.jpg", "cocoid": 1, "split": "test"}]})
     with pytest.raises(ValueError, match=r"bad\.json: images\[0\] has no key 'sentences'"):
@@ -123,14 +155,31 @@ def test_karpathy_splits(tmp_path):
 
 
 def test_vqa_join(tmp_path):
-    q = _write(tmp_path / "q.json", {"data_subtype": "val2014", "questions": [
-        {"image_id": 42, "question": "What color?", "question_id": 420},
-        {"image_id": 7, "question": "How many?", "question_id": 70}]})
+    q = _write(
+        tmp_path / "q.json",
+        {
+            "data_subtype": "val2014",
+            "questions": [
+                {"image_id": 42, "question": "What color?", "question_id": 420},
+                {"image_id": 7, "question": "How many?", "question_id": 70},
+            ],
+        },
+    )
     answers = ["red"] * 6 + ["maroon"] * 4
-    a = _write(tmp_path / "a.json", {"annotations": [
-        {"question_id": 70, "image_id": 7, "multiple_choice_answer": "2",
-         "answers": [{"answer": x, "answer_id": i + 1} for i, x in enumerate(["2"] * 9 + ["3"])]},
-        {"question_id": 420, "image_id": 42, "answers": [{"answer": x} for x in answers]}]})
+    a = _write(
+        tmp_path / "a.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 70,
+                    "image_id": 7,
+                    "multiple_choice_answer": "2",
+                    "answers": [{"answer": x, "answer_id": i + 1} for i, x in enumerate(["2"] * 9 + ["3"])],
+                },
+                {"question_id": 420, "image_id": 42, "answers": [{"answer": x} for x in answers]},
+            ]
+        },
+    )
     out = read_vqa(q, a, tmp_path)
     assert out[0]["image"] == tmp_path / "COCO_val2014_000000000042.jpg"
     assert out[0]["answers"] == answers and out[0]["answer"] == "red"  # most common when no multiple_choice_answer
@@ -150,9 +199,11 @@ def test_vqa_join(tmp_path):
 
 
 def test_jsonl_and_csv(tmp_path, images):
-    rows = [{"image": "a.png", "caption": "a red box"},
-            {"image": str(images / "b.jpg"), "captions": ["blue", "a blue box"], "image_id": "b"},
-            {"image": "a.png", "question": "color?", "answers": ["red", "red", "pink"], "question_id": 5}]
+    rows = [
+        {"image": "a.png", "caption": "a red box"},
+        {"image": str(images / "b.jpg"), "captions": ["blue", "a blue box"], "image_id": "b"},
+        {"image": "a.png", "question": "color?", "answers": ["red", "red", "pink"], "question_id": 5},
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     out = read_jsonl(tmp_path / "d.jsonl", images)
     assert out[0] == {"image": images / "a.png", "image_id": "a.png", "caption": "a red box", "captions": ["a red box"]}
@@ -194,8 +245,11 @@ def shards(tmp_path):
         files = []
         for j in range(2):
             key = f"{s:05d}{j:04d}"
-            files += [(f"{key}.jpg", _png((s * 60, j * 100, 0), "JPEG")), (f"{key}.txt", f"shard {s} sample {j}".encode()),
-                      (f"{key}.json", json.dumps({"width": 4}).encode())]
+            files += [
+                (f"{key}.jpg", _png((s * 60, j * 100, 0), "JPEG")),
+                (f"{key}.txt", f"shard {s} sample {j}".encode()),
+                (f"{key}.json", json.dumps({"width": 4}).encode()),
+            ]
         if s == 1:
             files[0] = ("000010000.jpg", b"corrupt")
             files = files + [("000010002.txt", b"caption without image")]
@@ -218,6 +272,7 @@ def test_webdataset_reads_groups_and_skips(shards):
 def test_webdataset_rank_and_worker_sharding(shards):
     def keys(**kw):
         return [s["key"][:5] for s in read_webdataset(shards, **kw) if s["key"].endswith("0000")]
+
     assert keys(rank=0, world_size=2) == ["00000", "00002"] and keys(rank=1, world_size=2) == ["00001", "00003"]
     got = [keys(rank=r, world_size=2, worker_id=w, num_workers=2) for r in range(2) for w in range(2)]
     assert got == [["00000"], ["00001"], ["00002"], ["00003"]]  # reader r * workers + w reads shard r * workers + w
@@ -230,8 +285,11 @@ def test_webdataset_truncated_and_missing_shard(tmp_path, shards):
     data = open(good, "rb").read()
     (tmp_path / "cut.tar").write_bytes(data[:1000])  # ends inside the first image's data
     skips = SkipCounter()
-    out = list(read_webdataset([str(tmp_path / "cut.tar"), str(tmp_path / "nope.tar"), good],
-                               rank=0, world_size=1, skips=skips))
+    out = list(
+        read_webdataset(
+            [str(tmp_path / "cut.tar"), str(tmp_path / "nope.tar"), good], rank=0, world_size=1, skips=skips
+        )
+    )
     assert [s["key"] for s in out] == ["000000000", "000000001"]  # the good shard is still read
     assert skips.skipped == 2 and "unreadable shard" in str(skips)
 

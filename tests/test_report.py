@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlbridge.evaluation import evaluate as ev
 from experiments import report as rp
 from vlbridge.data import shapesworld as sw
+from vlbridge.evaluation import evaluate as ev
 
 WORLD = sw.ShapesWorldConfig(width=32, height=32)
 
@@ -25,8 +25,10 @@ def models(build):
 
 
 def _curves():
-    stage1 = [{"step": s, "loss": 3 - s / 10, "loss_itc": 1.5 - s / 20, "loss_itm": 0.7, "loss_itg": 1 - s / 30,
-               "lr": 1e-3} for s in (10, 20, 30)]
+    stage1 = [
+        {"step": s, "loss": 3 - s / 10, "loss_itc": 1.5 - s / 20, "loss_itm": 0.7, "loss_itg": 1 - s / 30, "lr": 1e-3}
+        for s in (10, 20, 30)
+    ]
     stage1 += [{"step": s, "elapsed_s": 1.0, "probe_itc_i2t_r1": s / 40, "probe_n": 8} for s in (15, 30)]
     stage2 = [{"step": s, "loss": 2 - s / 20} for s in (10, 20, 30)]
     stage2 += [{"step": 30, "probe_caption_color": 0.5, "probe_caption_shape": 0.25, "probe_n": 8}]  # one point
@@ -35,18 +37,24 @@ def _curves():
 
 def _report(m1, p1, m2, p2) -> dict:
     """A demo report with real (tiny) evaluation results and fake curves."""
-    report = {"machine": {"platform": "test", "torch": torch.__version__}, "curves": _curves(),
-              "timings_s": {"stage1_train": 1.0, "stage2_train": 2.0, "evaluation": 0.5, "total": 3.5}}
+    report = {
+        "machine": {"platform": "test", "torch": torch.__version__},
+        "curves": _curves(),
+        "timings_s": {"stage1_train": 1.0, "stage2_train": 2.0, "evaluation": 0.5, "total": 3.5},
+    }
     for split in ("test", "compositional"):
         scenes = sw.make_split(split, 4, WORLD)
-        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(m1, p1, ev.retrieval_scenes(split, 4, WORLD), WORLD, k=2)
+        report[f"{split}_retrieval"] = ev.shapesworld_retrieval(
+            m1, p1, ev.retrieval_scenes(split, 4, WORLD), WORLD, k=2
+        )
         report[f"{split}_captions"] = ev.shapesworld_captions(m2, p2, scenes, WORLD, decode={"max_new_tokens": 4})
         report[f"{split}_vqa"] = ev.shapesworld_vqa(m2, p2, scenes[:1], WORLD)
     caps, ret = report["test_captions"]["metrics"], report["test_retrieval"]
-    report["targets"] = {"caption_color": {"target": 0.9, "reached": caps["color"], "met": caps["color"] >= 0.9},
-                         "vqa_accuracy": {"target": 0.85, "reached": 0.9, "met": True},
-                         "itm_improves_r1": {"itc": ret["itc"]["i2t_r1"], "itc_itm": ret["itc_itm"]["i2t_r1"],
-                                             "met": False}}
+    report["targets"] = {
+        "caption_color": {"target": 0.9, "reached": caps["color"], "met": caps["color"] >= 0.9},
+        "vqa_accuracy": {"target": 0.85, "reached": 0.9, "met": True},
+        "itm_improves_r1": {"itc": ret["itc"]["i2t_r1"], "itc_itm": ret["itc_itm"]["i2t_r1"], "met": False},
+    }
     return report
 
 
@@ -57,8 +65,18 @@ def test_write_html(models, tmp_path):
     page = path.read_text()
     for section in ("targets", "metrics", "curves", "samples", "retrieval", "attention", "timings"):
         assert f"id='{section}'" in page
-    for text in ("caption_color", "itm_improves_r1", "not met", "compositional", "i2t_r10", "ITC+ITM",
-                 "Stage 1 losses", "Stage 2 probe", "query 3", "to CLS"):
+    for text in (
+        "caption_color",
+        "itm_improves_r1",
+        "not met",
+        "compositional",
+        "i2t_r10",
+        "ITC+ITM",
+        "Stage 1 losses",
+        "Stage 2 probe",
+        "query 3",
+        "to CLS",
+    ):
         assert text in page, text
     assert "http" not in page  # self-contained
 
@@ -105,7 +123,8 @@ def test_hooked_attention_is_what_the_layer_computes(models, layer):
     attn = rp.cross_attention_modules(m1)[layer]
     seen = {}
     handle = attn.register_forward_hook(
-        lambda mod, args, kwargs, out: seen.update(x=args[0], kv=kwargs["kv"], out=out[0]), with_kwargs=True)
+        lambda mod, args, kwargs, out: seen.update(x=args[0], kv=kwargs["kv"], out=out[0]), with_kwargs=True
+    )
     try:
         probs = rp.cross_attention_probs(m1, pixel_values, layer=layer)  # (B, H, Q, N)
     finally:
@@ -131,4 +150,6 @@ def test_plots_handle_empty_and_single_point_series(tmp_path):
         with Image.open(path) as image:
             assert image.format == "PNG"
         assert f'alt="{name}"' in rp.figure_html(path, name) and f"<figcaption>{name}.png<" in rp.figure_html(path)
-    assert rp.log_series([{"step": 1, "loss_x": 2.0}, {"step": 2}], ["loss_x", "loss_y"], "loss_") == [("x", [1], [2.0])]
+    assert rp.log_series([{"step": 1, "loss_x": 2.0}, {"step": 2}], ["loss_x", "loss_y"], "loss_") == [
+        ("x", [1], [2.0])
+    ]

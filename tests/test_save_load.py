@@ -68,7 +68,9 @@ def test_round_trip_is_identical(build, images, tmp_path, lm):
         a, b = model(px, **batch), loaded(px, **batch)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
         prompts = proc2(text=PROMPTS)
-        assert torch.equal(model.generate(px, **prompts, max_new_tokens=5), loaded.generate(px, **prompts, max_new_tokens=5))
+        assert torch.equal(
+            model.generate(px, **prompts, max_new_tokens=5), loaded.generate(px, **prompts, max_new_tokens=5)
+        )
 
 
 def test_without_backbones_points_at_the_originals(build, images, tiny_configs, tmp_path):
@@ -77,7 +79,9 @@ def test_without_backbones_points_at_the_originals(build, images, tiny_configs, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["vision"]["name_or_path"] == tiny_configs["gpt2"].vision.name_or_path
-    assert saved["vision"]["feature_layer"] == -2 and saved["lm"]["name_or_path"] == tiny_configs["gpt2"].lm.name_or_path
+    assert (
+        saved["vision"]["feature_layer"] == -2 and saved["lm"]["name_or_path"] == tiny_configs["gpt2"].lm.name_or_path
+    )
     loaded = Blip2.from_pretrained(tmp_path).eval()
     _assert_same_bridge(model, loaded)
     px = images(4)
@@ -152,11 +156,13 @@ def test_dropped_text_branch_refuses_text_tasks(build, images):
     ids, mask = q["input_ids"], q["attention_mask"]
     assert model.itc(ids, mask, pixel_values=px).shape == (2, 2)  # works before
     model.drop_text_branch()
-    calls = [lambda: model.itc(ids, mask, pixel_values=px),
-             lambda: model.itm(ids, mask, pixel_values=px),
-             lambda: model.pretrain_losses(ids, mask, pixel_values=px),
-             lambda: model.retrieval_scores(ids, mask, pixel_values=px, k=1),
-             lambda: model.extract_features(ids, mask, pixel_values=px)]
+    calls = [
+        lambda: model.itc(ids, mask, pixel_values=px),
+        lambda: model.itm(ids, mask, pixel_values=px),
+        lambda: model.pretrain_losses(ids, mask, pixel_values=px),
+        lambda: model.retrieval_scores(ids, mask, pixel_values=px, k=1),
+        lambda: model.extract_features(ids, mask, pixel_values=px),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match="text branch"):
             call()

@@ -4,7 +4,22 @@ import time
 
 import numpy as np
 
-from vlbridge.data.shapesworld import COLORS, HELD_OUT, SHAPES, Obj, ShapesWorldConfig, attribute_accuracy, contrast_group, generate_scene, hard_negative_captions, make_scene, make_split, parse_caption, render, render_batch
+from vlbridge.data.shapesworld import (
+    COLORS,
+    HELD_OUT,
+    SHAPES,
+    Obj,
+    ShapesWorldConfig,
+    attribute_accuracy,
+    contrast_group,
+    generate_scene,
+    hard_negative_captions,
+    make_scene,
+    make_split,
+    parse_caption,
+    render,
+    render_batch,
+)
 
 CFG = ShapesWorldConfig()
 
@@ -62,20 +77,32 @@ def test_attribute_accuracy_partial():
 
 def test_vqa_on_hand_built_scene():
     # red circle top-left, blue square top-right, green star bottom-right (below the square)
-    s = _scene(Obj("star", "green", "small", 2, 2), Obj("circle", "red", "large", 0, 0),
-               Obj("square", "blue", "small", 0, 2))
+    s = _scene(
+        Obj("star", "green", "small", 2, 2), Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 0, 2)
+    )
     assert s.caption == "a large red circle left of a small blue square above a small green star."
     qa = dict(s.qa)
     truth = {
-        "what color is the circle?": "red", "what color is the square?": "blue", "what color is the star?": "green",
-        "what shape is the red object?": "circle", "what shape is the blue object?": "square",
-        "what shape is the green object?": "star", "what size is the red circle?": "large",
-        "what size is the blue square?": "small", "what size is the green star?": "small",
-        "how many objects are there?": "3", "how many circles are there?": "1", "how many crosses are there?": "0",
-        "is the red circle left of the blue square?": "yes", "is the blue square right of the red circle?": "yes",
-        "is the blue square left of the red circle?": "no", "is the red circle right of the blue square?": "no",
-        "is the blue square above the green star?": "yes", "is the green star below the blue square?": "yes",
-        "is the green star above the blue square?": "no", "is the blue square below the green star?": "no",
+        "what color is the circle?": "red",
+        "what color is the square?": "blue",
+        "what color is the star?": "green",
+        "what shape is the red object?": "circle",
+        "what shape is the blue object?": "square",
+        "what shape is the green object?": "star",
+        "what size is the red circle?": "large",
+        "what size is the blue square?": "small",
+        "what size is the green star?": "small",
+        "how many objects are there?": "3",
+        "how many circles are there?": "1",
+        "how many crosses are there?": "0",
+        "is the red circle left of the blue square?": "yes",
+        "is the blue square right of the red circle?": "yes",
+        "is the blue square left of the red circle?": "no",
+        "is the red circle right of the blue square?": "no",
+        "is the blue square above the green star?": "yes",
+        "is the green star below the blue square?": "yes",
+        "is the green star above the blue square?": "no",
+        "is the blue square below the green star?": "no",
         "what shape is left of the blue square?": "circle",
     }
     asked = [q for q in qa if q in truth]
@@ -85,7 +112,7 @@ def test_vqa_on_hand_built_scene():
     exist = [(q, a) for q, a in s.qa if q.startswith("is there")]
     assert sorted(a for _, a in exist) == ["no", "yes"]
     for q, a in exist:
-        named = q[len("is there a "):-1]
+        named = q[len("is there a ") : -1]
         assert (named in {o.name for o in s.objects}) == (a == "yes")
     assert {qa.kind for qa in s.qa} == {"color", "shape", "size", "count", "exist", "relation"}
 

@@ -12,9 +12,17 @@ from vlbridge.training.train import OptimConfig, TrainConfig, load_recipe, lr_at
 
 def _recipe(tmp_path, name, **kw):
     cfg = tiny_blip2_config(tmp_path / "backbones", lm=None)
-    r = {"stage": 1, "model": to_dict(cfg), "data": {"num_samples": 96, "group_size": 4},
-         "steps": 6, "batch_size": 8, "log_every": 1, "out_dir": str(tmp_path / name),
-         "optim": {"warmup_steps": 2, "lr": 1e-3}, "precision": "fp32"}
+    r = {
+        "stage": 1,
+        "model": to_dict(cfg),
+        "data": {"num_samples": 96, "group_size": 4},
+        "steps": 6,
+        "batch_size": 8,
+        "log_every": 1,
+        "out_dir": str(tmp_path / name),
+        "optim": {"warmup_steps": 2, "lr": 1e-3},
+        "precision": "fp32",
+    }
     r.update(kw)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(r))
@@ -50,7 +58,9 @@ def test_shipped_stage1_starts_from_the_shipped_bert():
     cfg = load_recipe("blip2_shapesworld_stage1")
     model, _ = build_blip2(cfg)
     bert = load_file(f"{cfg.qformer_init}/model.safetensors")
-    assert torch.equal(model.qformer.state_dict()["layers.3.ffn.output.weight"], bert["bert.encoder.layer.3.output.dense.weight"])
+    assert torch.equal(
+        model.qformer.state_dict()["layers.3.ffn.output.weight"], bert["bert.encoder.layer.3.output.dense.weight"]
+    )
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -83,9 +93,17 @@ def test_resume_replays_the_same_losses(tmp_path):
 def test_stage2_from_stage1_with_feature_cache(tmp_path, question):
     stage1 = train(load_recipe(_recipe(tmp_path, "s1"), ["steps=2"]))
     lm_cfg = tiny_blip2_config(tmp_path / "backbones2", lm="gpt2").lm
-    path = _recipe(tmp_path, "s2", stage=2, init_from=str(stage1), cache_features=True,
-                   data={"num_samples": 32, "group_size": 1, "tasks": ["caption", "vqa"]})
-    cfg = load_recipe(path, [f"model.lm={json.dumps(to_dict(lm_cfg))}", f"model.qformer_question={json.dumps(question)}"])
+    path = _recipe(
+        tmp_path,
+        "s2",
+        stage=2,
+        init_from=str(stage1),
+        cache_features=True,
+        data={"num_samples": 32, "group_size": 1, "tasks": ["caption", "vqa"]},
+    )
+    cfg = load_recipe(
+        path, [f"model.lm={json.dumps(to_dict(lm_cfg))}", f"model.qformer_question={json.dumps(question)}"]
+    )
     final = train(cfg)
     from vlbridge import Blip2
 
@@ -107,9 +125,14 @@ def test_stage1_qformer_starts_from_bert(tmp_path):
     from vlbridge.training.train import build_blip2
 
     q = tiny_blip2_config(tmp_path / "backbones", lm=None).qformer
-    bert_cfg = tf.BertConfig(vocab_size=len(word_tokenizer("bert")), hidden_size=q.hidden_size,
-                             num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                             intermediate_size=q.intermediate_size, max_position_embeddings=q.max_position_embeddings)
+    bert_cfg = tf.BertConfig(
+        vocab_size=len(word_tokenizer("bert")),
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_layers,
+        num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size,
+        max_position_embeddings=q.max_position_embeddings,
+    )
     torch.manual_seed(0)
     randomize_(tf.BertForMaskedLM(bert_cfg)).save_pretrained(tmp_path / "bert")
     bert = tf.BertForMaskedLM.from_pretrained(tmp_path / "bert").state_dict()
@@ -119,11 +142,17 @@ def test_stage1_qformer_starts_from_bert(tmp_path):
     torch.manual_seed(0)
     model, _ = build_blip2(load_recipe(path))
     state = model.qformer.state_dict()
-    assert torch.equal(state["layers.1.attention.query.weight"], bert["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(
+        state["layers.1.attention.query.weight"], bert["bert.encoder.layer.1.attention.self.query.weight"]
+    )
     assert torch.equal(state["lm_head.dense.weight"], bert["cls.predictions.transform.dense.weight"])
-    assert torch.equal(state["layers.0.ffn_query.intermediate.weight"], bert["bert.encoder.layer.0.intermediate.dense.weight"])
+    assert torch.equal(
+        state["layers.0.ffn_query.intermediate.weight"], bert["bert.encoder.layer.0.intermediate.dense.weight"]
+    )
     assert torch.equal(state["query_tokens"], fresh.qformer.state_dict()["query_tokens"])
-    assert not torch.equal(state["layers.0.attention.key.weight"], fresh.qformer.state_dict()["layers.0.attention.key.weight"])
+    assert not torch.equal(
+        state["layers.0.attention.key.weight"], fresh.qformer.state_dict()["layers.0.attention.key.weight"]
+    )
     assert len(_losses(train(load_recipe(path)).parent)) == 2
     with pytest.raises(ValueError, match="qformer_init"):
         load_recipe(path, ["stage=2"])
@@ -155,8 +184,11 @@ def _user_files(tmp_path):
     for i, s in enumerate(scenes[:4]):
         sw.render(s, world).save(images / f"{i}.png")
     (images / "4.png").write_bytes(b"not a png")  # 5.png is never written
-    rows = [{"image": f"{i}.png", "caption": c, "image_id": i} for i, s in enumerate(scenes)
-            for c in (s.caption, s.caption.replace(".", " here."))]
+    rows = [
+        {"image": f"{i}.png", "caption": c, "image_id": i}
+        for i, s in enumerate(scenes)
+        for c in (s.caption, s.caption.replace(".", " here."))
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["image,question,answer"] + [f"{i}.png,{q},{a}" for i, s in enumerate(scenes) for q, a in s.qa[:2]]
     (tmp_path / "vqa.csv").write_text("\n".join(lines) + "\n")
@@ -167,8 +199,13 @@ def test_training_on_your_files_skips_bad_images(tmp_path, caplog):
     from vlbridge.data.batches import BatchStream, DataConfig, FilesPool
 
     root = _user_files(tmp_path)
-    data = {"source": "jsonl", "path": str(root / "train.jsonl"), "image_root": str(root / "images"),
-            "num_samples": 0, "group_size": 1}
+    data = {
+        "source": "jsonl",
+        "path": str(root / "train.jsonl"),
+        "image_root": str(root / "images"),
+        "num_samples": 0,
+        "group_size": 1,
+    }
     train(load_recipe(_recipe(tmp_path, "files", data=data, steps=3, batch_size=4)))
     assert len(_losses(tmp_path / "files")) == 3
 
@@ -180,7 +217,9 @@ def test_training_on_your_files_skips_bad_images(tmp_path, caplog):
     assert any(ref.endswith("5.png") for ref, _ in pool.skips.examples)
 
     _, proc = create_blip2(tiny_blip2_config(tmp_path / "b2", lm="gpt2"))
-    vqa = FilesPool(DataConfig(source="csv", path=str(root / "vqa.csv"), image_root=str(root / "images"), num_samples=0))
+    vqa = FilesPool(
+        DataConfig(source="csv", path=str(root / "vqa.csv"), image_root=str(root / "images"), num_samples=0)
+    )
     batch = BatchStream(vqa, proc, 4, 1, 2, ("a photo of", "Question: {} Answer:")).batch(2)
     assert batch["pixel_values"].shape[0] == 4 and (batch["labels"] != -100).any()
     with pytest.raises(ValueError, match="stage 1 learns from image-text pairs"):

@@ -43,12 +43,18 @@ def model_class(name_or_path: str | Path) -> type[VLModel]:
         for key, cls in _LEGACY_KEYS.items():
             if key in config:
                 return cls
-    raise ValueError(f"{path}: model_type {model_type!r} is not one vlbridge loads "
-                     f"({', '.join(sorted(MODEL_TYPES))}, or transformers' BLIP-2)")
+    raise ValueError(
+        f"{path}: model_type {model_type!r} is not one vlbridge loads "
+        f"({', '.join(sorted(MODEL_TYPES))}, or transformers' BLIP-2)"
+    )
 
 
-def load(name_or_path: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
-         **kwargs) -> tuple[VLModel, object]:
+def load(
+    name_or_path: str | Path,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    **kwargs,
+) -> tuple[VLModel, object]:
     """(model, processor) of a saved model, in eval mode on `device` ("auto": CUDA when present), cast to
     `dtype` if given ("float32", "bfloat16", "float16"). kwargs go to the design's from_pretrained."""
     cls = model_class(name_or_path)

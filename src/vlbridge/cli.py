@@ -50,13 +50,25 @@ def _generation_args(p: argparse.ArgumentParser):
 def _retrieval_args(p: argparse.ArgumentParser):
     # the choices are Blip2.RERANK_RULES, spelled out so that --help needs no torch import
     p.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
-    p.add_argument("--rerank", choices=("log_odds", "lavis"), default="log_odds",
-                   help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine")
+    p.add_argument(
+        "--rerank",
+        choices=("log_odds", "lavis"),
+        default="log_odds",
+        help="re-ranked score: ITM log-odds + ITC logit, or LAVIS' ITM match logit + ITC cosine",
+    )
 
 
 def _generation_kwargs(args) -> dict:
-    names = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
-             "do_sample", "temperature", "top_p")
+    names = (
+        "num_beams",
+        "max_new_tokens",
+        "min_new_tokens",
+        "length_penalty",
+        "repetition_penalty",
+        "do_sample",
+        "temperature",
+        "top_p",
+    )
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -122,8 +134,9 @@ def cmd_ask(args):
         raise ValueError("a question is empty")
     examples = [(_one_image(f), q, a) for f, q, a in args.example or ()]
     image = _one_image(args.image)
-    out = answer(model, processor, [image] * len(args.question), args.question, examples=examples,
-                 **_generation_kwargs(args))
+    out = answer(
+        model, processor, [image] * len(args.question), args.question, examples=examples, **_generation_kwargs(args)
+    )
     _print_rows([{"file": args.image, "question": q, "answer": a} for q, a in zip(args.question, out)], args.json)
 
 
@@ -137,7 +150,9 @@ def cmd_retrieve(args):
         if not images:
             raise ValueError("no readable images")
         ranked = rank_images(model, processor, images, args.text, k=args.k, rerank=args.rerank)
-        rows = [{"rank": r + 1, "file": str(files[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
+        rows = [
+            {"rank": r + 1, "file": str(files[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])
+        ]
     else:
         texts = list(args.texts or []) + (Path(args.texts_file).read_text().splitlines() if args.texts_file else [])
         texts = [t for t in texts if t.strip()]
@@ -163,7 +178,9 @@ def cmd_eval(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlbridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vlbridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -171,8 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("images", nargs="+", help="image files or folders")
     c.add_argument("--prompt", help="LM prompt (default: the model's caption prompt)")
-    c.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "CAPTION"),
-                   help="an in-context example shown before each image (repeatable; models that learn in context)")
+    c.add_argument(
+        "--example",
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "CAPTION"),
+        help="an in-context example shown before each image (repeatable; models that learn in context)",
+    )
     _generation_args(c)
     c.set_defaults(func=cmd_caption)
 
@@ -180,8 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model")
     a.add_argument("image")
     a.add_argument("question", nargs="+")
-    a.add_argument("--example", nargs=3, action="append", metavar=("IMAGE", "QUESTION", "ANSWER"),
-                   help="an in-context example shown before the image (repeatable; models that learn in context)")
+    a.add_argument(
+        "--example",
+        nargs=3,
+        action="append",
+        metavar=("IMAGE", "QUESTION", "ANSWER"),
+        help="an in-context example shown before the image (repeatable; models that learn in context)",
+    )
     _generation_args(a)
     a.set_defaults(func=cmd_ask)
 
@@ -205,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as JSON)")
     t.set_defaults(func=lambda args: _train([args.recipe, *args.overrides]))
 
-    e = sub.add_parser("eval", help="evaluate a saved model: COCO/Karpathy captions + retrieval, VQAv2, ShapesWorld",
-                       description="Metrics JSON at --out records the decoding settings, sizes, skipped images and "
-                                   "timings; predictions go beside it (<stem>_captions.json, <stem>_vqa.json).")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved model: COCO/Karpathy captions + retrieval, VQAv2, ShapesWorld",
+        description="Metrics JSON at --out records the decoding settings, sizes, skipped images and "
+        "timings; predictions go beside it (<stem>_captions.json, <stem>_vqa.json).",
+    )
     e.add_argument("model")
     e.add_argument("--out", default="metrics.json", help="metrics JSON (default metrics.json)")
     d = e.add_argument_group("data")
@@ -218,15 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vqa-questions", help="VQAv2 questions JSON")
     d.add_argument("--vqa-annotations", help="VQAv2 annotations JSON (without: predictions only)")
     d.add_argument("--vqa-image-root", help="folder of the VQA images")
-    d.add_argument("--vqa-image-pattern", default="COCO_{split}_{image_id:012d}.jpg",
-                   help="image file name from {split} (the questions' data_subtype) and {image_id}")
+    d.add_argument(
+        "--vqa-image-pattern",
+        default="COCO_{split}_{image_id:012d}.jpg",
+        help="image file name from {split} (the questions' data_subtype) and {image_id}",
+    )
     d.add_argument("--shapesworld", choices=("train", "val", "test", "compositional"), help="a ShapesWorld split")
-    d.add_argument("--n", type=int, help="ShapesWorld scenes (default 200); with files, only the first N "
-                                         "images / questions")
-    e.add_argument("--tasks", nargs="+", choices=("caption", "vqa", "retrieval"),
-                   help="default: every task the data and the model allow")
+    d.add_argument(
+        "--n", type=int, help="ShapesWorld scenes (default 200); with files, only the first N images / questions"
+    )
+    e.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=("caption", "vqa", "retrieval"),
+        help="default: every task the data and the model allow",
+    )
     e.add_argument("--prompt", help="caption prompt (default: the model's)")
-    e.add_argument("--vqa-prompt", help='VQA template with {} for the question (default: the model\'s)')
+    e.add_argument("--vqa-prompt", help="VQA template with {} for the question (default: the model's)")
     _retrieval_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4, 8], help="Flamingo: shot counts (few-shot eval)")

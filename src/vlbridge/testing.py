@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("a photo of the question answer what color shape is there red green blue yellow circle square "
-         "triangle small large left right above below how many one two three four yes no and").split()
+WORDS = (
+    "a photo of the question answer what color shape is there red green blue yellow circle square "
+    "triangle small large left right above below how many one two three four yes no and"
+).split()
 
 
 def word_tokenizer(kind: str = "lm"):
@@ -26,15 +28,23 @@ def word_tokenizer(kind: str = "lm"):
         tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials + list(WORDS) + ["?", ".", ":"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -57,18 +67,34 @@ def make_vision(path: str | Path, image_size: int = 32, hidden: int = 32, layers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    vcfg = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=layers, num_attention_heads=4)
+    vcfg = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+    )
     if composite:
-        model = CLIPModel(CLIPConfig(vision_config=vcfg.to_dict(),
-                                     text_config=dict(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
-                                                      num_hidden_layers=1, num_attention_heads=4),
-                                     projection_dim=hidden))
+        model = CLIPModel(
+            CLIPConfig(
+                vision_config=vcfg.to_dict(),
+                text_config=dict(
+                    vocab_size=64,
+                    hidden_size=hidden,
+                    intermediate_size=2 * hidden,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                ),
+                projection_dim=hidden,
+            )
+        )
     else:
         model = CLIPVisionModel(vcfg)
     model.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-                       ).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -80,19 +106,49 @@ def make_lm(path: str | Path, kind: str = "gpt2", hidden: int = 32, layers: int 
     V, ids = len(tok), dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **ids))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=V, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **ids)
+        )
     elif kind == "opt":
-        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
-                                               num_attention_heads=4, max_position_embeddings=128,
-                                               word_embed_proj_dim=hidden, **ids))
+        model = tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=V,
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                ffn_dim=2 * hidden,
+                num_attention_heads=4,
+                max_position_embeddings=128,
+                word_embed_proj_dim=hidden,
+                **ids,
+            )
+        )
     elif kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
-                                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                                   max_position_embeddings=128, **ids))
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=V,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                **ids,
+            )
+        )
     elif kind == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=hidden, d_kv=8, d_ff=2 * hidden,
-                                                          num_layers=layers, num_heads=4, decoder_start_token_id=tok.pad_token_id,
-                                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        model = tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                vocab_size=V,
+                d_model=hidden,
+                d_kv=8,
+                d_ff=2 * hidden,
+                num_layers=layers,
+                num_heads=4,
+                decoder_start_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        )
     else:
         raise ValueError(f"unknown LM kind {kind!r}")
     randomize_(model, seed=1)
@@ -109,15 +165,28 @@ def make_qformer_tokenizer(path: str | Path):
 
 def tiny_blip2_config(root: str | Path, lm: str | None = "gpt2", **qformer):
     """Write tiny backbones under `root` and return a Blip2Config naming them."""
-    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
     from vlbridge.core.config import LMConfig, VisionConfig
+    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
 
     root = Path(root)
     vision = make_vision(root / "vision")
     qtok = make_qformer_tokenizer(root / "qformer_tokenizer")
-    q = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
-             cross_attention_frequency=1, dropout=0.0, attention_dropout=0.0)
+    q = dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        num_query_tokens=4,
+        cross_attention_frequency=1,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     q.update(qformer)
-    return Blip2Config(vision=VisionConfig(vision, feature_layer=-2), qformer=QFormerConfig(**q),
-                       lm=LMConfig(make_lm(root / f"lm-{lm}", lm)) if lm else None,
-                       qformer_tokenizer=qtok, embed_dim=16, max_text_length=16)
+    return Blip2Config(
+        vision=VisionConfig(vision, feature_layer=-2),
+        qformer=QFormerConfig(**q),
+        lm=LMConfig(make_lm(root / f"lm-{lm}", lm)) if lm else None,
+        qformer_tokenizer=qtok,
+        embed_dim=16,
+        max_text_length=16,
+    )

@@ -44,8 +44,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def _layer_list(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.ModuleList]:
     """Find the encoder's ModuleList of transformer layers (encoder.layers, encoder.layer, ...)."""
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
     if not found:
         raise ValueError(f"{type(model).__name__}: cannot find its list of {num_layers} layers to cut at feature_layer")
     name, layers = found[0]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ def read_model_config(cls: type, path: Path, model_type: str):
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (or None): the first CUDA device when there is one, else the CPU."""
+    """ "auto" (or None): the first CUDA device when there is one, else the CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -140,8 +141,9 @@ class VLModel(nn.Module, Formats):
     def read_config(cls, root: Path):
         return read_model_config(cls.config_class, Path(root) / "config.json", cls.model_type)
 
-    def save_pretrained(self, path: str | Path, processor=None, include_backbones: bool = True,
-                        format: str = "vlbridge"):
+    def save_pretrained(
+        self, path: str | Path, processor=None, include_backbones: bool = True, format: str = "vlbridge"
+    ):
         """config.json + model.safetensors (the bridge); with include_backbones also the frozen backbones
         in transformers' own format in sub-folders, and with a processor its files beside them, so that
         the directory is self-contained. format: "vlbridge" or a registered foreign format."""
@@ -168,8 +170,9 @@ class VLModel(nn.Module, Formats):
 
     def bridge_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained part: everything but the backbones."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                if not k.startswith(self.backbone_prefixes)}
+        return {
+            k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(self.backbone_prefixes)
+        }
 
     def load_bridge_state(self, state: dict[str, torch.Tensor], source, skip: tuple[str, ...] = ()) -> None:
         """Load saved bridge tensors; a tensor the model lacks or a bridge tensor the file lacks is an error
@@ -178,8 +181,9 @@ class VLModel(nn.Module, Formats):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(self.backbone_prefixes + skip)]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {source} does not match the model: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"checkpoint {source} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
 
     # ------------------------------------------------------------------ training
     def frozen_backbones(self) -> list[nn.Module]:
@@ -223,8 +227,10 @@ class VLModel(nn.Module, Formats):
         bridge = {id(p) for n, p in self.named_parameters() if not n.startswith(self.backbone_prefixes)}
         for module in self.frozen_backbones():
             if any(p.requires_grad for p in module.parameters() if id(p) not in bridge):
-                raise RuntimeError(f"{type(module).__name__}: a frozen backbone of this {self.model_type} model has "
-                                   "trainable parameters")
+                raise RuntimeError(
+                    f"{type(module).__name__}: a frozen backbone of this {self.model_type} model has "
+                    "trainable parameters"
+                )
         counts = self.group_counts()
         trains = ", ".join(f"{n} {c['trainable']:,}" for n, c in counts.items() if c["trainable"]) or "nothing"
         frozen = ", ".join(f"{n} {c['frozen']:,}" for n, c in counts.items() if c["frozen"]) or "nothing"
@@ -238,8 +244,11 @@ class VLModel(nn.Module, Formats):
         from transformers import PreTrainedModel
 
         names = {n for m in self.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}
-        blocks = [m for m in self.modules() if m is not self and (type(m).__name__ in names
-                                                                 or isinstance(m, self.block_types))]
+        blocks = [
+            m
+            for m in self.modules()
+            if m is not self and (type(m).__name__ in names or isinstance(m, self.block_types))
+        ]
         return blocks[::-1]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -257,8 +266,9 @@ class VLModel(nn.Module, Formats):
                 (no_decay if p.dim() < 2 or "query_tokens" in name else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def training_loss(self, batch: dict, generator: torch.Generator | None = None,
-                      loss_weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, batch: dict, generator: torch.Generator | None = None, loss_weights: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The training objective on one batch of the design's training data: (loss, logged parts).
         loss_weights: weights of the design's loss terms, for designs with several."""
         if loss_weights:
@@ -283,8 +293,10 @@ class VLModel(nn.Module, Formats):
     def prepare_inputs(self, batch: dict) -> dict:
         """A processor's output on the model's device; floating inputs (pixels, features) in its dtype."""
         device, dtype = self.device, self.dtype
-        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        return {
+            k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:

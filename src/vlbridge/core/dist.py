@@ -41,7 +41,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         rank = dist.get_rank()
-        return grad[rank * ctx.n: (rank + 1) * ctx.n]
+        return grad[rank * ctx.n : (rank + 1) * ctx.n]
 
 
 @torch.no_grad()

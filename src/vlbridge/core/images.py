@@ -34,8 +34,10 @@ def load_image(image, name: str | None = None) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ImageError(f"image {name}: zero size ({image.width}x{image.height})")
     if image.mode not in CONVERTIBLE_MODES:
-        raise ImageError(f"image {name}: mode {image.mode!r} cannot be converted to RGB without guessing its "
-                         f"value range; convert it yourself (modes accepted: {sorted(CONVERTIBLE_MODES)})")
+        raise ImageError(
+            f"image {name}: mode {image.mode!r} cannot be converted to RGB without guessing its "
+            f"value range; convert it yourself (modes accepted: {sorted(CONVERTIBLE_MODES)})"
+        )
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -26,14 +26,20 @@ _BRACES = re.compile(r"\{(\w+)\}")
 class KeyMap:
     """A table of (theirs, ours) name templates, translating single names or whole state dicts."""
 
-    def __init__(self, pairs: Iterable[tuple[str, str]], placeholders: Mapping[str, str] = PLACEHOLDERS,
-                 fixed: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        placeholders: Mapping[str, str] = PLACEHOLDERS,
+        fixed: Mapping[str, str] | None = None,
+    ):
         self.pairs = list(pairs)
         self.placeholders, self.fixed = dict(placeholders), dict(fixed or {})
         self._entries = []  # (theirs regex, ours regex, theirs, ours); regexes None while a fixed value is unbound
         for theirs, ours in self.pairs:
-            free = [{n for n in _BRACES.findall(t) if n in self.placeholders and n not in self.fixed}
-                    for t in (theirs, ours)]
+            free = [
+                {n for n in _BRACES.findall(t) if n in self.placeholders and n not in self.fixed}
+                for t in (theirs, ours)
+            ]
             if free[0] != free[1]:
                 raise ValueError(f"({theirs!r}, {ours!r}): both sides must hold the same placeholders")
             self._entries.append((self._regex(theirs), self._regex(ours), theirs, ours))
@@ -75,8 +81,9 @@ class KeyMap:
         """The foreign name for a vlbridge tensor name (None: no entry matches)."""
         return self._translate(name, to_ours=False)
 
-    def map_state(self, state: Mapping[str, Any], to_ours: bool = True,
-                  targets: Container[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    def map_state(
+        self, state: Mapping[str, Any], to_ours: bool = True, targets: Container[str] | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
         """(state under the translated names, the names it could not place), both in `state`'s order.
         A name is unplaced when no entry matches it or, given `targets` (e.g. the model's own
         state_dict), when its translation is not among them. Values pass through untouched."""

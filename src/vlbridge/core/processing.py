@@ -63,8 +63,9 @@ class VLProcessor(Formats):
     def save_pretrained(self, path: str | Path):
         raise NotImplementedError
 
-    def prompt_inputs(self, images: list, prompts: list[str], questions: list[str] | None = None,
-                      examples: list[tuple] | None = None) -> dict[str, torch.Tensor]:
+    def prompt_inputs(
+        self, images: list, prompts: list[str], questions: list[str] | None = None, examples: list[tuple] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Generation inputs: one image and one prompt per sample (the prompt as the LM reads it, e.g. the
         config's vqa_prompt filled with the question). questions: the raw questions, for models that
         read them apart from the prompt. examples: in-context demonstrations (image, prompt, target) put
@@ -74,8 +75,10 @@ class VLProcessor(Formats):
     @staticmethod
     def no_examples(examples, model: str):
         if examples:
-            raise ValueError(f"{model} takes one image per prompt: in-context examples need a model with "
-                             "interleaved inputs (Flamingo)")
+            raise ValueError(
+                f"{model} takes one image per prompt: in-context examples need a model with "
+                "interleaved inputs (Flamingo)"
+            )
 
     def batch_decode(self, ids: torch.Tensor) -> list[str]:
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

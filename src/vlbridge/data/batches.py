@@ -65,8 +65,9 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} needs data.path")
         unknown = sorted(set(self.qa_weights) - set(sw.QA_KINDS))
         if unknown or any(w < 0 for w in self.qa_weights.values()):
-            raise ValueError(f"data.qa_weights {self.qa_weights}: kinds are {sw.QA_KINDS}, weights >= 0 "
-                             f"({unknown} unknown)")
+            raise ValueError(
+                f"data.qa_weights {self.qa_weights}: kinds are {sw.QA_KINDS}, weights >= 0 ({unknown} unknown)"
+            )
         if self.qa_weights and self.source != "shapesworld":
             raise ValueError("data.qa_weights applies to ShapesWorld questions only")
 
@@ -79,8 +80,10 @@ class ShapesWorldPool:
         self.world = sw.ShapesWorldConfig(width=cfg.width, height=cfg.height, seed=cfg.seed)
         k = max(cfg.group_size, 1)
         if k > 1:
-            groups = [sw.contrast_group(np.random.default_rng([cfg.seed, 7, g]), self.world, k, cfg.split)
-                      for g in range(cfg.num_samples // k)]
+            groups = [
+                sw.contrast_group(np.random.default_rng([cfg.seed, 7, g]), self.world, k, cfg.split)
+                for g in range(cfg.num_samples // k)
+            ]
             self.scenes = [s for g in groups for s in g]
         else:
             self.scenes = sw.make_split(cfg.split, cfg.num_samples, self.world)
@@ -112,8 +115,14 @@ class ShapesWorldPool:
             question, prompt, target = qa.question, vqa_prompt.format(qa.question), qa.answer
         else:
             question, prompt, target = None, caption_prompt, scene.caption
-        return {"key": i, "caption": scene.caption, "image_id": i, "prompt": prompt, "target": target,
-                "question": question}
+        return {
+            "key": i,
+            "caption": scene.caption,
+            "image_id": i,
+            "prompt": prompt,
+            "target": target,
+            "question": question,
+        }
 
 
 class FilesPool:
@@ -126,10 +135,13 @@ class FilesPool:
 
         self.cfg, self.group_size, self.skips = cfg, 1, r.SkipCounter()
         root = cfg.image_root or None
-        read = {"coco": lambda: r.read_coco_captions(cfg.path, root),
-                "karpathy": lambda: r.read_karpathy(cfg.path, root, cfg.split, per_image=False),
-                "vqa": lambda: r.read_vqa(cfg.path, cfg.annotations or None, root, cfg.image_pattern),
-                "jsonl": lambda: r.read_jsonl(cfg.path, root), "csv": lambda: r.read_csv(cfg.path, root)}
+        read = {
+            "coco": lambda: r.read_coco_captions(cfg.path, root),
+            "karpathy": lambda: r.read_karpathy(cfg.path, root, cfg.split, per_image=False),
+            "vqa": lambda: r.read_vqa(cfg.path, cfg.annotations or None, root, cfg.image_pattern),
+            "jsonl": lambda: r.read_jsonl(cfg.path, root),
+            "csv": lambda: r.read_csv(cfg.path, root),
+        }
         samples = read[cfg.source]()
         self.samples = samples[: cfg.num_samples] if cfg.num_samples else samples
         if not self.samples:
@@ -179,8 +191,14 @@ class FilesPool:
             prompt, target = vqa_prompt.format(question), s["answer"]
         else:
             prompt, target = caption_prompt, s["caption"]
-        return {"key": i, "caption": s.get("caption"), "image_id": self.image_ids[i], "prompt": prompt, "target": target,
-                "question": question}
+        return {
+            "key": i,
+            "caption": s.get("caption"),
+            "image_id": self.image_ids[i],
+            "prompt": prompt,
+            "target": target,
+            "question": question,
+        }
 
 
 def make_pool(cfg: DataConfig):
@@ -205,8 +223,19 @@ class FeatureCache:
             h.update(name.encode())
             h.update(t.detach().float().contiguous().numpy().tobytes())
         c = pool.cfg
-        keys = ("source", "split", "num_samples", "group_size", "width", "height", "seed", "path", "image_root",
-                "annotations", "image_pattern")
+        keys = (
+            "source",
+            "split",
+            "num_samples",
+            "group_size",
+            "width",
+            "height",
+            "seed",
+            "path",
+            "image_root",
+            "annotations",
+            "image_pattern",
+        )
         data = {k: getattr(c, k) for k in keys}
         if c.path:  # a user's file: its size and modification time stand for its content
             st = Path(c.path).stat()
@@ -215,8 +244,9 @@ class FeatureCache:
         return h.hexdigest()[:16]
 
     @classmethod
-    def build(cls, vision, pool: ShapesWorldPool, processor, cache_dir: str | Path,
-              batch_size: int = 256) -> "FeatureCache":
+    def build(
+        cls, vision, pool: ShapesWorldPool, processor, cache_dir: str | Path, batch_size: int = 256
+    ) -> FeatureCache:
         from safetensors.torch import load_file, save_file
 
         path = Path(cache_dir) / f"features-{cls.identity(vision, pool, processor)}.safetensors"
@@ -245,9 +275,20 @@ class BatchStream:
     """batch(step, micro) -> model inputs; indices from a per-epoch permutation seeded by cfg.seed.
     qformer_question: stage-2 batches also carry the questions in Q-Former tokens (Blip2Config.qformer_question)."""
 
-    def __init__(self, pool: ShapesWorldPool, processor, batch_size: int, grad_accum: int, stage: int,
-                 prompts: tuple[str, str], seed: int = 0, cache: FeatureCache | None = None,
-                 rank: int = 0, world_size: int = 1, qformer_question: bool = False):
+    def __init__(
+        self,
+        pool: ShapesWorldPool,
+        processor,
+        batch_size: int,
+        grad_accum: int,
+        stage: int,
+        prompts: tuple[str, str],
+        seed: int = 0,
+        cache: FeatureCache | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        qformer_question: bool = False,
+    ):
         self.pool, self.processor, self.stage, self.cache = pool, processor, stage, cache
         self.qformer_question = qformer_question
         self.caption_prompt, self.vqa_prompt = prompts
@@ -270,7 +311,7 @@ class BatchStream:
         # Epochs hold whole steps (the remainder of the pool waits for the next permutation).
         epoch, offset = divmod(start, self.num_units - self.num_units % per_step)
         perm = np.random.default_rng([self.seed, 11, epoch]).permutation(self.num_units)
-        units = perm[offset: offset + self.units_per_batch]
+        units = perm[offset : offset + self.units_per_batch]
         return [int(u) * self.k + j for u in units for j in range(self.k)]
 
     def sample_rng(self, step: int, micro: int, index: int) -> np.random.Generator:
@@ -282,8 +323,9 @@ class BatchStream:
         """This rank's pool indices (a sample whose image does not decode replaced by the next usable one)
         and their samples."""
         idx = [self.pool.usable(i) for i in self.indices(step, micro)]
-        return idx, [self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt)
-                     for i in idx]
+        return idx, [
+            self.pool.sample(i, self.sample_rng(step, micro, i), self.vqa_prompt, self.caption_prompt) for i in idx
+        ]
 
     def batch(self, step: int, micro: int = 0) -> dict:
         idx, samples = self.samples(step, micro)
@@ -314,10 +356,15 @@ def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qfor
     q = processor.qformer_text([s["caption"] for s in samples], truncate=True)
     if gathered:
         pad = (0, processor.max_text_length - q["input_ids"].shape[1])
-        q = {"input_ids": F.pad(q["input_ids"], pad, value=processor.qformer_tokenizer.pad_token_id),
-             "attention_mask": F.pad(q["attention_mask"], pad)}
-    return {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"],
-            "image_ids": torch.tensor([s["image_id"] for s in samples])}
+        q = {
+            "input_ids": F.pad(q["input_ids"], pad, value=processor.qformer_tokenizer.pad_token_id),
+            "attention_mask": F.pad(q["attention_mask"], pad),
+        }
+    return {
+        "qformer_input_ids": q["input_ids"],
+        "qformer_attention_mask": q["attention_mask"],
+        "image_ids": torch.tensor([s["image_id"] for s in samples]),
+    }
 
 
 class ProcessorStream(BatchStream):
@@ -325,14 +372,26 @@ class ProcessorStream(BatchStream):
     whose images become LM tokens and so cannot be cached as encoder features). Same indices, tasks
     and rank slices as BatchStream's stage 2."""
 
-    def __init__(self, pool: ShapesWorldPool, processor, batch_size: int, grad_accum: int, prompts: tuple[str, str],
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        pool: ShapesWorldPool,
+        processor,
+        batch_size: int,
+        grad_accum: int,
+        prompts: tuple[str, str],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(pool, processor, batch_size, grad_accum, 2, prompts, seed, None, rank, world_size)
 
     def batch(self, step: int, micro: int = 0) -> dict:
         idx, samples = self.samples(step, micro)
-        return self.processor(images=[self.pool.image(i) for i in idx], text=[s["prompt"] for s in samples],
-                              targets=[s["target"] for s in samples])
+        return self.processor(
+            images=[self.pool.image(i) for i in idx],
+            text=[s["prompt"] for s in samples],
+            targets=[s["target"] for s in samples],
+        )
 
 
 class ShardStream:
@@ -348,9 +407,19 @@ class ShardStream:
     batch size, sees exactly what an uninterrupted run would. On another world size the shards are
     split differently: the run goes on deterministically, but not with the same samples."""
 
-    def __init__(self, cfg: DataConfig, processor, batch_size: int, grad_accum: int, stage: int,
-                 prompts: tuple[str, str], seed: int = 0, rank: int = 0, world_size: int = 1,
-                 qformer_question: bool = False):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor,
+        batch_size: int,
+        grad_accum: int,
+        stage: int,
+        prompts: tuple[str, str],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        qformer_question: bool = False,
+    ):
         from vlbridge.data.readers import SkipCounter, find_shards
 
         if stage == 2 and list(cfg.tasks) != ["caption"]:
@@ -369,8 +438,14 @@ class ShardStream:
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, 23, epoch]).permutation(len(self.shards))
             n = 0
-            for sample in read_webdataset([self.shards[i] for i in order], rank=self.rank, world_size=self.world_size,
-                                          worker_id=0, num_workers=1, skips=self.skips):
+            for sample in read_webdataset(
+                [self.shards[i] for i in order],
+                rank=self.rank,
+                world_size=self.world_size,
+                worker_id=0,
+                num_workers=1,
+                skips=self.skips,
+            ):
                 n += 1
                 yield sample
             if n == 0:
@@ -399,12 +474,21 @@ class ShardStream:
                 images.append(decode_image(s["image"], self.skips, name=ref))
         usable = [i for i, im in enumerate(images) if im is not None]
         if not usable:
-            raise ValueError(f"rank {self.rank}, step {step}: no sample of the micro-batch is usable ({self.skips.summary()})")
+            raise ValueError(
+                f"rank {self.rank}, step {step}: no sample of the micro-batch is usable ({self.skips.summary()})"
+            )
         if len(usable) < len(raw):
             log.warning("training data: %s", self.skips.summary())
         pick = [min((j for j in usable if j >= i), default=usable[0]) for i in range(len(raw))]
-        samples = [{"caption": raw[j]["caption"], "image_id": image_id(raw[j]), "prompt": self.caption_prompt,
-                    "target": raw[j]["caption"]} for j in pick]
+        samples = [
+            {
+                "caption": raw[j]["caption"],
+                "image_id": image_id(raw[j]),
+                "prompt": self.caption_prompt,
+                "target": raw[j]["caption"],
+            }
+            for j in pick
+        ]
         batch = {"pixel_values": self.processor.images([images[j] for j in pick])}
         return {**batch, **text_inputs(self.processor, samples, self.stage, self.world_size > 1, self.qformer_question)}
 

@@ -109,8 +109,11 @@ class InContextDocs(ShapesWorldDocs):
 
     def document(self, i: int) -> dict:
         attribute, scenes, answers = self.episode(i)
-        return {"text": "".join(chunk(a) for a in answers), "images": [self.render(s) for s in scenes],
-                "attribute": attribute}
+        return {
+            "text": "".join(chunk(a) for a in answers),
+            "images": [self.render(s) for s in scenes],
+            "attribute": attribute,
+        }
 
 
 def mmc4_document(doc: dict, image_root: str | Path | None, max_images: int, skips: SkipCounter) -> dict | None:
@@ -139,8 +142,13 @@ def mmc4_document(doc: dict, image_root: str | Path | None, max_images: int, ski
     return {"text": " ".join(parts) + EOC, "images": [placed[i] for i in sorted(placed)]}
 
 
-def read_mmc4(path: str | Path, image_root: str | Path | None = None, max_images: int = 5,
-              image_skips: SkipCounter | None = None, doc_skips: SkipCounter | None = None) -> list[dict]:
+def read_mmc4(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    max_images: int = 5,
+    image_skips: SkipCounter | None = None,
+    doc_skips: SkipCounter | None = None,
+) -> list[dict]:
     """Documents of an MMC4-style JSONL file ({"text_list": [...], "image_info": [{"image_name",
     "matched_text_index"}, ...]} per line). Bad images (missing, undecodable) are skipped and counted in
     image_skips; bad lines and documents left without an image in doc_skips. Both are logged."""
@@ -207,6 +215,6 @@ class DocumentStream:
     def batch(self, step: int, micro: int = 0) -> dict:
         rng = np.random.default_rng([self.seed, 17, self.index, step, micro])
         drawn = rng.integers(len(self.source), size=self.batch_size * self.world_size)  # (N * batch_size,)
-        mine = drawn[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        mine = drawn[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         docs = [self.source.document(int(i)) for i in mine]
         return self.processor([d["text"] for d in docs], [d["images"] for d in docs], return_labels=True)

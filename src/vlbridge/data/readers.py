@@ -34,8 +34,8 @@ import logging
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -196,8 +196,13 @@ def read_karpathy(dataset_json, image_root, split: str, *, per_image: bool | Non
     return _caption_samples(items, per_image)
 
 
-def read_vqa(questions_json, annotations_json=None, image_root=None,
-             image_pattern: str | Callable = "COCO_{split}_{image_id:012d}.jpg", split: str | None = None) -> list[dict]:
+def read_vqa(
+    questions_json,
+    annotations_json=None,
+    image_root=None,
+    image_pattern: str | Callable = "COCO_{split}_{image_id:012d}.jpg",
+    split: str | None = None,
+) -> list[dict]:
     """VQAv2. `image_pattern` is a format string with {split} and {image_id}, or a callable
     image_id -> path; paths are relative to image_root. `split` defaults to the questions file's
     "data_subtype" (e.g. "val2014"). Without annotations (test sets) answers is [] and answer None."""
@@ -222,8 +227,16 @@ def read_vqa(questions_json, annotations_json=None, image_root=None,
             answers = [_need(x, "answer", annotations_json, f"annotations[{j}].answers") for x in raw]
             answer = a.get("multiple_choice_answer") or (Counter(answers).most_common(1)[0][0] if answers else None)
         rel = image_pattern(iid) if callable(image_pattern) else image_pattern.format(split=split, image_id=iid)
-        out.append({"image": _join(image_root, rel), "question": _need(item, "question", questions_json, where),
-                    "answers": answers, "answer": answer, "question_id": qid, "image_id": iid})
+        out.append(
+            {
+                "image": _join(image_root, rel),
+                "question": _need(item, "question", questions_json, where),
+                "answers": answers,
+                "answer": answer,
+                "question_id": qid,
+                "image_id": iid,
+            }
+        )
     return out
 
 
@@ -246,8 +259,13 @@ def _row_sample(row, image_root, path, n: int, sep: str | None) -> dict:
     if "question" in row:
         answers = _as_list(row.get("answers", row.get("answer", [])), sep)
         answer = row.get("answer", Counter(answers).most_common(1)[0][0] if answers else None)
-        return {**sample, "question": row["question"], "answers": answers, "answer": answer,
-                "question_id": row.get("question_id", n)}
+        return {
+            **sample,
+            "question": row["question"],
+            "answers": answers,
+            "answer": answer,
+            "question_id": row.get("question_id", n),
+        }
     if "caption" in row or "captions" in row:
         caps = _as_list(row["captions"], sep) if "captions" in row else [str(row["caption"]).strip()]
         return {**sample, "caption": str(row.get("caption", caps[0] if caps else "")).strip(), "captions": caps}
@@ -283,7 +301,7 @@ def expand_shards(pattern: str | Iterable[str]) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     if (r := re.fullmatch(r"(\d+)\.\.(\d+)", body)) is not None:
         lo, hi = int(r.group(1)), int(r.group(2))
         if hi < lo:
@@ -328,8 +346,15 @@ def _wds_sample(key: str, files: dict[str, bytes], shard: str, skips: SkipCounte
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         skips.skip(f"{shard}:{key}", f"bad text/json ({e})")
         return None
-    return {"image": image, "caption": caption, "captions": [] if caption is None else [caption],
-            "image_id": key, "key": key, "shard": shard, "metadata": meta}
+    return {
+        "image": image,
+        "caption": caption,
+        "captions": [] if caption is None else [caption],
+        "image_id": key,
+        "key": key,
+        "shard": shard,
+        "metadata": meta,
+    }
 
 
 def _iter_tar(shard: str, skips: SkipCounter) -> Iterator[dict]:
@@ -353,8 +378,15 @@ def _iter_tar(shard: str, skips: SkipCounter) -> Iterator[dict]:
         yield s
 
 
-def read_webdataset(shards, *, rank: int | None = None, world_size: int | None = None, worker_id: int | None = None,
-                    num_workers: int | None = None, skips: SkipCounter | None = None) -> Iterator[dict]:
+def read_webdataset(
+    shards,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    worker_id: int | None = None,
+    num_workers: int | None = None,
+    skips: SkipCounter | None = None,
+) -> Iterator[dict]:
     """Stream samples from .tar shards (a brace pattern or a list). Reader g = rank * num_workers +
     worker_id of world_size * num_workers reads shards[g::world_size * num_workers], so every reader
     needs at least one shard. Defaults: rank/world_size from torch.distributed, worker_id/num_workers
@@ -377,8 +409,10 @@ def read_webdataset(shards, *, rank: int | None = None, world_size: int | None =
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     readers = world_size * num_workers
     if len(shards) < readers:
-        raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks x {num_workers} workers = {readers} "
-                         f"readers: each needs at least one shard (write more, smaller shards or use fewer workers)")
+        raise ValueError(
+            f"{len(shards)} shards cannot feed {world_size} ranks x {num_workers} workers = {readers} "
+            f"readers: each needs at least one shard (write more, smaller shards or use fewer workers)"
+        )
     skips = skips if skips is not None else SkipCounter()
     for shard in shards[rank * num_workers + worker_id :: readers]:
         yield from _iter_tar(shard, skips)

@@ -64,14 +64,24 @@ COLORS = ("red", "green", "blue", "yellow", "purple", "cyan")
 SIZES = ("small", "large")
 PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}  # "crosses"
 RGB = {
-    "red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240),
-    "yellow": (240, 220, 40), "purple": (160, 60, 210), "cyan": (40, 220, 230),
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "cyan": (40, 220, 230),
 }
 # A Latin square: every color and every shape is held out exactly once.
-HELD_OUT = frozenset({
-    ("red", "triangle"), ("green", "star"), ("blue", "circle"),
-    ("yellow", "cross"), ("purple", "square"), ("cyan", "diamond"),
-})
+HELD_OUT = frozenset(
+    {
+        ("red", "triangle"),
+        ("green", "star"),
+        ("blue", "circle"),
+        ("yellow", "cross"),
+        ("purple", "square"),
+        ("cyan", "diamond"),
+    }
+)
 SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
 _BUCKETS = {"train": range(0, 90), "val": range(90, 95), "test": range(95, 100)}
 EDIT_KINDS = ("shape", "color", "size", "position", "count")
@@ -106,7 +116,7 @@ class QA(NamedTuple):
 
     @property
     def yes_no_relation(self) -> bool:
-        """"is the red circle above the blue star?": an XOR of the order and the relation word."""
+        """ "is the red circle above the blue star?": an XOR of the order and the relation word."""
         return self.kind == "relation" and self.answer in ("yes", "no")
 
 
@@ -145,8 +155,7 @@ def relation(a: Obj, b: Obj) -> str:
 
 def holds(rel: str, a: Obj, b: Obj) -> bool:
     """Is 'a {rel} b' geometrically true?"""
-    return {"left of": a.col < b.col, "right of": a.col > b.col,
-            "above": a.row < b.row, "below": a.row > b.row}[rel]
+    return {"left of": a.col < b.col, "right of": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
 
 
 def _phrase(o: Obj) -> str:
@@ -161,7 +170,7 @@ def _caption(objs: tuple[Obj, ...], rels: list[str] | None = None) -> str:
     return " ".join(words) + "."
 
 
-def object_pieces(scene: "Scene") -> list[str]:
+def object_pieces(scene: Scene) -> list[str]:
     """The caption cut into one piece per object, each with the word(s) that follow it:
     ["a small red star above", ..., "a large blue circle ."]; " ".join gives the caption back."""
     objs = scene.objects
@@ -208,8 +217,9 @@ def _make_qa(objs: tuple[Obj, ...], rng: np.random.Generator, allow_held_out: bo
 
     o = pick(objs)
     qa.append(QA(f"is there a {o.name}?", "yes"))
-    absent = [(c, s) for c in COLORS for s in SHAPES
-              if f"{c} {s}" not in names and (allow_held_out or (c, s) not in HELD_OUT)]
+    absent = [
+        (c, s) for c in COLORS for s in SHAPES if f"{c} {s}" not in names and (allow_held_out or (c, s) not in HELD_OUT)
+    ]
     c, s = pick(absent)
     qa.append(QA(f"is there a {c} {s}?", "no"))
 
@@ -323,8 +333,7 @@ def _edit(base: Scene, kind: str, rng, cfg: ShapesWorldConfig, allow_held_out: b
     return objs
 
 
-def contrast_group(rng: np.random.Generator, cfg: ShapesWorldConfig, k: int = 4,
-                   split: str = "train") -> list[Scene]:
+def contrast_group(rng: np.random.Generator, cfg: ShapesWorldConfig, k: int = 4, split: str = "train") -> list[Scene]:
     """[base, k-1 edits]: each edit differs from the base in exactly one attribute of one object
     (Scene.edit says which) and all k captions differ. The base lies in `split`; so do the edits
     for "train" (no val/test caption is ever trained on) and "compositional". For val/test
@@ -365,12 +374,12 @@ def hard_negative_captions(scene: Scene, n: int, rng: np.random.Generator | None
         for kind, values in (("color", COLORS), ("shape", SHAPES), ("size", SIZES)):
             for v in values:
                 if v != getattr(o, kind):
-                    changed = objs[:i] + (dataclasses.replace(o, **{kind: v}),) + objs[i + 1:]
+                    changed = objs[:i] + (dataclasses.replace(o, **{kind: v}),) + objs[i + 1 :]
                     by_kind[kind].append(_caption(changed, rels))
     for j, (a, b) in enumerate(zip(objs, objs[1:])):
         for r in ("left of", "above", "below"):
             if not holds(r, a, b):  # e.g. never swap "above" for a "left of" that is also true
-                by_kind["relation"].append(_caption(objs, rels[:j] + [r] + rels[j + 1:]))
+                by_kind["relation"].append(_caption(objs, rels[:j] + [r] + rels[j + 1 :]))
     pools = [[by_kind[k][i] for i in rng.permutation(len(by_kind[k]))] for k in by_kind]
     out: list[str] = []
     while len(out) < n and any(pools):
@@ -394,8 +403,23 @@ def _polygon(shape: str) -> np.ndarray:
         return np.array([[0.0, -1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     if shape == "cross":
         a = 0.33
-        return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
-                         [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=float)
+        return np.array(
+            [
+                [-a, -1],
+                [a, -1],
+                [a, -a],
+                [1, -a],
+                [1, a],
+                [a, a],
+                [a, 1],
+                [-a, 1],
+                [-a, a],
+                [-1, a],
+                [-1, -a],
+                [-a, -a],
+            ],
+            dtype=float,
+        )
     if shape == "star":
         t = -np.pi / 2 + np.arange(10) * np.pi / 5
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
@@ -516,6 +540,8 @@ if __name__ == "__main__":  # speed check
     rng = np.random.default_rng(0)
     groups = [contrast_group(rng, cfg, 4) for _ in range(500)]
     t3 = time.perf_counter()
-    print(f"generate {2000 / (t1 - t0):.0f} scenes/s, render {2000 / (t2 - t1):.0f} images/s, "
-          f"contrast groups {2000 / (t3 - t2):.0f} scenes/s")
+    print(
+        f"generate {2000 / (t1 - t0):.0f} scenes/s, render {2000 / (t2 - t1):.0f} images/s, "
+        f"contrast groups {2000 / (t3 - t2):.0f} scenes/s"
+    )
     print(scenes[0].caption, scenes[0].qa)

@@ -52,8 +52,12 @@ def _merge(defaults: dict, decode: dict | None) -> dict:
 
 
 def _skips(skips: SkipCounter) -> dict:
-    return {"seen": skips.seen, "skipped": skips.skipped, "reasons": dict(skips.reasons),
-            "examples": [{"image": ref, "reason": why} for ref, why in skips.examples]}
+    return {
+        "seen": skips.seen,
+        "skipped": skips.skipped,
+        "reasons": dict(skips.reasons),
+        "examples": [{"image": ref, "reason": why} for ref, why in skips.examples],
+    }
 
 
 def _decoded_batches(samples: list[dict], batch_size: int, skips: SkipCounter, desc: str):
@@ -65,7 +69,7 @@ def _decoded_batches(samples: list[dict], batch_size: int, skips: SkipCounter, d
     good, bad = set(), set()
     with tqdm(total=len(samples), desc=desc, unit="sample") as bar:
         for s in range(0, len(samples), batch_size):
-            chunk, decoded, kept = samples[s:s + batch_size], {}, []
+            chunk, decoded, kept = samples[s : s + batch_size], {}, []
             for x in chunk:
                 ref = x["image"]
                 if ref in bad:
@@ -88,8 +92,9 @@ def _decoded_batches(samples: list[dict], batch_size: int, skips: SkipCounter, d
 # ---------------------------------------------------------------- files: COCO / Karpathy / VQAv2
 
 
-def caption_eval(model, processor, samples: list[dict], decode: dict | None = None, prompt: str | None = None,
-                 batch_size: int = 16) -> tuple[dict, list[dict]]:
+def caption_eval(
+    model, processor, samples: list[dict], decode: dict | None = None, prompt: str | None = None, batch_size: int = 16
+) -> tuple[dict, list[dict]]:
     """Caption per-image samples (read_coco_captions(per_image=True) or read_karpathy) and score them.
 
     Returns (result, predictions in COCO results format [{image_id, caption}]). Images without
@@ -112,9 +117,15 @@ def caption_eval(model, processor, samples: list[dict], decode: dict | None = No
     except (RuntimeError, ImportError) as e:  # no Java / pycocoevalcap: keep the predictions
         log.error("caption metrics not computed: %s", e)
         metrics = {"error": str(e)}
-    result = {"metrics": metrics, "n": len(preds), "no_references": len(samples) - len(with_refs),
-              "images": _skips(skips), "decode": decode_record(model, decode, prompt),
-              "generation_seconds": t_gen, "seconds": time.time() - t0}
+    result = {
+        "metrics": metrics,
+        "n": len(preds),
+        "no_references": len(samples) - len(with_refs),
+        "images": _skips(skips),
+        "decode": decode_record(model, decode, prompt),
+        "generation_seconds": t_gen,
+        "seconds": time.time() - t0,
+    }
     return result, [{"image_id": i, "caption": c} for i, c in preds.items()]
 
 
@@ -124,8 +135,15 @@ def vqa_answer_types(annotations_json) -> dict:
         return {a["question_id"]: a.get("answer_type", "unknown") for a in json.load(f)["annotations"]}
 
 
-def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = None, decode: dict | None = None,
-             template: str | None = None, batch_size: int = 16) -> tuple[dict, list[dict]]:
+def vqa_eval(
+    model,
+    processor,
+    samples: list[dict],
+    answer_types: dict | None = None,
+    decode: dict | None = None,
+    template: str | None = None,
+    batch_size: int = 16,
+) -> tuple[dict, list[dict]]:
     """Answer read_vqa samples; accuracy (official formula, metrics.vqa_accuracy) over the questions
     with answers, overall and per answer type. Returns (result, [{question_id, answer}])."""
     decode = _merge(DECODING["vqa"], decode)
@@ -135,8 +153,9 @@ def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = 
     skips, done = SkipCounter(), []
     for chunk, images in _decoded_batches(samples, batch_size, skips, "vqa"):
         questions = [x["question"] for x in chunk]
-        answers = generate_texts(model, processor, images, [template.format(q) for q in questions], decode, batch_size,
-                           questions=questions)
+        answers = generate_texts(
+            model, processor, images, [template.format(q) for q in questions], decode, batch_size, questions=questions
+        )
         done += zip(chunk, answers)
     scored = [(x, a) for x, a in done if x["answers"]]  # test sets come without answers
 
@@ -146,32 +165,56 @@ def vqa_eval(model, processor, samples: list[dict], answer_types: dict | None = 
     by_type = {}
     for x, a in scored:
         by_type.setdefault((answer_types or {}).get(x["question_id"], "unknown"), []).append((x, a))
-    result = {"accuracy": accuracy(scored), "by_answer_type": {t: accuracy(p) for t, p in sorted(by_type.items())},
-              "n": len(done), "scored": len(scored), "questions_skipped": len(samples) - len(done),
-              "images": _skips(skips), "decode": decode_record(model, decode, template), "seconds": time.time() - t0}
+    result = {
+        "accuracy": accuracy(scored),
+        "by_answer_type": {t: accuracy(p) for t, p in sorted(by_type.items())},
+        "n": len(done),
+        "scored": len(scored),
+        "questions_skipped": len(samples) - len(done),
+        "images": _skips(skips),
+        "decode": decode_record(model, decode, template),
+        "seconds": time.time() - t0,
+    }
     return result, [{"question_id": x["question_id"], "answer": a} for x, a in done]
 
 
 @torch.no_grad()
-def retrieval_recalls(model, processor, pixel_values: torch.Tensor, texts: list[str], text_to_image: list[int],
-                      k: int, batch_size: int, rerank: str = "log_odds") -> dict:
+def retrieval_recalls(
+    model,
+    processor,
+    pixel_values: torch.Tensor,
+    texts: list[str],
+    text_to_image: list[int],
+    k: int,
+    batch_size: int,
+    rerank: str = "log_odds",
+) -> dict:
     """Recall@1/5/10 both ways of `texts` against images (pixel_values (Ni, 3, H, W)), text j showing
     image text_to_image[j]: ITC for all pairs, and each row's ITC top k re-ranked by ITM + ITC
     (`rerank`: how the two are combined, Blip2.retrieval_scores)."""
     q = model.prepare_inputs(processor.qformer_text(texts, truncate=True))
-    scores = model.retrieval_scores(q["input_ids"], q["attention_mask"], pixel_values=pixel_values.to(model.device),
-                                    k=k, batch_size=batch_size, rerank=rerank)
+    scores = model.retrieval_scores(
+        q["input_ids"],
+        q["attention_mask"],
+        pixel_values=pixel_values.to(model.device),
+        k=k,
+        batch_size=batch_size,
+        rerank=rerank,
+    )
     itc = retrieval_recall(scores.itc, text_to_image=text_to_image)
     # Re-ranked scores differ per direction: image->text from i2t (Ni, Nt), text->image from t2i (Nt, Ni).
     i2t = retrieval_recall(scores.i2t, text_to_image=text_to_image)
     t2i = retrieval_recall(scores.t2i.t(), text_to_image=text_to_image)
-    reranked = {m: v for m, v in i2t.items() if m.startswith("i2t")} | {m: v for m, v in t2i.items() if m.startswith("t2i")}
+    reranked = {m: v for m, v in i2t.items() if m.startswith("i2t")} | {
+        m: v for m, v in t2i.items() if m.startswith("t2i")
+    }
     reranked["mean"] = sum(reranked.values()) / len(reranked)
     return {"itc": itc, "itc_itm": reranked, "k": k, "rerank": rerank}
 
 
-def retrieval_eval(model, processor, samples: list[dict], k: int = 128, batch_size: int = 16,
-                   rerank: str = "log_odds") -> dict:
+def retrieval_eval(
+    model, processor, samples: list[dict], k: int = 128, batch_size: int = 16, rerank: str = "log_odds"
+) -> dict:
     """Image<->text retrieval over per-image caption samples: every image against every caption.
 
     All pixel_values are held at once (as retrieval_scores needs them): ~0.6 MB per 224px image.
@@ -190,8 +233,14 @@ def retrieval_eval(model, processor, samples: list[dict], k: int = 128, batch_si
         raise ValueError(f"retrieval: no usable image with captions ({skips.summary()})")
     truncated = processor.num_truncated
     result = retrieval_recalls(model, processor, torch.cat(pixels), texts, text_to_image, k, batch_size, rerank)
-    return {**result, "n_images": n_images, "n_texts": len(texts), "texts_truncated": processor.num_truncated - truncated,
-            "images": _skips(skips), "seconds": time.time() - t0}
+    return {
+        **result,
+        "n_images": n_images,
+        "n_texts": len(texts),
+        "texts_truncated": processor.num_truncated - truncated,
+        "images": _skips(skips),
+        "seconds": time.time() - t0,
+    }
 
 
 # ---------------------------------------------------------------- ShapesWorld
@@ -222,8 +271,9 @@ def retrieval_scenes(split: str, n: int, world: sw.ShapesWorldConfig | None = No
     return scenes
 
 
-def shapesworld_captions(model, processor, scenes, world, decode=None, batch_size=64, prompt: str | None = None,
-                         progress: bool = False) -> dict:
+def shapesworld_captions(
+    model, processor, scenes, world, decode=None, batch_size=64, prompt: str | None = None, progress: bool = False
+) -> dict:
     """Generated captions scored per attribute against the scene truth (see sw.attribute_accuracy)."""
     decode = _merge(DECODING["shapesworld_caption"], decode)
     prompt = model.config.caption_prompt if prompt is None else prompt
@@ -231,13 +281,18 @@ def shapesworld_captions(model, processor, scenes, world, decode=None, batch_siz
     t0 = time.time()
     images = [sw.render(s, world) for s in scenes]
     preds = generate_texts(model, processor, images, [prompt] * len(scenes), decode, batch_size, progress, "captions")
-    return {"metrics": sw.attribute_accuracy(preds, scenes), "decode": decode_record(model, decode, prompt),
-            "n": len(scenes), "seconds": time.time() - t0,
-            "samples": [{"caption": s.caption, "predicted": p} for s, p in zip(scenes[:16], preds[:16])]}
+    return {
+        "metrics": sw.attribute_accuracy(preds, scenes),
+        "decode": decode_record(model, decode, prompt),
+        "n": len(scenes),
+        "seconds": time.time() - t0,
+        "samples": [{"caption": s.caption, "predicted": p} for s, p in zip(scenes[:16], preds[:16])],
+    }
 
 
-def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64, template: str | None = None,
-                    progress: bool = False) -> dict:
+def shapesworld_vqa(
+    model, processor, scenes, world, decode=None, batch_size=64, template: str | None = None, progress: bool = False
+) -> dict:
     """Every question of every scene; VQA accuracy overall and per question kind."""
     decode = _merge(DECODING["shapesworld_vqa"], decode)
     template = model.config.vqa_prompt if template is None else template
@@ -246,18 +301,34 @@ def shapesworld_vqa(model, processor, scenes, world, decode=None, batch_size=64,
     items = [(i, qa) for i, s in enumerate(scenes) for qa in s.qa]
     images = [sw.render(scenes[i], world) for i, _ in items]
     prompts = [template.format(qa.question) for _, qa in items]
-    preds = generate_texts(model, processor, images, prompts, decode, batch_size, progress, "vqa",
-                     questions=[qa.question for _, qa in items])
+    preds = generate_texts(
+        model,
+        processor,
+        images,
+        prompts,
+        decode,
+        batch_size,
+        progress,
+        "vqa",
+        questions=[qa.question for _, qa in items],
+    )
     answers = [[qa.answer] for _, qa in items]
     by_kind = {}
     for kind in sw.QA_KINDS:
         idx = [j for j, (_, qa) in enumerate(items) if qa.kind == kind]
         if idx:
             by_kind[kind] = vqa_accuracy([preds[j] for j in idx], [answers[j] for j in idx])
-    return {"accuracy": vqa_accuracy(preds, answers), "by_kind": by_kind, "decode": decode_record(model, decode, template),
-            "n": len(items), "seconds": time.time() - t0,
-            "samples": [{"question": qa.question, "answer": qa.answer, "predicted": p}
-                        for (_, qa), p in list(zip(items, preds))[:16]]}
+    return {
+        "accuracy": vqa_accuracy(preds, answers),
+        "by_kind": by_kind,
+        "decode": decode_record(model, decode, template),
+        "n": len(items),
+        "seconds": time.time() - t0,
+        "samples": [
+            {"question": qa.question, "answer": qa.answer, "predicted": p}
+            for (_, qa), p in list(zip(items, preds))[:16]
+        ],
+    }
 
 
 def shapesworld_yes_no(model, processor, scenes, world, batch_size: int = 64, images=None) -> dict:
@@ -267,31 +338,48 @@ def shapesworld_yes_no(model, processor, scenes, world, batch_size: int = 64, im
     if not items:
         return {"n": 0}
     images = [sw.render(s, world) for s in scenes] if images is None else images
-    said = generate_texts(model, processor, [images[i] for i, _ in items],
-                    [model.config.vqa_prompt.format(qa.question) for _, qa in items], DECODING["shapesworld_vqa"], batch_size,
-                    questions=[qa.question for _, qa in items])
+    said = generate_texts(
+        model,
+        processor,
+        [images[i] for i, _ in items],
+        [model.config.vqa_prompt.format(qa.question) for _, qa in items],
+        DECODING["shapesworld_vqa"],
+        batch_size,
+        questions=[qa.question for _, qa in items],
+    )
     said = [a.strip() for a in said]
-    return {"n": len(items), "accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
-            "truth_yes": round(sum(qa.answer == "yes" for _, qa in items) / len(items), 4),
-            "said_yes": round(said.count("yes") / len(items), 4)}
+    return {
+        "n": len(items),
+        "accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
+        "truth_yes": round(sum(qa.answer == "yes" for _, qa in items) / len(items), 4),
+        "said_yes": round(said.count("yes") / len(items), 4),
+    }
 
 
 @torch.no_grad()
-def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_size: int = 128,
-                          rerank: str = "log_odds") -> dict:
+def shapesworld_retrieval(
+    model, processor, scenes, world, k: int = 16, batch_size: int = 128, rerank: str = "log_odds"
+) -> dict:
     """Image<->caption retrieval among len(scenes) candidates: ITC alone, and ITC top-k re-ranked by ITM.
     The captions must be pairwise distinct (see retrieval_scenes)."""
     first: dict[str, int] = {}
     for i, s in enumerate(scenes):
         if first.setdefault(s.caption, i) != i:
-            raise ValueError(f"scenes {first[s.caption]} and {i} share the caption {s.caption!r}: identical texts tie, "
-                             "so neither could be retrieved at rank 1; draw the scenes with retrieval_scenes()")
+            raise ValueError(
+                f"scenes {first[s.caption]} and {i} share the caption {s.caption!r}: identical texts tie, "
+                "so neither could be retrieved at rank 1; draw the scenes with retrieval_scenes()"
+            )
     model.eval()
     t0 = time.time()
-    pixel_values = torch.cat([processor.images([sw.render(s, world) for s in scenes[i:i + batch_size]])
-                              for i in range(0, len(scenes), batch_size)])
-    result = retrieval_recalls(model, processor, pixel_values, [s.caption for s in scenes], list(range(len(scenes))),
-                               k, batch_size, rerank)  # caption j belongs to image j
+    pixel_values = torch.cat(
+        [
+            processor.images([sw.render(s, world) for s in scenes[i : i + batch_size]])
+            for i in range(0, len(scenes), batch_size)
+        ]
+    )
+    result = retrieval_recalls(
+        model, processor, pixel_values, [s.caption for s in scenes], list(range(len(scenes))), k, batch_size, rerank
+    )  # caption j belongs to image j
     return {**result, "n": len(scenes), "seconds": time.time() - t0}
 
 
@@ -301,6 +389,7 @@ def shapesworld_retrieval(model, processor, scenes, world, k: int = 16, batch_si
 @dataclass
 class EvalConfig:
     """What `vlbridge eval` runs; see `vlbridge eval --help` for each field."""
+
     model: str
     out: str = "metrics.json"
     captions: str | None = None  # COCO captions_*.json
@@ -332,15 +421,19 @@ def _tasks(cfg: EvalConfig, model) -> list[str]:
     if cfg.tasks is None:
         tasks = [t for t in TASKS if inputs[t] and t in model.tasks]
         if not tasks:
-            raise ValueError("nothing to evaluate: give --captions/--karpathy, --vqa-questions or --shapesworld "
-                             f"for a task this model can do ({', '.join(sorted(model.tasks))})")
+            raise ValueError(
+                "nothing to evaluate: give --captions/--karpathy, --vqa-questions or --shapesworld "
+                f"for a task this model can do ({', '.join(sorted(model.tasks))})"
+            )
         return tasks
     for t in cfg.tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
         if not inputs[t]:
-            raise ValueError(f"task {t} needs " + ("--vqa-questions or --shapesworld" if t == "vqa"
-                                                    else "--captions, --karpathy or --shapesworld"))
+            raise ValueError(
+                f"task {t} needs "
+                + ("--vqa-questions or --shapesworld" if t == "vqa" else "--captions, --karpathy or --shapesworld")
+            )
         model.require_task(t)
     return list(cfg.tasks)
 
@@ -367,13 +460,21 @@ def run(cfg: EvalConfig) -> dict:
     if "in_context" in model.tasks:
         return _fewshot_run(cfg, model, processor, t_start)
     tasks = _tasks(cfg, model)
-    report: dict = {"model": str(cfg.model), "kind": model.model_type, "config": dataclasses.asdict(cfg), "tasks": tasks,
-                    "timings_s": {"load": time.time() - t_start}}
+    report: dict = {
+        "model": str(cfg.model),
+        "kind": model.model_type,
+        "config": dataclasses.asdict(cfg),
+        "tasks": tasks,
+        "timings_s": {"load": time.time() - t_start},
+    }
     decode, n = dict(cfg.decode), cfg.n
 
     if cfg.captions or cfg.karpathy:
-        samples = (read_coco_captions(cfg.captions, cfg.image_root, per_image=True) if cfg.captions
-                   else read_karpathy(cfg.karpathy, cfg.image_root, cfg.split, per_image=True))[:n]
+        samples = (
+            read_coco_captions(cfg.captions, cfg.image_root, per_image=True)
+            if cfg.captions
+            else read_karpathy(cfg.karpathy, cfg.image_root, cfg.split, per_image=True)
+        )[:n]
         if "caption" in tasks:
             report["captions"], preds = caption_eval(model, processor, samples, decode, cfg.prompt, cfg.batch_size)
             report["captions"]["predictions_file"] = _write_json(out.with_name(out.stem + "_captions.json"), preds)
@@ -394,12 +495,21 @@ def run(cfg: EvalConfig) -> dict:
         scenes = split_scenes(cfg.shapesworld, n or 200, world)
         r: dict = {"split": cfg.shapesworld, "n": len(scenes)}
         if "caption" in tasks:
-            r["captions"] = shapesworld_captions(model, processor, scenes, world, decode, cfg.batch_size, cfg.prompt, True)
+            r["captions"] = shapesworld_captions(
+                model, processor, scenes, world, decode, cfg.batch_size, cfg.prompt, True
+            )
         if "vqa" in tasks:
             r["vqa"] = shapesworld_vqa(model, processor, scenes, world, decode, cfg.batch_size, cfg.vqa_prompt, True)
         if "retrieval" in tasks:
-            r["retrieval"] = shapesworld_retrieval(model, processor, retrieval_scenes(cfg.shapesworld, n or 200, world),
-                                                   world, cfg.k, cfg.batch_size, cfg.rerank)
+            r["retrieval"] = shapesworld_retrieval(
+                model,
+                processor,
+                retrieval_scenes(cfg.shapesworld, n or 200, world),
+                world,
+                cfg.k,
+                cfg.batch_size,
+                cfg.rerank,
+            )
         report["shapesworld"] = r
         report["timings_s"]["shapesworld"] = sum(r[t]["seconds"] for t in ("captions", "vqa", "retrieval") if t in r)
 
@@ -412,13 +522,22 @@ def _fewshot_run(cfg: EvalConfig, model, processor, t_start: float) -> dict:
     from vlbridge.evaluation.fewshot import fewshot_summary, shapesworld_fewshot
 
     if not cfg.shapesworld or cfg.captions or cfg.karpathy or cfg.vqa_questions:
-        raise ValueError("a Flamingo model is evaluated few-shot on --shapesworld here; for your own files build "
-                         "support and query samples and call vlbridge.evaluation.fewshot.fewshot_eval")
+        raise ValueError(
+            "a Flamingo model is evaluated few-shot on --shapesworld here; for your own files build "
+            "support and query samples and call vlbridge.evaluation.fewshot.fewshot_eval"
+        )
     beams = cfg.decode.get("num_beams", 3)
-    r = shapesworld_fewshot(model, processor, tuple(cfg.shots), cfg.n or 64, beams,
-                            world=sw.ShapesWorldConfig(), split=cfg.shapesworld)
-    report = {"model": str(cfg.model), "kind": model.model_type, "config": dataclasses.asdict(cfg),
-              "fewshot": r, "summary": fewshot_summary(r), "timings_s": {"total": time.time() - t_start}}
+    r = shapesworld_fewshot(
+        model, processor, tuple(cfg.shots), cfg.n or 64, beams, world=sw.ShapesWorldConfig(), split=cfg.shapesworld
+    )
+    report = {
+        "model": str(cfg.model),
+        "kind": model.model_type,
+        "config": dataclasses.asdict(cfg),
+        "fewshot": r,
+        "summary": fewshot_summary(r),
+        "timings_s": {"total": time.time() - t_start},
+    }
     _write_json(Path(cfg.out), report)
     return report
 
@@ -430,13 +549,21 @@ def headline(report: dict) -> dict:
     out = {}
     if "captions" in report:
         metrics = report["captions"]["metrics"]
-        out["captions"] = metrics if "error" in metrics else {m: metrics.get(m) for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")}
+        out["captions"] = (
+            metrics if "error" in metrics else {m: metrics.get(m) for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")}
+        )
     if "vqa" in report:
         out["vqa"] = {"accuracy": report["vqa"]["accuracy"], **report["vqa"]["by_answer_type"]}
     if "retrieval" in report:
         out["retrieval"] = {"itc": report["retrieval"]["itc"], "itc_itm": report["retrieval"]["itc_itm"]}
     if s := report.get("shapesworld"):
-        out["shapesworld"] = {k: v for k, v in (("captions", s.get("captions", {}).get("metrics")),
-                                                ("vqa", s.get("vqa", {}).get("accuracy")),
-                                                ("retrieval", s.get("retrieval", {}).get("itc"))) if v is not None}
+        out["shapesworld"] = {
+            k: v
+            for k, v in (
+                ("captions", s.get("captions", {}).get("metrics")),
+                ("vqa", s.get("vqa", {}).get("accuracy")),
+                ("retrieval", s.get("retrieval", {}).get("itc")),
+            )
+            if v is not None
+        }
     return out

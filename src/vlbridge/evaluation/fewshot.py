@@ -41,7 +41,7 @@ def image_embeddings(model, processor, images, batch_size: int = 64) -> torch.Te
     """(N, Dv) unit vectors: the frozen vision encoder's patch tokens, mean-pooled."""
     out = []
     for s in range(0, len(images), batch_size):
-        px = processor.image_processor(images=list(images[s:s + batch_size]), return_tensors="pt")["pixel_values"]
+        px = processor.image_processor(images=list(images[s : s + batch_size]), return_tensors="pt")["pixel_values"]
         out.append(model.vision(model.prepare_inputs({"px": px})["px"]).float().mean(1))
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
@@ -55,16 +55,20 @@ def rices(query: torch.Tensor, support: torch.Tensor, k: int) -> torch.Tensor:
 
 def random_demos(num_queries: int, num_support: int, k: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng([seed, 23, k])
-    return torch.tensor(np.stack([rng.choice(num_support, k, replace=False) for _ in range(num_queries)])
-                        if k else np.zeros((num_queries, 0), dtype=np.int64))
+    return torch.tensor(
+        np.stack([rng.choice(num_support, k, replace=False) for _ in range(num_queries)])
+        if k
+        else np.zeros((num_queries, 0), dtype=np.int64)
+    )
 
 
 @torch.no_grad()
-def generate_answers(model, processor, prompts: list[str], images: list[list], decode: dict,
-                     batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model, processor, prompts: list[str], images: list[list], decode: dict, batch_size: int = 16
+) -> list[str]:
     out = []
     for s in range(0, len(prompts), batch_size):
-        batch = model.prepare_inputs(processor(prompts[s:s + batch_size], images[s:s + batch_size]))
+        batch = model.prepare_inputs(processor(prompts[s : s + batch_size], images[s : s + batch_size]))
         out += processor.batch_decode(model.generate(**batch, **decode))
     return out
 
@@ -74,9 +78,20 @@ def _exact(prediction: str, answer: str) -> float:
     return float(clean(prediction) == clean(answer))
 
 
-def fewshot_eval(model, processor, task: str, support: list[dict], queries: list[dict], shots=(0, 4),
-                 selection: str = "random", template: str | None = None, decode: dict | None = None,
-                 zero_shot_text_demos: int = 2, seed: int = 0, batch_size: int = 16) -> dict:
+def fewshot_eval(
+    model,
+    processor,
+    task: str,
+    support: list[dict],
+    queries: list[dict],
+    shots=(0, 4),
+    selection: str = "random",
+    template: str | None = None,
+    decode: dict | None = None,
+    zero_shot_text_demos: int = 2,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
     """k-shot captioning ("caption": samples {"image", "answer"}) or VQA ("vqa": {"image", "question",
     "answer", optional "answers": [10 answers]}). Returns {"shots": {k: metrics}, "decode", ...}:
     captions: exact match, plus per-attribute accuracy (colour, shape, size, count, relation) when
@@ -95,7 +110,9 @@ def fewshot_eval(model, processor, task: str, support: list[dict], queries: list
         t0 = time.time()
         text_only = k == 0 and zero_shot_text_demos > 0
         n = zero_shot_text_demos if text_only else k
-        chosen = (rices(q_emb, s_emb, n) if selection == "rices" and n else random_demos(len(queries), len(support), n, seed))
+        chosen = (
+            rices(q_emb, s_emb, n) if selection == "rices" and n else random_demos(len(queries), len(support), n, seed)
+        )
         prompts, images = [], []
         for q, idx in zip(queries, chosen.tolist()):
             demos = [support[i] for i in idx]
@@ -112,15 +129,34 @@ def fewshot_eval(model, processor, task: str, support: list[dict], queries: list
             metrics = {"exact_match": float(np.mean([_exact(p, q["answer"]) for p, q in zip(preds, queries)]))}
             if all("scene" in q for q in queries):
                 metrics["attributes"] = sw.attribute_accuracy(preds, [q["scene"] for q in queries])
-        results[k] = {**metrics, "n": len(queries), "seconds": time.time() - t0, "examples": preds[:5],
-                      "prompt_example": prompts[0]}
-    return {"task": task, "selection": selection, "template": template, "decode": decode,
-            "zero_shot_text_demos": zero_shot_text_demos, "seed": seed, "shots": results}
+        results[k] = {
+            **metrics,
+            "n": len(queries),
+            "seconds": time.time() - t0,
+            "examples": preds[:5],
+            "prompt_example": prompts[0],
+        }
+    return {
+        "task": task,
+        "selection": selection,
+        "template": template,
+        "decode": decode,
+        "zero_shot_text_demos": zero_shot_text_demos,
+        "seed": seed,
+        "shots": results,
+    }
 
 
-def incontext_eval(model, processor, source: InContextDocs, shots=(0, 4), num_queries: int = 64,
-                   decode: dict | None = None, template: str = "<image>{answer}<|endofchunk|>",
-                   batch_size: int = 16) -> dict:
+def incontext_eval(
+    model,
+    processor,
+    source: InContextDocs,
+    shots=(0, 4),
+    num_queries: int = 64,
+    decode: dict | None = None,
+    template: str = "<image>{answer}<|endofchunk|>",
+    batch_size: int = 16,
+) -> dict:
     """The ShapesWorld in-context task: episode i's first k scenes (with answers) are the
     demonstrations, its last scene the query. accuracy: the right answer; format_accuracy: an answer
     of the right attribute (a color when the document answers colors, ...), which only the
@@ -134,16 +170,21 @@ def incontext_eval(model, processor, source: InContextDocs, shots=(0, 4), num_qu
     for k in shots:
         t0 = time.time()
         prompts, images = [], []
-        for attribute, scenes, answers in episodes:
-            demos = [{"answer": a} for a in answers[-1 - k:-1]]  # the k scenes before the query
+        for _, scenes, answers in episodes:
+            demos = [{"answer": a} for a in answers[-1 - k : -1]]  # the k scenes before the query
             prompts.append("".join(template.format(answer=d["answer"]) for d in demos) + query_prompt(template, {}))
-            images.append([source.render(s) for s in scenes[-1 - k:]])
-        preds = [p.replace(".", " ").split() for p in generate_answers(model, processor, prompts, images, decode, batch_size)]
+            images.append([source.render(s) for s in scenes[-1 - k :]])
+        preds = [
+            p.replace(".", " ").split() for p in generate_answers(model, processor, prompts, images, decode, batch_size)
+        ]
         first = [p[0] if p else "" for p in preds]
         results[k] = {
             "accuracy": float(np.mean([f == e[2][-1] for f, e in zip(first, episodes)])),
             "format_accuracy": float(np.mean([f in ANSWERS[e[0]] for f, e in zip(first, episodes)])),
-            "n": num_queries, "seconds": time.time() - t0, "examples": first[:8]}
+            "n": num_queries,
+            "seconds": time.time() - t0,
+            "examples": first[:8],
+        }
     return {"task": "shapesworld_incontext", "template": template, "decode": decode, "shots": results}
 
 
@@ -151,8 +192,16 @@ SHAPESWORLD_CAPTION = "<image>{answer}<|endofchunk|>"  # how the ShapesWorld Fla
 SHAPESWORLD_VQA = "<image>Question: {question} Answer: {answer}<|endofchunk|>"  # the shipped LM's QA format
 
 
-def shapesworld_fewshot(model, processor, shots=(0, 1, 4, 8), n: int = 64, beams: int = 3, support_size: int = 200,
-                        world=None, split: str = "val") -> dict:
+def shapesworld_fewshot(
+    model,
+    processor,
+    shots=(0, 1, 4, 8),
+    n: int = 64,
+    beams: int = 3,
+    support_size: int = 200,
+    world=None,
+    split: str = "val",
+) -> dict:
     """0/1/4/8-shot ShapesWorld captioning (random and RICES demonstrations; exact match and per-attribute
     accuracy), VQA (one question per query scene, demonstrations of other scenes and questions) and
     the in-context task: n queries from `split`, demonstrations from the first support_size train scenes."""
@@ -168,13 +217,43 @@ def shapesworld_fewshot(model, processor, shots=(0, 1, 4, 8), n: int = 64, beams
         q, a = s.qa[int(rng.integers(len(s.qa)))]
         vqa.append({"image": im, "question": q, "answer": a})
     decode = {"num_beams": beams}
-    report = {"caption": {sel: fewshot_eval(model, processor, "caption", captions[:support_size], captions[support_size:],
-                                            shots, sel, template=SHAPESWORLD_CAPTION, decode=decode)
-                          for sel in ("random", "rices")},
-              "vqa": fewshot_eval(model, processor, "vqa", vqa[:support_size], vqa[support_size:], shots, "random",
-                                  template=SHAPESWORLD_VQA, decode=decode)}
-    source = InContextDocs(DocumentData(kind="shapesworld_incontext", split=split, max_images=max(shots) + 1,
-                                        num_samples=500, width=world.width, height=world.height))
+    report = {
+        "caption": {
+            sel: fewshot_eval(
+                model,
+                processor,
+                "caption",
+                captions[:support_size],
+                captions[support_size:],
+                shots,
+                sel,
+                template=SHAPESWORLD_CAPTION,
+                decode=decode,
+            )
+            for sel in ("random", "rices")
+        },
+        "vqa": fewshot_eval(
+            model,
+            processor,
+            "vqa",
+            vqa[:support_size],
+            vqa[support_size:],
+            shots,
+            "random",
+            template=SHAPESWORLD_VQA,
+            decode=decode,
+        ),
+    }
+    source = InContextDocs(
+        DocumentData(
+            kind="shapesworld_incontext",
+            split=split,
+            max_images=max(shots) + 1,
+            num_samples=500,
+            width=world.width,
+            height=world.height,
+        )
+    )
     report["incontext"] = incontext_eval(model, processor, source, shots, n)
     for r in (*report["caption"].values(), report["vqa"], report["incontext"]):
         for m in r["shots"].values():
@@ -186,10 +265,13 @@ def fewshot_summary(report: dict) -> dict:
     """The headline numbers per shot count."""
     out = {}
     for sel, r in report["caption"].items():
-        out[f"caption_{sel}"] = {k: {"exact": m["exact_match"],
-                                     **{a: m["attributes"][a] for a in ("color", "shape", "size", "count")}}
-                                 for k, m in r["shots"].items()}
+        out[f"caption_{sel}"] = {
+            k: {"exact": m["exact_match"], **{a: m["attributes"][a] for a in ("color", "shape", "size", "count")}}
+            for k, m in r["shots"].items()
+        }
     out["vqa"] = {k: m["vqa_accuracy"] for k, m in report["vqa"]["shots"].items()}
-    out["incontext"] = {k: {"accuracy": m["accuracy"], "format_accuracy": m["format_accuracy"]}
-                        for k, m in report["incontext"]["shots"].items()}
+    out["incontext"] = {
+        k: {"accuracy": m["accuracy"], "format_accuracy": m["format_accuracy"]}
+        for k, m in report["incontext"]["shots"].items()
+    }
     return out

@@ -55,7 +55,7 @@ something'd've something'll that's there'd there'd've there're there's they'd th
 they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've
 who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll
 y'all'd've you'd you'd've you'll you're you've""".split()
-CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, c in enumerate(w) if c == "'"}
+CONTRACTIONS = {w[:i] + w[i + 1 :]: w for w in _CONTRACTED for i, c in enumerate(w) if c == "'"}
 
 
 def _punctuation(s: str) -> str:
@@ -118,16 +118,20 @@ def caption_metrics(predictions: dict, references: dict, per_id: bool = False) -
     """
     if set(predictions) != set(references):
         missing, extra = set(references) - set(predictions), set(predictions) - set(references)
-        raise ValueError(f"predictions and references must have the same ids: {len(missing)} without a prediction "
-                         f"(e.g. {sorted(map(str, missing))[:3]}), {len(extra)} without references "
-                         f"(e.g. {sorted(map(str, extra))[:3]})")
+        raise ValueError(
+            f"predictions and references must have the same ids: {len(missing)} without a prediction "
+            f"(e.g. {sorted(map(str, missing))[:3]}), {len(extra)} without references "
+            f"(e.g. {sorted(map(str, extra))[:3]})"
+        )
     if not predictions:
         raise ValueError("caption_metrics of no predictions")
     if empty := [k for k, refs in references.items() if not refs]:
         raise ValueError(f"{len(empty)} ids have no reference captions, e.g. {empty[:3]}")
     if shutil.which("java") is None:
-        raise RuntimeError("caption_metrics needs Java: pycocoevalcap's PTB tokenizer and METEOR run `java`, "
-                           "which is not on PATH (install a JRE, e.g. apt-get install default-jre-headless)")
+        raise RuntimeError(
+            "caption_metrics needs Java: pycocoevalcap's PTB tokenizer and METEOR run `java`, "
+            "which is not on PATH (install a JRE, e.g. apt-get install default-jre-headless)"
+        )
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -138,8 +142,12 @@ def caption_metrics(predictions: dict, references: dict, per_id: bool = False) -
         raise ImportError(f"caption_metrics needs pycocoevalcap: pip install 'vlbridge[train]' ({e})") from None
 
     # one tokenizer run (one JVM start) for references and predictions: keys (0, id) and (1, id)
-    tokens = PTBTokenizer().tokenize({**{(0, k): [{"caption": c} for c in refs] for k, refs in references.items()},
-                                      **{(1, k): [{"caption": predictions[k]}] for k in references}})
+    tokens = PTBTokenizer().tokenize(
+        {
+            **{(0, k): [{"caption": c} for c in refs] for k, refs in references.items()},
+            **{(1, k): [{"caption": predictions[k]}] for k in references},
+        }
+    )
     ids = list(references)
     gts, res = {k: tokens[(0, k)] for k in ids}, {k: tokens[(1, k)] for k in ids}
     out, each = {}, {}
@@ -161,9 +169,13 @@ def caption_metrics(predictions: dict, references: dict, per_id: bool = False) -
     return out
 
 
-def retrieval_recall(scores: torch.Tensor, text_to_image: Sequence[int] | None = None,
-                     image_to_texts: Sequence[Sequence[int]] | None = None, ks: Sequence[int] = (1, 5, 10),
-                     chunk: int = 1024) -> dict[str, float]:
+def retrieval_recall(
+    scores: torch.Tensor,
+    text_to_image: Sequence[int] | None = None,
+    image_to_texts: Sequence[Sequence[int]] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
     """Recall@k in [0, 1] from a (num_images, num_texts) similarity matrix; give one of
     text_to_image (the image index of each text) or image_to_texts (the text indices of each image).
 
@@ -204,15 +216,15 @@ def retrieval_recall(scores: torch.Tensor, text_to_image: Sequence[int] | None =
 
     i2t_rank = torch.empty(ni, dtype=torch.long, device=scores.device)
     for lo in range(0, ni, chunk):  # (chunk, nt) at a time: 5k x 25k would be 125M elements at once
-        s = scores[lo:lo + chunk]
+        s = scores[lo : lo + chunk]
         right = target[None, :] == torch.arange(lo, lo + len(s), device=scores.device)[:, None]
         best = s.masked_fill(~right, float("-inf")).amax(dim=1, keepdim=True)
-        i2t_rank[lo:lo + len(s)] = ((s >= best) & ~right).sum(dim=1)
+        i2t_rank[lo : lo + len(s)] = ((s >= best) & ~right).sum(dim=1)
 
     right_score = scores[target, cols]  # (nt,)
     t2i_rank = torch.zeros(nt, dtype=torch.long, device=scores.device)
     for lo in range(0, ni, chunk):
-        t2i_rank += (scores[lo:lo + chunk] >= right_score[None, :]).sum(dim=0)
+        t2i_rank += (scores[lo : lo + chunk] >= right_score[None, :]).sum(dim=0)
     t2i_rank -= 1  # the right image itself is counted by >=
 
     out = {f"i2t_r{k}": (i2t_rank < k).float().mean().item() for k in ks}

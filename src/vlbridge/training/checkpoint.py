@@ -47,8 +47,10 @@ def save_checkpoint(path: Path, step: int, model, opt, processor, writer=None):
 
     full = full_model(model, writer)
     params = [p for g in opt.param_groups for p in g["params"]]
-    states = [{k: dist.full_tensor(v) if torch.is_tensor(v) else torch.tensor(v) for k, v in opt.state.get(p, {}).items()}
-              for p in params]
+    states = [
+        {k: dist.full_tensor(v) if torch.is_tensor(v) else torch.tensor(v) for k, v in opt.state.get(p, {}).items()}
+        for p in params
+    ]
     if dist.world()[0] > 0:
         return
     full.save_pretrained(path, processor=processor, include_backbones=False)
@@ -69,7 +71,7 @@ def load_weights(path: Path, model):
     with torch.no_grad():
         for key, value in load_file(str(path / "trainer_state.safetensors")).items():
             if key.startswith("param."):
-                params[key[len("param."):]].copy_(value)
+                params[key[len("param.") :]].copy_(value)
 
 
 def load_trainer_state(path: Path, opt) -> int:

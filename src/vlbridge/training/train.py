@@ -2,21 +2,23 @@
 
 Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts) -> data -> AdamW
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
-resume (checkpoint.py) -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked (lazy imports).
+resume (checkpoint.py) -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked
+(lazy imports).
 
-1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.training.train RECIPE` (any recipe) each rank
-takes its slice of the same global batch (batch_size, and a Flamingo dataset's batch_size, is the
-per-rank micro-batch: global batch = batch_size * N * grad_accum) and only rank 0 writes. parallel "ddp": every rank holds the model and
-DistributedDataParallel averages the gradients. parallel "fsdp": FSDP2 shards every parameter, gradient
-and optimizer state over the ranks (for LMs too large to replicate); rank 0 keeps a CPU copy of the
-model to write checkpoints, which stay whole (safetensors), so a run resumes on any number of processes
-and either parallel mode.
+1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.training.train RECIPE` (any recipe)
+each rank takes its slice of the same global batch (batch_size, and a Flamingo dataset's batch_size, is
+the per-rank micro-batch: global batch = batch_size * N * grad_accum) and only rank 0 writes. parallel
+"ddp": every rank holds the model and DistributedDataParallel averages the gradients. parallel "fsdp":
+FSDP2 shards every parameter, gradient and optimizer state over the ranks (for LMs too large to
+replicate); rank 0 keeps a CPU copy of the model to write checkpoints, which stay whole (safetensors),
+so a run resumes on any number of processes and either parallel mode.
 
 `model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`), "flamingo"
-(`flamingo` + `datasets`) or "eve" (stage 1, 2 or 3, `eve` + `data`). Each kind has a small build and
-loss function below; the loop is shared.
-A Flamingo recipe mixes datasets as the paper does: every optimizer step accumulates the gradient of
-sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-robin), and logs each loss_m.
+(`flamingo` + `datasets`) or "eve" (stage 1, 2 or 3, `eve` + `data`). Each kind has a small build
+function and its data streams below; the loss is the model's own (VLModel.training_loss) and the loop
+is shared. A Flamingo recipe mixes datasets as the paper does: every optimizer step accumulates the
+gradient of sum_m lambda_m * loss_m over ALL datasets m (not one dataset per step, round-robin), and
+logs each loss_m.
 """
 
 from __future__ import annotations
@@ -35,16 +37,16 @@ import torch
 
 from vlbridge.core import dist
 from vlbridge.core.backbones import local_dir
-from vlbridge.models.blip2.modeling import Blip2, create_blip2
-from vlbridge.training.checkpoint import Loggers, full_model, load_trainer_state, load_weights, save_checkpoint
-from vlbridge.models.blip2.configuration import Blip2Config
 from vlbridge.core.config import from_dict, save_json
 from vlbridge.data.batches import BatchStream, DataConfig, FeatureCache, ProcessorStream, ShardStream, make_pool
 from vlbridge.data.interleaved import DocumentData, DocumentStream, make_source
+from vlbridge.models.blip2.configuration import Blip2Config
+from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert
+from vlbridge.models.blip2.modeling import Blip2, create_blip2
+from vlbridge.models.blip2.processing import Blip2Processor
 from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor, create_eve
 from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig, FlamingoProcessor, create_flamingo
-from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert
-from vlbridge.models.blip2.processing import Blip2Processor
+from vlbridge.training.checkpoint import Loggers, full_model, load_trainer_state, load_weights, save_checkpoint
 
 log = logging.getLogger("vlbridge.training.train")
 ASSETS = Path(__file__).parents[1] / "assets"
@@ -67,6 +69,7 @@ class OptimConfig:
 @dataclass
 class LossWeights:
     """BLIP-2 stage 1: loss = itc * ITC + itm * ITM + itg * ITG (the paper weighs all three 1)."""
+
     itc: float = 1.0
     itm: float = 1.0
     itg: float = 1.0
@@ -114,15 +117,18 @@ class TrainConfig:
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
         if self.qformer_init and (self.model_kind != "blip2" or self.stage != 1 or self.init_from):
-            raise ValueError("qformer_init starts a fresh BLIP-2 stage-1 Q-Former from BERT: it needs model_kind "
-                             "'blip2', stage 1 and no init_from (a later stage starts from the previous one)")
+            raise ValueError(
+                "qformer_init starts a fresh BLIP-2 stage-1 Q-Former from BERT: it needs model_kind "
+                "'blip2', stage 1 and no init_from (a later stage starts from the previous one)"
+            )
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
         if not all(math.isfinite(x) and x >= 0 for x in astuple(self.loss_weights)):
             raise ValueError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
         if self.loss_weights != LossWeights() and (self.model_kind != "blip2" or self.stage != 1):
-            raise ValueError("loss_weights weigh BLIP-2's stage-1 losses (ITC, ITM, ITG): they need model_kind "
-                             "'blip2' and stage 1")
+            raise ValueError(
+                "loss_weights weigh BLIP-2's stage-1 losses (ITC, ITM, ITG): they need model_kind 'blip2' and stage 1"
+            )
         # from_dict builds nested dataclasses, not lists of them: the datasets arrive as dicts
         self.datasets = [d if isinstance(d, DocumentData) else from_dict(DocumentData, d) for d in self.datasets]
         if self.model_kind == "flamingo" and (self.flamingo is None or not self.datasets):
@@ -231,8 +237,10 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
     if cfg.model_kind == "flamingo":
         if cfg.cache_features:
             raise ValueError("cache_features is for BLIP-2 recipes only")
-        return {d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i, rank, world_size))
-                for i, d in enumerate(cfg.datasets)}
+        return {
+            d.name: (d.weight, DocumentStream(make_source(d), processor, d.batch_size, cfg.seed, i, rank, world_size))
+            for i, d in enumerate(cfg.datasets)
+        }
     if cfg.model_kind == "blip2" and cfg.stage == 1 and cfg.data.source == "vqa":
         raise ValueError("BLIP-2 stage 1 learns from image-text pairs: give captions (coco, karpathy, jsonl, csv)")
     prompts = (model.config.caption_prompt, model.config.vqa_prompt)
@@ -240,23 +248,58 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
     if cfg.data.source == "webdataset":  # streamed: no pool to cache features of or to index
         if cfg.model_kind != "blip2" or cfg.cache_features:
             raise ValueError("webdataset shards stream BLIP-2 training batches, without cache_features")
-        return {"": (1.0, ShardStream(cfg.data, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
-                                      rank, world_size, question))}
+        return {
+            "": (
+                1.0,
+                ShardStream(
+                    cfg.data,
+                    processor,
+                    cfg.batch_size,
+                    cfg.grad_accum,
+                    cfg.stage,
+                    prompts,
+                    cfg.seed,
+                    rank,
+                    world_size,
+                    question,
+                ),
+            )
+        }
     pool = make_pool(cfg.data)
     cache = None
     if cfg.model_kind == "eve":
         if cfg.cache_features:
             raise ValueError("cache_features: EVE has no frozen encoder in front of the LM to cache")
-        return {"": (1.0, ProcessorStream(pool, processor, cfg.batch_size, cfg.grad_accum, prompts, cfg.seed,
-                                          rank, world_size))}
+        return {
+            "": (
+                1.0,
+                ProcessorStream(pool, processor, cfg.batch_size, cfg.grad_accum, prompts, cfg.seed, rank, world_size),
+            )
+        }
     if cfg.cache_features:  # rank 0 computes and stores the features, then the others load them
         if rank > 0:
             dist.barrier()
         cache = FeatureCache.build(model.vision, pool, processor, out.parent / "feature-cache")
         if rank == 0:
             dist.barrier()
-    return {"": (1.0, BatchStream(pool, processor, cfg.batch_size, cfg.grad_accum, cfg.stage, prompts, cfg.seed,
-                                  cache, rank, world_size, question))}
+    return {
+        "": (
+            1.0,
+            BatchStream(
+                pool,
+                processor,
+                cfg.batch_size,
+                cfg.grad_accum,
+                cfg.stage,
+                prompts,
+                cfg.seed,
+                cache,
+                rank,
+                world_size,
+                question,
+            ),
+        )
+    }
 
 
 class Objective(torch.nn.Module):
@@ -296,12 +339,13 @@ def accumulate(model, streams: dict, step: int, cfg: TrainConfig, autocast, devi
             batch = {k: v.to(device) for k, v in stream.batch(step, micro).items()}
             # DDP all-reduces gradients once a step, in the last backward: the others accumulate locally.
             last = d * cfg.grad_accum + micro == backwards - 1
-            with (objective.no_sync() if ddp and not last else contextlib.nullcontext()):
+            with objective.no_sync() if ddp and not last else contextlib.nullcontext():
                 with autocast:
                     loss, parts = objective(batch, step_generator(cfg.seed, step, micro, device))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, "
-                                             f"parts {parts})")
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {step} ({ds or 'data'}, parts {parts})"
+                    )
                 (weight * loss / cfg.grad_accum).backward()
             loss_sum += weight * loss.item() / cfg.grad_accum
             if ds:
@@ -341,8 +385,8 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     writer = copy.deepcopy(model) if fsdp and master else None
     model.to(device)
     if cfg.precision == "bf16" and device.type == "cpu" and model.lm is not None:
-        # Gradients flow through the frozen LM (to the soft prompt / the gated blocks); its fused attention kernel is slow
-        # in bf16 backward on CPU (see qformer.attention), the eager path is the same math.
+        # Gradients flow through the frozen LM (to the soft prompt / the gated blocks); its fused attention
+        # kernel is slow in bf16 backward on CPU (see qformer.attention), the eager path is the same math.
         model.lm.set_attn_implementation("eager")
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -361,11 +405,17 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         ids = [device] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(Objective(model, cfg), device_ids=ids)
     if world_size > 1:
-        log.info("data-parallel (%s) over %d ranks: global batch = %d x per-rank batch x grad_accum %d", cfg.parallel,
-                 world_size, world_size, cfg.grad_accum)
+        log.info(
+            "data-parallel (%s) over %d ranks: global batch = %d x per-rank batch x grad_accum %d",
+            cfg.parallel,
+            world_size,
+            world_size,
+            cfg.grad_accum,
+        )
     # After sharding: FSDP replaces the parameters by DTensor shards, and the optimizer steps those.
-    opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay, cfg.optim.gate_lr_scale), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas)
+    opt = torch.optim.AdamW(
+        model.param_groups(cfg.optim.weight_decay, cfg.optim.gate_lr_scale), lr=cfg.optim.lr, betas=cfg.optim.betas
+    )
     start = 0
     if resume is not None:
         start = load_trainer_state(resume, opt)
@@ -387,14 +437,23 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             means = dist.mean_over_ranks({"loss": loss_sum, **parts_sum})  # every rank takes part
             if master:
-                row = {"step": step + 1, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                       "samples_per_s": seen / (time.time() - t0), "elapsed_s": time.time() - t0}
+                row = {
+                    "step": step + 1,
+                    **means,
+                    "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "samples_per_s": seen / (time.time() - t0),
+                    "elapsed_s": time.time() - t0,
+                }
                 cut = getattr(processor, "num_truncated", 0)  # Q-Former texts cut to max_text_length so far
                 if cut:
                     row["texts_truncated"] = cut
                     if not warned_cut:
-                        log.warning("Q-Former texts longer than max_text_length are being cut (%d so far, counted "
-                                    "as texts_truncated in the log)", cut)
+                        log.warning(
+                            "Q-Former texts longer than max_text_length are being cut (%d so far, counted "
+                            "as texts_truncated in the log)",
+                            cut,
+                        )
                         warned_cut = True
                 loggers.write(row)
         last = step + 1 == cfg.steps
@@ -422,8 +481,9 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="vlbridge train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vlbridge train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", help="recipe JSON file, or the name of a shipped recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value (value parsed as JSON)")
     args = p.parse_args(argv)

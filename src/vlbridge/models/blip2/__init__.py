@@ -3,14 +3,23 @@
 from vlbridge.models.blip2 import convert_transformers  # noqa: F401  (registers transformers' BLIP-2 layout)
 from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
 from vlbridge.models.blip2.modeling import (
-                                            Blip2,
-                                            Blip2Features,
-                                            Blip2Output,
-                                            Blip2PretrainOutput,
-                                            RetrievalScores,
-                                            create_blip2,
+    Blip2,
+    Blip2Features,
+    Blip2Output,
+    Blip2PretrainOutput,
+    RetrievalScores,
+    create_blip2,
 )
 from vlbridge.models.blip2.processing import Blip2Processor
 
-__all__ = ["Blip2", "Blip2Config", "Blip2Features", "Blip2Output", "Blip2PretrainOutput", "Blip2Processor",
-           "QFormerConfig", "RetrievalScores", "create_blip2"]
+__all__ = [
+    "Blip2",
+    "Blip2Config",
+    "Blip2Features",
+    "Blip2Output",
+    "Blip2PretrainOutput",
+    "Blip2Processor",
+    "QFormerConfig",
+    "RetrievalScores",
+    "create_blip2",
+]

@@ -48,41 +48,43 @@ GENERATION, RETRIEVAL = "Blip2ForConditionalGeneration", "Blip2ForImageTextRetri
 # The first entry that matches wins, in both directions (vlbridge.core.keymap). Shapes: d Q-Former
 # width, Dv vision width, H LM width, Q queries, V Q-Former vocabulary, E ITC width.
 _L = "qformer.encoder.layer.{i}."
-KEY_MAP = KeyMap([
-    ("query_tokens", "qformer.query_tokens"),  # (1, Q, d)
-    ("qformer.layernorm.{p}", "qformer.layernorm.{p}"),  # LN over [queries; text embeddings]
-    ("embeddings.word_embeddings.weight", "qformer.word_embeddings.weight"),  # (V, d), retrieval only
-    ("embeddings.position_embeddings.weight", "qformer.position_embeddings.weight"),  # (512, d), text only
-    # shared self-attention over [queries; text]
-    (_L + "attention.attention.query.{p}", "qformer.layers.{i}.attention.query.{p}"),
-    (_L + "attention.attention.key.{p}", "qformer.layers.{i}.attention.key.{p}"),
-    (_L + "attention.attention.value.{p}", "qformer.layers.{i}.attention.value.{p}"),
-    (_L + "attention.output.dense.{p}", "qformer.layers.{i}.attention.dense.{p}"),
-    (_L + "attention.output.LayerNorm.{p}", "qformer.layers.{i}.attention.norm.{p}"),
-    # cross-attention, queries -> image (key/value weights (d, Dv)), every cross_attention_frequency layers
-    (_L + "crossattention.attention.query.{p}", "qformer.layers.{i}.crossattention.query.{p}"),
-    (_L + "crossattention.attention.key.{p}", "qformer.layers.{i}.crossattention.key.{p}"),
-    (_L + "crossattention.attention.value.{p}", "qformer.layers.{i}.crossattention.value.{p}"),
-    (_L + "crossattention.output.dense.{p}", "qformer.layers.{i}.crossattention.dense.{p}"),
-    (_L + "crossattention.output.LayerNorm.{p}", "qformer.layers.{i}.crossattention.norm.{p}"),
-    # feed-forward of the query positions, then of the text positions (retrieval only)
-    (_L + "intermediate_query.dense.{p}", "qformer.layers.{i}.ffn_query.intermediate.{p}"),
-    (_L + "output_query.dense.{p}", "qformer.layers.{i}.ffn_query.output.{p}"),
-    (_L + "output_query.LayerNorm.{p}", "qformer.layers.{i}.ffn_query.norm.{p}"),
-    (_L + "intermediate.dense.{p}", "qformer.layers.{i}.ffn.intermediate.{p}"),
-    (_L + "output.dense.{p}", "qformer.layers.{i}.ffn.output.{p}"),
-    (_L + "output.LayerNorm.{p}", "qformer.layers.{i}.ffn.norm.{p}"),
-    # frozen vision tower; its final LayerNorm is our trainable ln_vision (listed first: it wins)
-    ("vision_model.post_layernorm.{p}", "ln_vision.{p}"),  # (Dv,)
-    ("vision_model.{rest}", "vision.model.{rest}"),
-    # stage 2: projection into the LM and the frozen LM itself
-    ("language_projection.{p}", "lm_proj.{p}"),  # (H, d)
-    ("language_model.{rest}", "lm.{rest}"),
-    # stage 1 heads (retrieval)
-    ("vision_projection.{p}", "vision_proj.{p}"),  # (E, d)
-    ("text_projection.{p}", "text_proj.{p}"),  # (E, d)
-    ("itm_head.{p}", "itm_head.{p}"),  # (2, d)
-])
+KEY_MAP = KeyMap(
+    [
+        ("query_tokens", "qformer.query_tokens"),  # (1, Q, d)
+        ("qformer.layernorm.{p}", "qformer.layernorm.{p}"),  # LN over [queries; text embeddings]
+        ("embeddings.word_embeddings.weight", "qformer.word_embeddings.weight"),  # (V, d), retrieval only
+        ("embeddings.position_embeddings.weight", "qformer.position_embeddings.weight"),  # (512, d), text only
+        # shared self-attention over [queries; text]
+        (_L + "attention.attention.query.{p}", "qformer.layers.{i}.attention.query.{p}"),
+        (_L + "attention.attention.key.{p}", "qformer.layers.{i}.attention.key.{p}"),
+        (_L + "attention.attention.value.{p}", "qformer.layers.{i}.attention.value.{p}"),
+        (_L + "attention.output.dense.{p}", "qformer.layers.{i}.attention.dense.{p}"),
+        (_L + "attention.output.LayerNorm.{p}", "qformer.layers.{i}.attention.norm.{p}"),
+        # cross-attention, queries -> image (key/value weights (d, Dv)), every cross_attention_frequency layers
+        (_L + "crossattention.attention.query.{p}", "qformer.layers.{i}.crossattention.query.{p}"),
+        (_L + "crossattention.attention.key.{p}", "qformer.layers.{i}.crossattention.key.{p}"),
+        (_L + "crossattention.attention.value.{p}", "qformer.layers.{i}.crossattention.value.{p}"),
+        (_L + "crossattention.output.dense.{p}", "qformer.layers.{i}.crossattention.dense.{p}"),
+        (_L + "crossattention.output.LayerNorm.{p}", "qformer.layers.{i}.crossattention.norm.{p}"),
+        # feed-forward of the query positions, then of the text positions (retrieval only)
+        (_L + "intermediate_query.dense.{p}", "qformer.layers.{i}.ffn_query.intermediate.{p}"),
+        (_L + "output_query.dense.{p}", "qformer.layers.{i}.ffn_query.output.{p}"),
+        (_L + "output_query.LayerNorm.{p}", "qformer.layers.{i}.ffn_query.norm.{p}"),
+        (_L + "intermediate.dense.{p}", "qformer.layers.{i}.ffn.intermediate.{p}"),
+        (_L + "output.dense.{p}", "qformer.layers.{i}.ffn.output.{p}"),
+        (_L + "output.LayerNorm.{p}", "qformer.layers.{i}.ffn.norm.{p}"),
+        # frozen vision tower; its final LayerNorm is our trainable ln_vision (listed first: it wins)
+        ("vision_model.post_layernorm.{p}", "ln_vision.{p}"),  # (Dv,)
+        ("vision_model.{rest}", "vision.model.{rest}"),
+        # stage 2: projection into the LM and the frozen LM itself
+        ("language_projection.{p}", "lm_proj.{p}"),  # (H, d)
+        ("language_model.{rest}", "lm.{rest}"),
+        # stage 1 heads (retrieval)
+        ("vision_projection.{p}", "vision_proj.{p}"),  # (E, d)
+        ("text_projection.{p}", "text_proj.{p}"),  # (E, d)
+        ("itm_head.{p}", "itm_head.{p}"),  # (2, d)
+    ]
+)
 # Ours, with no place in transformers' retrieval model: fresh on import, left out on export.
 NOT_IN_TRANSFORMERS = ("temp", "qformer.lm_head.")
 TOWER_NORM = "vision.model.post_layernorm."  # never applied by vlbridge: ln_vision is transformers' post_layernorm
@@ -120,24 +122,40 @@ def vlbridge_config(hf, kind: str, source: str) -> Blip2Config:
     """Our Blip2Config for a transformers Blip2Config; the backbones are named by `source`."""
     q, v = hf.qformer_config, hf.vision_config
     qformer = QFormerConfig(
-        hidden_size=q.hidden_size, num_layers=q.num_hidden_layers, num_heads=q.num_attention_heads,
-        intermediate_size=q.intermediate_size, num_query_tokens=hf.num_query_tokens,
-        cross_attention_frequency=q.cross_attention_frequency, encoder_hidden_size=v.hidden_size,
-        vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-        dropout=q.hidden_dropout_prob, attention_dropout=q.attention_probs_dropout_prob,
-        text_branch=kind == RETRIEVAL, pad_token_id=q.pad_token_id or 0,
-        bos_token_id=q.vocab_size - 1)  # [DEC] is the last row (LAVIS appends it to bert-base-uncased)
+        hidden_size=q.hidden_size,
+        num_layers=q.num_hidden_layers,
+        num_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        num_query_tokens=hf.num_query_tokens,
+        cross_attention_frequency=q.cross_attention_frequency,
+        encoder_hidden_size=v.hidden_size,
+        vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings,
+        layer_norm_eps=q.layer_norm_eps,
+        dropout=q.hidden_dropout_prob,
+        attention_dropout=q.attention_probs_dropout_prob,
+        text_branch=kind == RETRIEVAL,
+        pad_token_id=q.pad_token_id or 0,
+        bos_token_id=q.vocab_size - 1,
+    )  # [DEC] is the last row (LAVIS appends it to bert-base-uncased)
     lm = None
     if kind == GENERATION:
-        lm = LMConfig(source, hidden_size=hf.text_config.hidden_size,
-                      is_encoder_decoder=bool(hf.text_config.is_encoder_decoder))
-    return Blip2Config(vision=VisionConfig(source, feature_layer=-1, hidden_size=v.hidden_size), qformer=qformer,
-                       lm=lm, qformer_tokenizer=source if kind == RETRIEVAL else "",
-                       embed_dim=hf.image_text_hidden_size, image_token_id=hf.image_token_index)
+        lm = LMConfig(
+            source, hidden_size=hf.text_config.hidden_size, is_encoder_decoder=bool(hf.text_config.is_encoder_decoder)
+        )
+    return Blip2Config(
+        vision=VisionConfig(source, feature_layer=-1, hidden_size=v.hidden_size),
+        qformer=qformer,
+        lm=lm,
+        qformer_tokenizer=source if kind == RETRIEVAL else "",
+        embed_dim=hf.image_text_hidden_size,
+        image_token_id=hf.image_token_index,
+    )
 
 
-def load_transformers(root: Path, source: str, lm=None, drop_text_branch: bool = False,
-                      load_vision: bool = True, load_lm: bool = True):
+def load_transformers(
+    root: Path, source: str, lm=None, drop_text_branch: bool = False, load_vision: bool = True, load_lm: bool = True
+):
     """A vlbridge Blip2 holding a transformers BLIP-2 checkpoint (see Blip2.from_pretrained)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2VisionModel
@@ -169,8 +187,11 @@ def load_transformers(root: Path, source: str, lm=None, drop_text_branch: bool =
     own = model.state_dict()
     loaded, unknown = set(), []
     for shard in _shards(root):
-        tensors = {name: tensor for name, tensor in load_file(str(shard)).items()
-                   if not name.startswith(tuple(skip)) or name.startswith("vision_model.post_layernorm.")}
+        tensors = {
+            name: tensor
+            for name, tensor in load_file(str(shard)).items()
+            if not name.startswith(tuple(skip)) or name.startswith("vision_model.post_layernorm.")
+        }
         state, unplaced = KEY_MAP.map_state(tensors, to_ours=True, targets=own)
         unknown += unplaced
         model.load_state_dict(state, strict=False)
@@ -178,8 +199,10 @@ def load_transformers(root: Path, source: str, lm=None, drop_text_branch: bool =
     fresh = NOT_IN_TRANSFORMERS + (TOWER_NORM,) + (("lm.", "lm_proj.") if lm is not None else ())
     missing = [k for k in own if k not in loaded and k not in _tied_names(model.lm) and not k.startswith(fresh)]
     if unknown or missing:
-        raise ValueError(f"{root}: checkpoint does not match vlbridge's BLIP-2 ({kind}): unknown keys {sorted(unknown)}, "
-                         f"missing keys {sorted(missing)}")
+        raise ValueError(
+            f"{root}: checkpoint does not match vlbridge's BLIP-2 ({kind}): unknown keys {sorted(unknown)}, "
+            f"missing keys {sorted(missing)}"
+        )
     if vision is not None:
         vision.model.post_layernorm.load_state_dict(model.ln_vision.state_dict())
     if kind == RETRIEVAL:
@@ -198,7 +221,6 @@ def load_transformers_processor(root: Path, source: str):
     """A vlbridge Blip2Processor from the processor files of a transformers BLIP-2 directory."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-
     hf, kind = _transformers_config(root)
     config = vlbridge_config(hf, kind, source)
     image_processor = AutoImageProcessor.from_pretrained(root, backend="pil")
@@ -207,8 +229,15 @@ def load_transformers_processor(root: Path, source: str):
     if kind == RETRIEVAL:  # its one tokenizer is the Q-Former's (BERT); our ITC/ITM take no image tokens
         return Blip2Processor(image_processor, tok, None, num_query_tokens=Q, max_text_length=config.max_text_length)
     image_token = None if hf.image_token_index is None else tok.convert_ids_to_tokens(hf.image_token_index)
-    return Blip2Processor(image_processor, None, tok, num_query_tokens=Q, is_encoder_decoder=config.lm.is_encoder_decoder,
-                          image_token=image_token, max_text_length=config.max_text_length)
+    return Blip2Processor(
+        image_processor,
+        None,
+        tok,
+        num_query_tokens=Q,
+        is_encoder_decoder=config.lm.is_encoder_decoder,
+        image_token=image_token,
+        max_text_length=config.max_text_length,
+    )
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -221,31 +250,50 @@ def save_transformers(model, path: str | Path, processor=None):
 
     cfg, q = model.config, model.config.qformer
     if model.lm is not None and cfg.qformer_question:
-        raise ValueError("this Q-Former reads the question (qformer_question): transformers' "
-                         "Blip2ForConditionalGeneration cannot; save with format='vlbridge'")
+        raise ValueError(
+            "this Q-Former reads the question (qformer_question): transformers' "
+            "Blip2ForConditionalGeneration cannot; save with format='vlbridge'"
+        )
     tower = getattr(model.vision, "model", None)
     if not isinstance(tower, Blip2VisionModel):
-        raise ValueError(f"transformers' BLIP-2 holds a Blip2VisionModel tower, not {type(tower).__name__}: "
-                         f"save with format='vlbridge'")
+        raise ValueError(
+            f"transformers' BLIP-2 holds a Blip2VisionModel tower, not {type(tower).__name__}: "
+            f"save with format='vlbridge'"
+        )
     if model.lm is not None and q.text_branch:
-        raise ValueError("Blip2ForConditionalGeneration has no Q-Former text branch: call model.drop_text_branch() "
-                         "first, or save with format='vlbridge'")
+        raise ValueError(
+            "Blip2ForConditionalGeneration has no Q-Former text branch: call model.drop_text_branch() "
+            "first, or save with format='vlbridge'"
+        )
     if model.lm is None and not q.text_branch:
         raise ValueError("a model with neither an LM nor a Q-Former text branch has no transformers counterpart")
     if model.ln_vision.eps != tower.config.layer_norm_eps:
         log.warning("ln_vision eps %g becomes post_layernorm eps %g", model.ln_vision.eps, tower.config.layer_norm_eps)
     kind = GENERATION if model.lm is not None else RETRIEVAL
     qformer_config = Blip2QFormerConfig(
-        vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-        num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act="gelu",
-        hidden_dropout_prob=q.dropout, attention_probs_dropout_prob=q.attention_dropout,
-        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-        pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_frequency,
-        encoder_hidden_size=q.encoder_hidden_size, use_qformer_text_input=q.text_branch)
-    hf = HFBlip2Config(vision_config=tower.config.to_dict(), qformer_config=qformer_config.to_dict(),
-                       text_config=model.lm.config.to_dict() if model.lm is not None else None,
-                       num_query_tokens=q.num_query_tokens, image_text_hidden_size=cfg.embed_dim,
-                       image_token_index=cfg.image_token_id)
+        vocab_size=q.vocab_size,
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_layers,
+        num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=q.dropout,
+        attention_probs_dropout_prob=q.attention_dropout,
+        max_position_embeddings=q.max_position_embeddings,
+        layer_norm_eps=q.layer_norm_eps,
+        pad_token_id=q.pad_token_id,
+        cross_attention_frequency=q.cross_attention_frequency,
+        encoder_hidden_size=q.encoder_hidden_size,
+        use_qformer_text_input=q.text_branch,
+    )
+    hf = HFBlip2Config(
+        vision_config=tower.config.to_dict(),
+        qformer_config=qformer_config.to_dict(),
+        text_config=model.lm.config.to_dict() if model.lm is not None else None,
+        num_query_tokens=q.num_query_tokens,
+        image_text_hidden_size=cfg.embed_dim,
+        image_token_index=cfg.image_token_id,
+    )
     hf.architectures = [kind]
     hf_processor = _transformers_processor(model, processor) if processor is not None else None
 
@@ -280,12 +328,15 @@ def _transformers_processor(model, processor):
     tok = processor.tokenizer if model.lm is not None else processor.qformer_tokenizer
     image_token_id = model.config.image_token_id
     Q = model.config.qformer.num_query_tokens
-    hf = HFBlip2Processor(processor.image_processor, copy.deepcopy(tok),
-                          num_query_tokens=Q if image_token_id is not None else None)
+    hf = HFBlip2Processor(
+        processor.image_processor, copy.deepcopy(tok), num_query_tokens=Q if image_token_id is not None else None
+    )
     inserted = hf.tokenizer.convert_tokens_to_ids(str(hf.image_token))
     if image_token_id is not None and inserted != image_token_id:
-        raise ValueError(f"transformers' processor would insert {hf.image_token} (id {inserted}), not the model's "
-                         f"image token (id {image_token_id})")
+        raise ValueError(
+            f"transformers' processor would insert {hf.image_token} (id {inserted}), not the model's "
+            f"image token (id {image_token_id})"
+        )
     return hf
 
 
@@ -293,25 +344,35 @@ def _transformers_processor(model, processor):
 # (BERT name, Q-Former name), BERT names without their "bert." prefix. What BERT lacks starts fresh:
 # the queries, cross-attention; the query FFNs are then copied from the text FFNs, as in BLIP-2.
 _B = "encoder.layer.{i}."
-BERT_MAP = KeyMap([
-    ("embeddings.word_embeddings.weight", "word_embeddings.weight"),  # (V_bert, d) into (V, d): [DEC] row stays fresh
-    ("embeddings.position_embeddings.weight", "position_embeddings.weight"),  # + token type 0, see below
-    ("embeddings.LayerNorm.{p}", "layernorm.{p}"),
-    (_B + "attention.self.query.{p}", "layers.{i}.attention.query.{p}"),
-    (_B + "attention.self.key.{p}", "layers.{i}.attention.key.{p}"),
-    (_B + "attention.self.value.{p}", "layers.{i}.attention.value.{p}"),
-    (_B + "attention.output.dense.{p}", "layers.{i}.attention.dense.{p}"),
-    (_B + "attention.output.LayerNorm.{p}", "layers.{i}.attention.norm.{p}"),
-    (_B + "intermediate.dense.{p}", "layers.{i}.ffn.intermediate.{p}"),
-    (_B + "output.dense.{p}", "layers.{i}.ffn.output.{p}"),
-    (_B + "output.LayerNorm.{p}", "layers.{i}.ffn.norm.{p}"),
-    ("cls.predictions.transform.dense.{p}", "lm_head.dense.{p}"),  # MLM head -> ITG head (absent in BertModel)
-    ("cls.predictions.transform.LayerNorm.{p}", "lm_head.norm.{p}"),
-    ("cls.predictions.bias", "lm_head.bias"),  # (V_bert,) into (V,)
-])
+BERT_MAP = KeyMap(
+    [
+        (
+            "embeddings.word_embeddings.weight",
+            "word_embeddings.weight",
+        ),  # (V_bert, d) into (V, d): [DEC] row stays fresh
+        ("embeddings.position_embeddings.weight", "position_embeddings.weight"),  # + token type 0, see below
+        ("embeddings.LayerNorm.{p}", "layernorm.{p}"),
+        (_B + "attention.self.query.{p}", "layers.{i}.attention.query.{p}"),
+        (_B + "attention.self.key.{p}", "layers.{i}.attention.key.{p}"),
+        (_B + "attention.self.value.{p}", "layers.{i}.attention.value.{p}"),
+        (_B + "attention.output.dense.{p}", "layers.{i}.attention.dense.{p}"),
+        (_B + "attention.output.LayerNorm.{p}", "layers.{i}.attention.norm.{p}"),
+        (_B + "intermediate.dense.{p}", "layers.{i}.ffn.intermediate.{p}"),
+        (_B + "output.dense.{p}", "layers.{i}.ffn.output.{p}"),
+        (_B + "output.LayerNorm.{p}", "layers.{i}.ffn.norm.{p}"),
+        ("cls.predictions.transform.dense.{p}", "lm_head.dense.{p}"),  # MLM head -> ITG head (absent in BertModel)
+        ("cls.predictions.transform.LayerNorm.{p}", "lm_head.norm.{p}"),
+        ("cls.predictions.bias", "lm_head.bias"),  # (V_bert,) into (V,)
+    ]
+)
 # In BERT checkpoints, with no place in the Q-Former: pooler, next-sentence head, aliases of tied tensors.
-BERT_UNUSED = ("pooler.", "cls.seq_relationship.", "cls.predictions.decoder.", "embeddings.position_ids",
-               "embeddings.token_type_embeddings.weight")
+BERT_UNUSED = (
+    "pooler.",
+    "cls.seq_relationship.",
+    "cls.predictions.decoder.",
+    "embeddings.position_ids",
+    "embeddings.token_type_embeddings.weight",
+)
 
 
 @torch.no_grad()
@@ -329,29 +390,45 @@ def init_qformer_from_bert(qformer, name_or_path: str | Path):
     root = local_dir(name_or_path)
     bert_cfg = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
     qcfg = qformer.config
-    if bert_cfg.get("hidden_act", "gelu") != "gelu" or bert_cfg.get("layer_norm_eps", qcfg.layer_norm_eps) != qcfg.layer_norm_eps:
-        raise ValueError(f"{root}: BERT hidden_act/layer_norm_eps {bert_cfg.get('hidden_act')}/"
-                         f"{bert_cfg.get('layer_norm_eps')} differ from the Q-Former's gelu/{qcfg.layer_norm_eps}")
+    if (
+        bert_cfg.get("hidden_act", "gelu") != "gelu"
+        or bert_cfg.get("layer_norm_eps", qcfg.layer_norm_eps) != qcfg.layer_norm_eps
+    ):
+        raise ValueError(
+            f"{root}: BERT hidden_act/layer_norm_eps {bert_cfg.get('hidden_act')}/"
+            f"{bert_cfg.get('layer_norm_eps')} differ from the Q-Former's gelu/{qcfg.layer_norm_eps}"
+        )
     if not qcfg.text_branch:
         raise ValueError("this Q-Former has no text branch to initialise from BERT")
     state = {}
     for shard in _shards(root):
         state.update(load_file(str(shard)))
     # old BERT checkpoints name LayerNorm parameters gamma/beta; "bert." prefixes the encoder in head models
-    state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k.removeprefix("bert."))): v
-             for k, v in state.items()}
+    state = {
+        re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k.removeprefix("bert."))): v
+        for k, v in state.items()
+    }
     own = qformer.state_dict()
     mapped, unplaced = BERT_MAP.map_state(state, to_ours=True, targets=own)
     unknown = [name for name in unplaced if not name.startswith(BERT_UNUSED)]
     # BERT must fill all but what it lacks: queries, cross-attention, query FFNs (copied below), MLM head (optional)
-    missing = [k for k in own if k not in mapped and not k.startswith(("query_tokens", "lm_head."))
-               and ".crossattention." not in k and ".ffn_query." not in k]
+    missing = [
+        k
+        for k in own
+        if k not in mapped
+        and not k.startswith(("query_tokens", "lm_head."))
+        and ".crossattention." not in k
+        and ".ffn_query." not in k
+    ]
     if unknown or missing:
-        raise ValueError(f"{root}: BERT checkpoint does not match the Q-Former: unknown keys {sorted(unknown)}, "
-                         f"missing keys {sorted(missing)}")
+        raise ValueError(
+            f"{root}: BERT checkpoint does not match the Q-Former: unknown keys {sorted(unknown)}, "
+            f"missing keys {sorted(missing)}"
+        )
     if "embeddings.token_type_embeddings.weight" in state:
-        mapped["position_embeddings.weight"] = mapped["position_embeddings.weight"] + \
-            state["embeddings.token_type_embeddings.weight"][0]
+        mapped["position_embeddings.weight"] = (
+            mapped["position_embeddings.weight"] + state["embeddings.token_type_embeddings.weight"][0]
+        )
     for name in ("word_embeddings.weight", "lm_head.bias"):  # BERT's rows first; the added [DEC] row keeps its init
         if name in mapped:
             rows = mapped.pop(name)
@@ -365,8 +442,14 @@ def init_qformer_from_bert(qformer, name_or_path: str | Path):
     return qformer
 
 
-# Blip2.from_pretrained / Blip2Processor.from_pretrained read this layout, save_pretrained(format="transformers") writes it
-TRANSFORMERS = CheckpointFormat("transformers", detect=is_transformers_checkpoint, load_model=load_transformers,
-                                load_processor=load_transformers_processor, save=save_transformers)
+# Blip2.from_pretrained and Blip2Processor.from_pretrained read this layout;
+# Blip2.save_pretrained(format="transformers") writes it
+TRANSFORMERS = CheckpointFormat(
+    "transformers",
+    detect=is_transformers_checkpoint,
+    load_model=load_transformers,
+    load_processor=load_transformers_processor,
+    save=save_transformers,
+)
 Blip2.register_format(TRANSFORMERS)
 Blip2Processor.register_format(TRANSFORMERS)

@@ -36,6 +36,7 @@ from vlbridge.models.blip2.qformer import QFormer, QFormerLayer
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Blip2Output:
     loss: torch.Tensor | None
@@ -82,8 +83,9 @@ class Blip2(VLModel):
         self.config = config
         qcfg = config.qformer
         if vision is not None and vision.hidden_size != qcfg.encoder_hidden_size:
-            raise ValueError(f"vision backbone width {vision.hidden_size} != qformer.encoder_hidden_size "
-                             f"{qcfg.encoder_hidden_size}")
+            raise ValueError(
+                f"vision backbone width {vision.hidden_size} != qformer.encoder_hidden_size {qcfg.encoder_hidden_size}"
+            )
         self.vision = freeze(vision) if vision is not None else None
         # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output. On BLIP-2's own tower
         # it is that tower's post_layernorm (transformers' layout), so it takes the tower's eps.
@@ -107,8 +109,9 @@ class Blip2(VLModel):
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
-    def from_config(cls, config: Blip2Config, root: str | Path | None = None,
-                    load_vision: bool = True, load_lm: bool = True) -> "Blip2":
+    def from_config(
+        cls, config: Blip2Config, root: str | Path | None = None, load_vision: bool = True, load_lm: bool = True
+    ) -> Blip2:
         """Build from a config, loading the frozen backbones it names (paths relative to `root` first)."""
         config = copy.deepcopy(config)
         # From here on the config names where its parts really are, not where they sit in `root`.
@@ -123,8 +126,14 @@ class Blip2(VLModel):
         return cls(config, vision, lm)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, lm: str | LMConfig | None = None, drop_text_branch: bool = False,
-                        load_vision: bool = True, load_lm: bool = True) -> "Blip2":
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        lm: str | LMConfig | None = None,
+        drop_text_branch: bool = False,
+        load_vision: bool = True,
+        load_lm: bool = True,
+    ) -> Blip2:
         """Load a vlbridge checkpoint, or one in a registered foreign layout (transformers' BLIP-2:
         config.json with model_type "blip-2", Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval),
         from a directory or a hub id.
@@ -132,12 +141,19 @@ class Blip2(VLModel):
         lm: attach this LM instead of the saved one (e.g. a stage-1 checkpoint going into stage 2);
             its projection starts fresh. drop_text_branch: remove what stage 2 does not use.
         """
-        return super().from_pretrained(name_or_path, lm=lm, drop_text_branch=drop_text_branch,
-                                       load_vision=load_vision, load_lm=load_lm)
+        return super().from_pretrained(
+            name_or_path, lm=lm, drop_text_branch=drop_text_branch, load_vision=load_vision, load_lm=load_lm
+        )
 
     @classmethod
-    def load_vlbridge(cls, root: Path, lm: str | LMConfig | None = None, drop_text_branch: bool = False,
-                      load_vision: bool = True, load_lm: bool = True) -> "Blip2":
+    def load_vlbridge(
+        cls,
+        root: Path,
+        lm: str | LMConfig | None = None,
+        drop_text_branch: bool = False,
+        load_vision: bool = True,
+        load_lm: bool = True,
+    ) -> Blip2:
         from safetensors.torch import load_file
 
         config = cls.read_config(root)
@@ -169,8 +185,10 @@ class Blip2(VLModel):
         config.qformer_question it keeps the text side (it reads the question) and drops the heads."""
         keep = self.config.qformer_question
         if keep and not self.config.qformer.text_branch:
-            raise ValueError("qformer_question needs the Q-Former's text side, and this model's was dropped: "
-                             "start stage 2 from a stage-1 checkpoint")
+            raise ValueError(
+                "qformer_question needs the Q-Former's text side, and this model's was dropped: "
+                "start stage 2 from a stage-1 checkpoint"
+            )
         self.qformer.drop_text_branch(keep_text_input=keep)
         if not keep:
             self.config.qformer_tokenizer = ""  # nothing left that reads text
@@ -182,8 +200,10 @@ class Blip2(VLModel):
     # ------------------------------------------------------------------ what it can do, what trains
     @property
     def tasks(self) -> frozenset[str]:
-        return frozenset(({"caption", "vqa"} if self.lm is not None else set())
-                         | ({"retrieval"} if self.has_pretrain_heads else set()))
+        return frozenset(
+            ({"caption", "vqa"} if self.lm is not None else set())
+            | ({"retrieval"} if self.has_pretrain_heads else set())
+        )
 
     def frozen_backbones(self) -> list[nn.Module]:
         return [m for m in (self.vision, self.lm) if m is not None]
@@ -216,8 +236,9 @@ class Blip2(VLModel):
 
     def require_text_branch(self):
         if not self.has_pretrain_heads:
-            raise ValueError("this model's Q-Former text branch or stage-1 heads were dropped (stage 2): "
-                             "ITC/ITM/ITG are unavailable")
+            raise ValueError(
+                "this model's Q-Former text branch or stage-1 heads were dropped (stage 2): ITC/ITM/ITG are unavailable"
+            )
 
     def query_output(self, img: torch.Tensor, qformer_input_ids=None, qformer_attention_mask=None) -> torch.Tensor:
         """The queries after the Q-Former (B, Q, d): from the image alone or, with config.qformer_question
@@ -227,8 +248,10 @@ class Blip2(VLModel):
         if qformer_input_ids is None:
             return self.qformer(image_embeds=img)
         if not self.config.qformer_question:
-            raise ValueError("this model's Q-Former does not read the question (config.qformer_question is off): "
-                             "pass no qformer_input_ids")
+            raise ValueError(
+                "this model's Q-Former does not read the question (config.qformer_question is off): "
+                "pass no qformer_input_ids"
+            )
         # One pass for the whole batch: rows without a question (all-0 mask) then compute padding text
         # positions that no query sees; one pass costs less than two passes over the split batch.
         h = self.qformer(qformer_input_ids, qformer_attention_mask, image_embeds=img, mask_kind="bidirectional")
@@ -251,18 +274,27 @@ class Blip2(VLModel):
         if image_index is not None:
             used, image_index = image_index.unique(return_inverse=True)
             img = img[used]
-        h = self.qformer(input_ids, attention_mask, image_embeds=img, mask_kind="bidirectional",
-                         image_index=image_index)
+        h = self.qformer(
+            input_ids, attention_mask, image_embeds=img, mask_kind="bidirectional", image_index=image_index
+        )
         return self.itm_head(h[:, : self.config.qformer.num_query_tokens]).mean(dim=1)
 
     # ------------------------------------------------------------------ stage 1
-    def pretrain_losses(self, qformer_input_ids, qformer_attention_mask, pixel_values=None, image_features=None,
-                        image_ids=None, generator: torch.Generator | None = None, itg: bool = True
-                        ) -> Blip2PretrainOutput:
+    def pretrain_losses(
+        self,
+        qformer_input_ids,
+        qformer_attention_mask,
+        pixel_values=None,
+        image_features=None,
+        image_ids=None,
+        generator: torch.Generator | None = None,
+        itg: bool = True,
+    ) -> Blip2PretrainOutput:
         """Stage 1: ITC + ITM + ITG on the Q-Former (blip2_pretrain.pretrain_losses, which documents the
         arguments). qformer_input_ids/qformer_attention_mask: Q-Former tokens (B, T) starting with [CLS]."""
-        return blip2_pretrain.pretrain_losses(self, qformer_input_ids, qformer_attention_mask, pixel_values,
-                                              image_features, image_ids, generator, itg)
+        return blip2_pretrain.pretrain_losses(
+            self, qformer_input_ids, qformer_attention_mask, pixel_values, image_features, image_ids, generator, itg
+        )
 
     def training_loss(self, batch, generator=None, loss_weights=None):
         """Stage 1 (no LM): itc * ITC + itm * ITM + itg * ITG (loss_weights, each 1 by default; ITG is not
@@ -275,8 +307,15 @@ class Blip2(VLModel):
         if set(loss_weights or ()) - set(w):
             raise ValueError(f"loss_weights {sorted(loss_weights)}: BLIP-2's stage-1 losses are {sorted(w)}")
         w.update(loss_weights or {})
-        out = self.pretrain_losses(batch["qformer_input_ids"], batch["qformer_attention_mask"], batch.get("pixel_values"),
-                                   batch.get("image_features"), batch["image_ids"], generator, itg=w["itg"] > 0)
+        out = self.pretrain_losses(
+            batch["qformer_input_ids"],
+            batch["qformer_attention_mask"],
+            batch.get("pixel_values"),
+            batch.get("image_features"),
+            batch["image_ids"],
+            generator,
+            itg=w["itg"] > 0,
+        )
         loss = w["itc"] * out.loss_itc + w["itm"] * out.loss_itm + w["itg"] * out.loss_itg
         return loss, {"loss_itc": out.loss_itc.item(), "loss_itm": out.loss_itm.item(), "loss_itg": out.loss_itg.item()}
 
@@ -285,27 +324,38 @@ class Blip2(VLModel):
         if self.lm is None:
             raise ValueError("this model has no LM (stage 1); load one with Blip2.from_pretrained(path, lm=...)")
 
-    def lm_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
-                  qformer_input_ids=None, qformer_attention_mask=None):
+    def lm_inputs(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        image_features=None,
+        qformer_input_ids=None,
+        qformer_attention_mask=None,
+    ):
         """The LM's inputs_embeds (B, Q+T, H), attention_mask and labels with the visual prompt in
         place, and the query outputs (B, Q, d). Encoder-decoder labels are the decoder's targets, not
         aligned with the encoder inputs: they come back unchanged. qformer_input_ids / _attention_mask:
         the questions in Q-Former tokens (config.qformer_question), see query_output."""
         self._require_lm()
         if self.config.lm.is_encoder_decoder and labels is not None:
-            inputs_embeds, mask, _, query = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features,
-                                                           qformer_input_ids, qformer_attention_mask)
+            inputs_embeds, mask, _, query = self.lm_inputs(
+                pixel_values, input_ids, attention_mask, None, image_features, qformer_input_ids, qformer_attention_mask
+            )
             return inputs_embeds, mask, labels, query
-        query = self.query_output(self.image_embeds(pixel_values, image_features), qformer_input_ids,
-                                  qformer_attention_mask)  # (B, Q, d)
+        query = self.query_output(
+            self.image_embeds(pixel_values, image_features), qformer_input_ids, qformer_attention_mask
+        )  # (B, Q, d)
         emb = self.lm.get_input_embeddings()
         prompt = self.lm_proj(query).to(emb.weight.dtype)  # (B, Q, H)
         B, Q = prompt.shape[:2]
         if input_ids is None and self.config.image_token_id is not None:
             # transformers' default prompt in this layout: the image tokens, then the LM's bos if it has one
             bos = self.lm.config.bos_token_id
-            input_ids = torch.tensor([[self.config.image_token_id] * Q + ([bos] if bos is not None else [])],
-                                     device=prompt.device).expand(B, -1)
+            input_ids = torch.tensor(
+                [[self.config.image_token_id] * Q + ([bos] if bos is not None else [])], device=prompt.device
+            ).expand(B, -1)
         if input_ids is None:
             input_ids = torch.empty(B, 0, dtype=torch.long, device=prompt.device)
         if attention_mask is None:
@@ -314,8 +364,10 @@ class Blip2(VLModel):
         if self.config.image_token_id is not None:  # transformers' layout: Q image tokens in the prompt
             slots = input_ids == self.config.image_token_id
             if (slots.sum(1) != Q).any():
-                raise ValueError(f"every prompt must hold exactly {Q} image tokens (id {self.config.image_token_id}); "
-                                 f"found {slots.sum(1).tolist()} - the processor inserts them")
+                raise ValueError(
+                    f"every prompt must hold exactly {Q} image tokens (id {self.config.image_token_id}); "
+                    f"found {slots.sum(1).tolist()} - the processor inserts them"
+                )
             text = text.masked_scatter(slots[..., None].expand_as(text), prompt)
             labels = None if labels is None else labels.masked_fill(slots, -100)
             return text, attention_mask, labels, query
@@ -324,24 +376,38 @@ class Blip2(VLModel):
             labels = torch.cat([labels.new_full((B, Q), -100), labels], dim=1)
         return torch.cat([prompt, text], dim=1), mask, labels, query
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_features=None,
-                decoder_input_ids=None, decoder_attention_mask=None, qformer_input_ids=None,
-                qformer_attention_mask=None) -> Blip2Output:
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        image_features=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        qformer_input_ids=None,
+        qformer_attention_mask=None,
+    ) -> Blip2Output:
         """Stage-2 forward. Decoder-only: input_ids = prompt + target, labels -100 on the prompt.
         Encoder-decoder: input_ids = prompt (prefix) for the encoder, labels = target for the decoder.
         qformer_input_ids / qformer_attention_mask: the questions, for a model with config.qformer_question.
 
         Called with keywords, it takes transformers' Blip2ForConditionalGeneration inputs (pixel_values,
         input_ids with the image tokens, attention_mask, decoder_input_ids) and gives its logits."""
-        inputs_embeds, mask, labels, query = self.lm_inputs(pixel_values, input_ids, attention_mask, labels,
-                                                            image_features, qformer_input_ids, qformer_attention_mask)
+        inputs_embeds, mask, labels, query = self.lm_inputs(
+            pixel_values, input_ids, attention_mask, labels, image_features, qformer_input_ids, qformer_attention_mask
+        )
         if self.config.lm.is_encoder_decoder:
             if decoder_input_ids is None:
                 if labels is None:
                     raise ValueError("an encoder-decoder LM needs labels or decoder_input_ids")
                 decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
-            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                          decoder_attention_mask=decoder_attention_mask)
+            out = self.lm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+            )
             loss = None if labels is None else lm_loss(out.logits, labels)
         else:
             out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, **position_kwargs(self.lm, mask))
@@ -349,8 +415,16 @@ class Blip2(VLModel):
         return Blip2Output(loss, out.logits, query)
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, image_features=None,
-                 qformer_input_ids=None, qformer_attention_mask=None, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        image_features=None,
+        qformer_input_ids=None,
+        qformer_attention_mask=None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """Generate with the frozen LM; takes transformers' keywords (max_new_tokens, num_beams,
         length_penalty, min_new_tokens, do_sample, temperature, top_p, repetition_penalty, ...).
 
@@ -361,8 +435,9 @@ class Blip2(VLModel):
         the new tokens. qformer_input_ids / qformer_attention_mask: the questions, for a model with
         config.qformer_question (the processor's qformer_text=).
         """
-        inputs_embeds, mask, _, _ = self.lm_inputs(pixel_values, input_ids, attention_mask, None, image_features,
-                                                   qformer_input_ids, qformer_attention_mask)
+        inputs_embeds, mask, _, _ = self.lm_inputs(
+            pixel_values, input_ids, attention_mask, None, image_features, qformer_input_ids, qformer_attention_mask
+        )
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
@@ -383,11 +458,21 @@ class Blip2(VLModel):
     def itm(self, qformer_input_ids, qformer_attention_mask, pixel_values=None, image_features=None) -> torch.Tensor:
         """(B, 2) ITM logits [no match, match] for paired images and texts."""
         self.require_text_branch()
-        return self.itm_logits(self.image_embeds(pixel_values, image_features), qformer_input_ids, qformer_attention_mask)
+        return self.itm_logits(
+            self.image_embeds(pixel_values, image_features), qformer_input_ids, qformer_attention_mask
+        )
 
     @torch.no_grad()
-    def retrieval_scores(self, qformer_input_ids, qformer_attention_mask, pixel_values=None, image_features=None,
-                         k: int = 128, batch_size: int = 64, rerank: str = "log_odds") -> RetrievalScores:
+    def retrieval_scores(
+        self,
+        qformer_input_ids,
+        qformer_attention_mask,
+        pixel_values=None,
+        image_features=None,
+        k: int = 128,
+        batch_size: int = 64,
+        rerank: str = "log_odds",
+    ) -> RetrievalScores:
         """Rank all images against all texts: ITC for every pair, then the top k of each row re-ranked
         with ITM. rerank picks the re-ranked score:
             "log_odds": ITM log-odds (match - no-match logit) + ITC similarity / the learned temperature.
@@ -400,11 +485,19 @@ class Blip2(VLModel):
         if rerank not in RERANK_RULES:
             raise ValueError(f"rerank {rerank!r}: expected one of {RERANK_RULES}")
         source = pixel_values if image_features is None else image_features
-        img = torch.cat([self.image_embeds(**{("pixel_values" if image_features is None else "image_features"): x})
-                         for x in source.split(batch_size)])  # (Ni, N, Dv)
+        img = torch.cat(
+            [
+                self.image_embeds(**{("pixel_values" if image_features is None else "image_features"): x})
+                for x in source.split(batch_size)
+            ]
+        )  # (Ni, N, Dv)
         image_feats = torch.cat([self.query_features(x)[1] for x in img.split(batch_size)])  # (Ni, Q, E)
-        text_feat = torch.cat([self.text_features(i, m)[1] for i, m in
-                               zip(qformer_input_ids.split(batch_size), qformer_attention_mask.split(batch_size))])  # (Nt, E)
+        text_feat = torch.cat(
+            [
+                self.text_features(i, m)[1]
+                for i, m in zip(qformer_input_ids.split(batch_size), qformer_attention_mask.split(batch_size))
+            ]
+        )  # (Nt, E)
         itc = torch.einsum("bqe,te->btq", image_feats, text_feat).amax(-1)  # (Ni, Nt)
         temp = self.itc_temperature.item()
 
@@ -415,8 +508,12 @@ class Blip2(VLModel):
             rows = torch.arange(sim.shape[0], device=sim.device)[:, None].expand_as(top).reshape(-1)
             cols = top.reshape(-1)
             image, text = (rows, cols) if rows_are_images else (cols, rows)
-            logits = torch.cat([self.itm_logits(img, qformer_input_ids[t], qformer_attention_mask[t], i).float()
-                                for i, t in zip(image.split(batch_size), text.split(batch_size))])  # (R * k, 2)
+            logits = torch.cat(
+                [
+                    self.itm_logits(img, qformer_input_ids[t], qformer_attention_mask[t], i).float()
+                    for i, t in zip(image.split(batch_size), text.split(batch_size))
+                ]
+            )  # (R * k, 2)
             scores = torch.full_like(sim, float("-inf"))
             return scores.scatter_(1, top, rerank_score(logits.view(*top.shape, 2), top_sim, temp, rerank))
 
@@ -425,8 +522,9 @@ class Blip2(VLModel):
         return RetrievalScores(itc, i2t, t2i)
 
     @torch.no_grad()
-    def extract_features(self, qformer_input_ids=None, qformer_attention_mask=None, pixel_values=None,
-                         image_features=None) -> Blip2Features:
+    def extract_features(
+        self, qformer_input_ids=None, qformer_attention_mask=None, pixel_values=None, image_features=None
+    ) -> Blip2Features:
         """Image, text and multimodal embeddings from one call; each part needs its inputs."""
         feats = Blip2Features()
         img = None

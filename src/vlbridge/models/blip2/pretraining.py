@@ -58,9 +58,16 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator:
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
 
 
-def pretrain_losses(model: Blip2, input_ids, attention_mask, pixel_values=None, image_features=None,
-                    image_ids=None, generator: torch.Generator | None = None, itg: bool = True
-                    ) -> Blip2PretrainOutput:
+def pretrain_losses(
+    model: Blip2,
+    input_ids,
+    attention_mask,
+    pixel_values=None,
+    image_features=None,
+    image_ids=None,
+    generator: torch.Generator | None = None,
+    itg: bool = True,
+) -> Blip2PretrainOutput:
     """ITC + ITM + ITG. input_ids/attention_mask: Q-Former tokens (B, T) starting with [CLS].
 
     image_ids (B,): samples with equal ids show the same image (several captions per image);
@@ -117,6 +124,7 @@ def pretrain_losses(model: Blip2, input_ids, attention_mask, pixel_values=None, 
     labels = dec_ids.masked_fill(attention_mask == 0, -100)
     h = model.qformer(dec_ids, attention_mask, past_key_values=query_cache, mask_kind="causal")
     logits = model.qformer.itg_logits(h)
-    loss_itg = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100, label_smoothing=eps)
+    loss_itg = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=eps
+    )
     return Blip2PretrainOutput(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)

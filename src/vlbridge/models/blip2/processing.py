@@ -24,9 +24,18 @@ log = logging.getLogger(__name__)
 class Blip2Processor(VLProcessor):
     model_type = "blip2"
 
-    def __init__(self, image_processor, qformer_tokenizer=None, tokenizer=None, *, num_query_tokens: int = 32,
-                 is_encoder_decoder: bool = False, image_token: str | None = None, max_text_length: int = 32,
-                 qformer_question: bool = False):
+    def __init__(
+        self,
+        image_processor,
+        qformer_tokenizer=None,
+        tokenizer=None,
+        *,
+        num_query_tokens: int = 32,
+        is_encoder_decoder: bool = False,
+        image_token: str | None = None,
+        max_text_length: int = 32,
+        qformer_question: bool = False,
+    ):
         self.image_processor = image_processor
         self.qformer_tokenizer = qformer_tokenizer
         self.tokenizer = tokenizer
@@ -41,12 +50,12 @@ class Blip2Processor(VLProcessor):
 
     # ------------------------------------------------------------------ building and saving
     @classmethod
-    def from_config(cls, config: Blip2Config, root: str | Path | None = None,
-                    qformer_tokenizer=None) -> "Blip2Processor":
+    def from_config(cls, config: Blip2Config, root: str | Path | None = None, qformer_tokenizer=None) -> Blip2Processor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        image_processor = AutoImageProcessor.from_pretrained(resolve_path(config.vision.name_or_path, root),
-                                                             backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(
+            resolve_path(config.vision.name_or_path, root), backend="pil"
+        )
         qtok = qformer_tokenizer
         if qtok is None and config.qformer_tokenizer:
             qtok = AutoTokenizer.from_pretrained(resolve_path(config.qformer_tokenizer, root))
@@ -60,13 +69,19 @@ class Blip2Processor(VLProcessor):
         image_token = None
         if config.image_token_id is not None and tok is not None:
             image_token = tok.convert_ids_to_tokens(config.image_token_id)
-        return cls(image_processor, qtok, tok, num_query_tokens=config.qformer.num_query_tokens,
-                   is_encoder_decoder=bool(config.lm and config.lm.is_encoder_decoder),
-                   image_token=image_token, max_text_length=config.max_text_length,
-                   qformer_question=config.qformer_question)
+        return cls(
+            image_processor,
+            qtok,
+            tok,
+            num_query_tokens=config.qformer.num_query_tokens,
+            is_encoder_decoder=bool(config.lm and config.lm.is_encoder_decoder),
+            image_token=image_token,
+            max_text_length=config.max_text_length,
+            qformer_question=config.qformer_question,
+        )
 
     @classmethod
-    def load_vlbridge(cls, root: Path) -> "Blip2Processor":
+    def load_vlbridge(cls, root: Path) -> Blip2Processor:
         """The processor of a vlbridge checkpoint (its files sit beside the model's)."""
         return cls.from_config(read_model_config(Blip2Config, root / "config.json", cls.model_type), root)
 
@@ -91,8 +106,10 @@ class Blip2Processor(VLProcessor):
         if len(ids) <= limit:
             return ids
         if not truncate:
-            raise ValueError(f"text has {len(ids)} tokens, more than the limit {limit}: {text[:80]!r} "
-                             f"(pass truncate=True to cut it; cut texts are counted in num_truncated)")
+            raise ValueError(
+                f"text has {len(ids)} tokens, more than the limit {limit}: {text[:80]!r} "
+                f"(pass truncate=True to cut it; cut texts are counted in num_truncated)"
+            )
         self.num_truncated += 1
         return ids[:limit]
 
@@ -148,8 +165,10 @@ class Blip2Processor(VLProcessor):
         if self.is_encoder_decoder:  # prefix LM: prompt to the encoder, target to the decoder
             out = self._with_image_tokens(pad(prompt_ids, tok.pad_token_id, "right"))
             # T5's tokenizer appends </s> itself, others don't: a target must end in eos for generation to stop.
-            target_ids = [ids if ids[-1:] == [tok.eos_token_id] else ids + [tok.eos_token_id]
-                          for ids in (tok(t).input_ids for t in targets)]
+            target_ids = [
+                ids if ids[-1:] == [tok.eos_token_id] else ids + [tok.eos_token_id]
+                for ids in (tok(t).input_ids for t in targets)
+            ]
             out["labels"] = pad(target_ids, -100, "right")["input_ids"]
             return out
         # Decoder-only: one sequence prompt + target + eos; the loss only sees the target.
@@ -171,7 +190,6 @@ class Blip2Processor(VLProcessor):
         image = torch.full((B, Q), self.tokenizer.convert_tokens_to_ids(self.image_token), dtype=torch.long)
         fill = {"input_ids": image, "attention_mask": torch.ones_like(image), "labels": torch.full_like(image, -100)}
         return {k: torch.cat([fill[k], v], dim=1) for k, v in batch.items()}
-
 
 
 def check_qformer_tokenizer(tok, config: Blip2Config):

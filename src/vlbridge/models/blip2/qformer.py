@@ -28,8 +28,9 @@ from vlbridge.models.blip2.configuration import QFormerConfig
 MASK_KINDS = ("unimodal", "bidirectional", "causal")
 
 
-def build_mask(kind: str, num_query: int, text_mask: torch.Tensor | None, batch: int,
-                   device=None, cached_query: bool = False) -> torch.Tensor:
+def build_mask(
+    kind: str, num_query: int, text_mask: torch.Tensor | None, batch: int, device=None, cached_query: bool = False
+) -> torch.Tensor:
     """Boolean (B, 1, rows, Q + T) mask, True = may attend.
 
     Keys are always [queries, text]. Rows are the same positions, except with `cached_query`
@@ -192,7 +193,8 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)  # embedding LN, queries included
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            QFormerLayer(cfg, i % cfg.cross_attention_frequency == 0) for i in range(cfg.num_layers))
+            QFormerLayer(cfg, i % cfg.cross_attention_frequency == 0) for i in range(cfg.num_layers)
+        )
         self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_branch and cfg.pretrain_heads else None
         self.grad_checkpointing = False
         self.apply(self._init_weights)
@@ -238,14 +240,25 @@ class QFormer(nn.Module):
             raise ValueError("this Q-Former has no text branch (dropped for stage 2); it cannot take text")
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"text has {T} tokens, more than max_position_embeddings={self.config.max_position_embeddings}")
+            raise ValueError(
+                f"text has {T} tokens, more than max_position_embeddings={self.config.max_position_embeddings}"
+            )
         # Text positions start at 0 whether or not queries precede them.
         pos = torch.arange(T, device=input_ids.device)
         return self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
 
-    def forward(self, input_ids=None, attention_mask=None, image_embeds=None, image_mask=None,
-                use_queries: bool | None = None, mask_kind: str = "bidirectional",
-                past_key_values=None, use_cache: bool = False, image_index=None):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        image_embeds=None,
+        image_mask=None,
+        use_queries: bool | None = None,
+        mask_kind: str = "bidirectional",
+        past_key_values=None,
+        use_cache: bool = False,
+        image_index=None,
+    ):
         """Run the Q-Former.
 
         input_ids (B, T) / attention_mask (B, T): text, optional.
@@ -290,8 +303,9 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if cached else None
             if self.grad_checkpointing and self.training:
-                h, kv = checkpoint(layer, h, num_query, mask, image_embeds, img_mask, past, image_index,
-                                   use_reentrant=False)
+                h, kv = checkpoint(
+                    layer, h, num_query, mask, image_embeds, img_mask, past, image_index, use_reentrant=False
+                )
             else:
                 h, kv = layer(h, num_query, mask, image_embeds, img_mask, past, image_index)
             presents.append(kv)
@@ -301,4 +315,3 @@ class QFormer(nn.Module):
         if self.lm_head is None:
             raise ValueError("this Q-Former has no ITG head (dropped for stage 2)")
         return self.lm_head(hidden)
-

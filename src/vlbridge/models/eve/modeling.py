@@ -40,7 +40,6 @@ from vlbridge.models.eve.processing import EVEProcessor, image_stats
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EVEOutput:
     loss: torch.Tensor | None  # loss_ce + pal_weight * loss_pal, of the parts computed
@@ -125,7 +124,7 @@ class FuyuPatchEmbedding(nn.Module):
     def __init__(self, config: EVEConfig, out_width: int):
         super().__init__()
         self.patch_size = config.patch_size
-        self.proj = nn.Linear(3 * config.patch_size ** 2, out_width)
+        self.proj = nn.Linear(3 * config.patch_size**2, out_width)
         self.newline = nn.Parameter(torch.randn(out_width) * 0.02)
 
     def forward(self, pixel_values, grid):
@@ -150,8 +149,9 @@ class PatchAligner(nn.Module):
         self.q, self.k = nn.Linear(teacher_width, teacher_width), nn.Linear(teacher_width, teacher_width)
 
     def forward(self, hidden):
-        f = torch.stack([proj(norm(hidden[..., i, :])) for i, (norm, proj)
-                         in enumerate(zip(self.norms, self.projs))], dim=-2)  # (..., L, Dt)
+        f = torch.stack(
+            [proj(norm(hidden[..., i, :])) for i, (norm, proj) in enumerate(zip(self.norms, self.projs))], dim=-2
+        )  # (..., L, Dt)
         scores = self.k(f) @ self.q(f[..., -1, :]).unsqueeze(-1) / math.sqrt(f.shape[-1])  # (..., L, 1)
         return (scores.softmax(-2) * f).sum(-2)
 
@@ -181,8 +181,13 @@ class EVE(VLModel):
     backbone_prefixes = ("lm.", "teacher.")  # the LM goes to lm/ in transformers' format; the teacher nowhere
     stages = (1, 2, 3)
 
-    def __init__(self, config: EVEConfig, lm: nn.Module, teacher: nn.Module | None = None,
-                 teacher_stats: tuple[list[float], list[float]] | None = None):
+    def __init__(
+        self,
+        config: EVEConfig,
+        lm: nn.Module,
+        teacher: nn.Module | None = None,
+        teacher_stats: tuple[list[float], list[float]] | None = None,
+    ):
         super().__init__()
         if config.lm.is_encoder_decoder:
             raise ValueError("EVE puts the image inside a decoder-only LM; encoder-decoder LMs are not supported")
@@ -202,7 +207,7 @@ class EVE(VLModel):
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
-    def from_config(cls, config: EVEConfig, root: str | Path | None = None, load_teacher: bool = True) -> "EVE":
+    def from_config(cls, config: EVEConfig, root: str | Path | None = None, load_teacher: bool = True) -> EVE:
         """Load the LM (and, unless load_teacher=False, the teacher) that `config` names."""
         config = copy.deepcopy(config)
         config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
@@ -216,18 +221,19 @@ class EVE(VLModel):
         return cls(config, lm, teacher, stats)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, load_teacher: bool = False) -> "EVE":
+    def from_pretrained(cls, name_or_path: str | Path, load_teacher: bool = False) -> EVE:
         """Load a checkpoint for inference: no teacher, no PAL. load_teacher=True (to go on training)
         loads the teacher from where config.teacher names it and restores the saved PAL."""
         return super().from_pretrained(name_or_path, load_teacher=load_teacher)
 
     @classmethod
-    def load_vlbridge(cls, root: Path, load_teacher: bool = False) -> "EVE":
+    def load_vlbridge(cls, root: Path, load_teacher: bool = False) -> EVE:
         from safetensors.torch import load_file
 
         model = cls.from_config(cls.read_config(root), root, load_teacher=load_teacher)
-        model.load_bridge_state(load_file(str(root / "model.safetensors")), root,
-                                skip=("pal.",) if model.pal is None else ())
+        model.load_bridge_state(
+            load_file(str(root / "model.safetensors")), root, skip=("pal.",) if model.pal is None else ()
+        )
         return model
 
     def _write_backbones(self, path: Path, include_backbones: bool, processor) -> EVEConfig:
@@ -262,8 +268,9 @@ class EVE(VLModel):
         if loss_weights:
             raise ValueError("loss_weights: EVE weighs PAL with its config's pal_weight")
         out = self(**batch)
-        return out.loss, {k: v.item() for k, v in (("loss_ce", out.loss_ce), ("loss_pal", out.loss_pal))
-                          if v is not None}
+        return out.loss, {
+            k: v.item() for k, v in (("loss_ce", out.loss_ce), ("loss_pal", out.loss_pal)) if v is not None
+        }
 
     # ------------------------------------------------------------------ images into the LM
     def image_tokens(self, pixel_values, image_sizes=None) -> ImageTokens:
@@ -271,8 +278,10 @@ class EVE(VLModel):
         pixels each image covers at the top left; None: the whole canvas."""
         cell = self.config.cell_size
         if pixel_values.shape[-2] % cell or pixel_values.shape[-1] % cell:
-            raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: height and width must be multiples of "
-                             f"{cell} (the processor pads them)")
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)}: height and width must be multiples of "
+                f"{cell} (the processor pads them)"
+            )
         sizes = torch.tensor([pixel_values.shape[-2:]] * len(pixel_values)) if image_sizes is None else image_sizes
         grid = torch.div(sizes.to(pixel_values.device), cell, rounding_mode="floor")
         embeds, valid = self.pel(pixel_values.to(next(self.pel.parameters()).dtype), grid)
@@ -291,8 +300,10 @@ class EVE(VLModel):
             image = self.image_tokens(pixel_values, image_sizes)
             need, have = image.valid.sum(1).tolist(), slots.sum(1).tolist()
             if need != have:
-                raise ValueError(f"image tokens per sample: the images need {need} but input_ids hold {have} "
-                                 f"(id {image_id}); EVEProcessor expands the placeholder")
+                raise ValueError(
+                    f"image tokens per sample: the images need {need} but input_ids hold {have} "
+                    f"(id {image_id}); EVEProcessor expands the placeholder"
+                )
             embeds = embeds.masked_scatter(slots[..., None], image.embeds[image.valid].to(embeds.dtype))
         elif slots.any():
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
@@ -306,11 +317,17 @@ class EVE(VLModel):
         dropped). Each image's own region is resized to the teacher's square input, so student cell
         (r, c) and the same relative place of the teacher's grid see the same pixels."""
         size, patch = self.teacher.image_size, self.teacher.model.config.patch_size
-        x = torch.cat([F.interpolate(pixel_values[b:b + 1, :, :h, :w].float(), size=(size, size), mode="bilinear",
-                                     antialias=True) for b, (h, w) in enumerate(image_sizes.tolist())])
+        x = torch.cat(
+            [
+                F.interpolate(
+                    pixel_values[b : b + 1, :, :h, :w].float(), size=(size, size), mode="bilinear", antialias=True
+                )
+                for b, (h, w) in enumerate(image_sizes.tolist())
+            ]
+        )
         feats = self.teacher(x * self.teacher_scale + self.teacher_shift)  # (B, specials + g*g, Dt)
         g = size // patch
-        return feats[:, -g * g:].unflatten(1, (g, g))
+        return feats[:, -g * g :].unflatten(1, (g, g))
 
     def student_grid(self, hidden_states, slots, image: ImageTokens) -> torch.Tensor:
         """(B, hp, wp, L, H): the pal_layers' hidden states at the cells (CLS and SPL dropped), on
@@ -319,18 +336,21 @@ class EVE(VLModel):
         buf = cells.new_zeros(*image.valid.shape, *cells.shape[1:])  # (B, N, L, H)
         buf[image.valid] = cells  # both in (sample, position) order
         hp, wp = image.padded
-        return buf[:, int(self.config.kind == "eve"):].unflatten(1, (hp, wp + 1))[:, :, :wp]  # CLS, SPL out
+        return buf[:, int(self.config.kind == "eve") :].unflatten(1, (hp, wp + 1))[:, :, :wp]  # CLS, SPL out
 
     # ------------------------------------------------------------------ forward and generate
-    def forward(self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None,
-                labels=None) -> EVEOutput:
+    def forward(
+        self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None, labels=None
+    ) -> EVEOutput:
         """CE on labels (prompt and image positions -100) + pal_weight * PAL when training with a
         teacher. input_ids hold the expanded placeholders (EVEProcessor)."""
-        embeds, mask, labels, slots, image = self.lm_inputs(pixel_values, image_sizes, input_ids, attention_mask,
-                                                            labels)
+        embeds, mask, labels, slots, image = self.lm_inputs(
+            pixel_values, image_sizes, input_ids, attention_mask, labels
+        )
         align = self.pal is not None and self.training and image is not None and self.config.pal_weight > 0
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=align,
-                      **position_kwargs(self.lm, mask))
+        out = self.lm(
+            inputs_embeds=embeds, attention_mask=mask, output_hidden_states=align, **position_kwargs(self.lm, mask)
+        )
         loss = loss_ce = loss_pal = None
         if labels is not None:
             loss = loss_ce = next_token_loss(out.logits, labels)

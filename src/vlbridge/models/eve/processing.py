@@ -40,19 +40,21 @@ class EVEProcessor(VLProcessor):
             tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if config.image_token_id not in (None, self.image_token_id):
-            raise ValueError(f"the tokenizer gives {config.image_token!r} id {self.image_token_id}, the config "
-                             f"{config.image_token_id}")
+            raise ValueError(
+                f"the tokenizer gives {config.image_token!r} id {self.image_token_id}, the config "
+                f"{config.image_token_id}"
+            )
         self.mean = np.array(config.image_mean or [0.5] * 3, dtype=np.float32)
         self.std = np.array(config.image_std or [0.5] * 3, dtype=np.float32)
 
     @classmethod
-    def from_config(cls, config: EVEConfig, root: str | Path | None = None) -> "EVEProcessor":
+    def from_config(cls, config: EVEConfig, root: str | Path | None = None) -> EVEProcessor:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(resolve_path(config.lm.name_or_path, root)), config)
 
     @classmethod
-    def load_vlbridge(cls, root: Path) -> "EVEProcessor":
+    def load_vlbridge(cls, root: Path) -> EVEProcessor:
         return cls.from_config(read_model_config(EVEConfig, root / "config.json", cls.model_type), root)
 
     def save_pretrained(self, path: str | Path):
@@ -65,8 +67,11 @@ class EVEProcessor(VLProcessor):
         w, h = max(1, round(W * s)), max(1, round(H * s))
         if (w, h) != (W, H):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
-        canvas = Image.new("RGB", (math.ceil(w / cell) * cell, math.ceil(h / cell) * cell),
-                           tuple(int(round(float(m) * 255)) for m in self.mean))
+        canvas = Image.new(
+            "RGB",
+            (math.ceil(w / cell) * cell, math.ceil(h / cell) * cell),
+            tuple(int(round(float(m) * 255)) for m in self.mean),
+        )
         canvas.paste(image, (0, 0))
         return canvas
 
@@ -76,7 +81,7 @@ class EVEProcessor(VLProcessor):
         sizes = torch.tensor([a.shape[:2] for a in arrays], dtype=torch.long)  # (B, 2): height, width
         pixel_values = torch.zeros(len(arrays), 3, *sizes.max(0).values.tolist())
         for i, a in enumerate(arrays):
-            pixel_values[i, :, :a.shape[0], :a.shape[1]] = torch.from_numpy(a).permute(2, 0, 1)
+            pixel_values[i, :, : a.shape[0], : a.shape[1]] = torch.from_numpy(a).permute(2, 0, 1)
         return {"pixel_values": pixel_values, "image_sizes": sizes}
 
     def prompt_ids(self, prompt: str, num_image_tokens: int | None) -> list[int]:
@@ -87,11 +92,13 @@ class EVEProcessor(VLProcessor):
             prompt = f"{token} {prompt}" if prompt else token
         ids = self.tokenizer(prompt).input_ids
         if ids.count(img) != (num_image_tokens is not None):
-            raise ValueError(f"prompt {prompt[:60]!r} holds {ids.count(img)} {token} for "
-                             f"{int(num_image_tokens is not None)} image(s): EVE takes one image a sample")
+            raise ValueError(
+                f"prompt {prompt[:60]!r} holds {ids.count(img)} {token} for "
+                f"{int(num_image_tokens is not None)} image(s): EVE takes one image a sample"
+            )
         if num_image_tokens is not None:
             i = ids.index(img)
-            ids[i:i + 1] = [img] * num_image_tokens
+            ids[i : i + 1] = [img] * num_image_tokens
         return ids
 
     def prompt_inputs(self, images, prompts, questions=None, examples=None) -> dict[str, torch.Tensor]:
@@ -120,4 +127,3 @@ class EVEProcessor(VLProcessor):
             labels.append([-100] * len(seqs[i]) + tid)
             seqs[i] = seqs[i] + tid
         return {**out, **pad(seqs, tok.pad_token_id, "left"), "labels": pad(labels, -100, "left")["input_ids"]}
-

@@ -20,21 +20,23 @@ from vlbridge.models.flamingo.modeling import Flamingo
 # decoder-layer path (OPT model.decoder.layers, Llama model.layers, GPT-NeoX gpt_neox.layers, MPT
 # transformer.blocks), {embed} its input table, resized in OpenFlamingo to hold the added rows.
 _X = "lang_encoder.{layers}.{i}.gated_cross_attn_layer."
-OPENFLAMINGO_KEYS = KeyMap([
-    ("perceiver.latents", "perceiver.latents"),
-    ("perceiver.media_time_embs", "perceiver.media_time_embs"),
-    ("perceiver.norm.{p}", "perceiver.norm.{p}"),
-    ("perceiver.layers.{i}.0.{m}.{p}", "perceiver.layers.{i}.attn.{m}.{p}"),
-    ("perceiver.layers.{i}.1.0.{p}", "perceiver.layers.{i}.ff.norm.{p}"),
-    ("perceiver.layers.{i}.1.1.weight", "perceiver.layers.{i}.ff.up.weight"),
-    ("perceiver.layers.{i}.1.3.weight", "perceiver.layers.{i}.ff.down.weight"),
-    (_X + "{m}_gate", "xattn.{i}.{m}_gate"),
-    (_X + "attn.{m}.{p}", "xattn.{i}.attn.{m}.{p}"),
-    (_X + "ff.0.{p}", "xattn.{i}.ff.norm.{p}"),
-    (_X + "ff.1.weight", "xattn.{i}.ff.up.weight"),
-    (_X + "ff.3.weight", "xattn.{i}.ff.down.weight"),
-    ("lang_encoder.{embed}.weight", "new_tokens.input"),
-])
+OPENFLAMINGO_KEYS = KeyMap(
+    [
+        ("perceiver.latents", "perceiver.latents"),
+        ("perceiver.media_time_embs", "perceiver.media_time_embs"),
+        ("perceiver.norm.{p}", "perceiver.norm.{p}"),
+        ("perceiver.layers.{i}.0.{m}.{p}", "perceiver.layers.{i}.attn.{m}.{p}"),
+        ("perceiver.layers.{i}.1.0.{p}", "perceiver.layers.{i}.ff.norm.{p}"),
+        ("perceiver.layers.{i}.1.1.weight", "perceiver.layers.{i}.ff.up.weight"),
+        ("perceiver.layers.{i}.1.3.weight", "perceiver.layers.{i}.ff.down.weight"),
+        (_X + "{m}_gate", "xattn.{i}.{m}_gate"),
+        (_X + "attn.{m}.{p}", "xattn.{i}.attn.{m}.{p}"),
+        (_X + "ff.0.{p}", "xattn.{i}.ff.norm.{p}"),
+        (_X + "ff.1.weight", "xattn.{i}.ff.up.weight"),
+        (_X + "ff.3.weight", "xattn.{i}.ff.down.weight"),
+        ("lang_encoder.{embed}.weight", "new_tokens.input"),
+    ]
+)
 # Also in OpenFlamingo state dicts, never trained there: the vision tower, the frozen LM's tensors and
 # two aliases of the LM's layers. They are skipped; anything else unknown is an error.
 OPENFLAMINGO_SKIP = ("vision_encoder.", "lang_encoder.old_decoder_blocks.", "lang_encoder.gated_cross_attn_layers.")
@@ -85,11 +87,17 @@ def load_openflamingo(model: Flamingo, checkpoint: dict[str, torch.Tensor], chec
         old[ids[ids < len(old)]] = False
         diff = (value[: len(old)][old].float() - table[: len(old)][old].float()).abs().max()
         if check_embeddings and diff > 0:
-            raise ValueError(f"{key}: rows of the LM's own tokens differ from the frozen LM's (max |diff| "
-                             f"{float(diff):.3g}); pass check_embeddings=False to load only the added rows")
+            raise ValueError(
+                f"{key}: rows of the LM's own tokens differ from the frozen LM's (max |diff| "
+                f"{float(diff):.3g}); pass check_embeddings=False to load only the added rows"
+            )
         ours["new_tokens.input"] = value[ids]
-    unknown = [k for k in unplaced if not k.startswith(OPENFLAMINGO_SKIP)
-               and k.removeprefix("lang_encoder.").replace(".decoder_layer.", ".") not in lm_keys]
+    unknown = [
+        k
+        for k in unplaced
+        if not k.startswith(OPENFLAMINGO_SKIP)
+        and k.removeprefix("lang_encoder.").replace(".decoder_layer.", ".") not in lm_keys
+    ]
     missing = sorted(expected - set(ours))
     if missing or unknown:
         raise ValueError(f"OpenFlamingo checkpoint does not match the model: missing {missing}, unknown {unknown}")

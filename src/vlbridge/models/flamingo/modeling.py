@@ -42,6 +42,7 @@ from vlbridge.models.flamingo.processing import FlamingoProcessor
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class FlamingoOutput:
     loss: torch.Tensor | None
@@ -51,8 +52,14 @@ class FlamingoOutput:
 
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """LN, Linear d->mult*d, GELU, Linear back; no biases (Flamingo / OpenFlamingo)."""
-    return nn.Sequential(OrderedDict(norm=nn.LayerNorm(dim), up=nn.Linear(dim, mult * dim, bias=False),
-                                     act=nn.GELU(), down=nn.Linear(mult * dim, dim, bias=False)))
+    return nn.Sequential(
+        OrderedDict(
+            norm=nn.LayerNorm(dim),
+            up=nn.Linear(dim, mult * dim, bias=False),
+            act=nn.GELU(),
+            down=nn.Linear(mult * dim, dim, bias=False),
+        )
+    )
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -83,13 +90,23 @@ class PerceiverResampler(nn.Module):
     """A fixed number of learned latents cross-attend to each image's tokens: any number of patch
     tokens in, num_latents visual tokens out."""
 
-    def __init__(self, dim: int, depth: int, num_latents: int, heads: int, dim_head: int, ff_mult: int,
-                 max_media: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_latents: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: int,
+        max_media: int | None = None,
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.media_time_embs = nn.Parameter(torch.randn(max_media, 1, dim)) if max_media else None
-        self.layers = nn.ModuleList(nn.ModuleDict(dict(attn=PerceiverAttention(dim, heads, dim_head),
-                                                       ff=feed_forward(dim, ff_mult))) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(dict(attn=PerceiverAttention(dim, heads, dim_head), ff=feed_forward(dim, ff_mult)))
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +115,9 @@ class PerceiverResampler(nn.Module):
         x = x.flatten(2, 3)  # an image's frames and patches form one set of tokens: (B, N, F*v, D)
         if self.media_time_embs is not None:
             if N > len(self.media_time_embs):
-                raise ValueError(f"{N} images per sequence, but media-time embeddings exist for {len(self.media_time_embs)}")
+                raise ValueError(
+                    f"{N} images per sequence, but media-time embeddings exist for {len(self.media_time_embs)}"
+                )
             x = x + self.media_time_embs[:N]
         latents = self.latents.expand(B, N, -1, -1)
         for layer in self.layers:
@@ -110,7 +129,7 @@ class PerceiverResampler(nn.Module):
 class MaskedCrossAttention(nn.Module):
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, only_attend_immediate_media: bool = True):
         super().__init__()
-        self.heads, self.scale, inner = heads, dim_head ** -0.5, heads * dim_head
+        self.heads, self.scale, inner = heads, dim_head**-0.5, heads * dim_head
         self.only_attend_immediate_media = only_attend_immediate_media
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -136,8 +155,16 @@ class GatedCrossAttentionBlock(nn.Module):
     """x + tanh(a) * xattn(LN(x), media); then x + tanh(b) * FFN(LN(x)). a = b = 0 at init, so the
     frozen LM is unchanged until training opens the gates. tanh_gating=False (ablation): gates of 1."""
 
-    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int,
-                 only_attend_immediate_media: bool = True, tanh_gating: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        dim_visual: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: int,
+        only_attend_immediate_media: bool = True,
+        tanh_gating: bool = True,
+    ):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head, only_attend_immediate_media)
         self.attn_gate = nn.Parameter(torch.zeros(1))
@@ -167,8 +194,10 @@ class FlamingoLayer(nn.Module):
 
     def forward(self, hidden_states, *args, flamingo: FlamingoContext | None = None, **kwargs):
         if flamingo is None:
-            raise ValueError("this LM has Flamingo layers: call it through Flamingo (forward / generate), "
-                             "or pass flamingo=FlamingoContext(media, text_time)")
+            raise ValueError(
+                "this LM has Flamingo layers: call it through Flamingo (forward / generate), "
+                "or pass flamingo=FlamingoContext(media, text_time)"
+            )
         if self.gated_xattn is not None:
             dtype = self.gated_xattn.attn_gate.dtype  # the bridge may be fp32 over a bf16 LM
             h = self.gated_xattn(hidden_states.to(dtype), flamingo.media.to(dtype), flamingo.text_time)
@@ -249,20 +278,39 @@ class Flamingo(VLModel):
         dv, d = vision.hidden_size, lm.get_input_embeddings().embedding_dim
         # The trainable parts are registered here before the LM, so that parameter names are theirs
         # ("xattn.3.attn_gate"); the LM's wrappers hold the same modules.
-        self.perceiver = PerceiverResampler(dv, c.perceiver_depth, c.num_latents, c.perceiver_heads,
-                                            c.perceiver_dim_head, c.perceiver_ff_mult, c.max_media)
+        self.perceiver = PerceiverResampler(
+            dv,
+            c.perceiver_depth,
+            c.num_latents,
+            c.perceiver_heads,
+            c.perceiver_dim_head,
+            c.perceiver_ff_mult,
+            c.max_media,
+        )
         self.decoder_path, layers = decoder_layers(lm)
-        self.xattn = nn.ModuleDict({
-            str(i): GatedCrossAttentionBlock(d, dv, c.xattn_heads, c.xattn_dim_head, c.xattn_ff_mult,
-                                             c.only_attend_immediate_media, c.gating == "tanh")
-            for i in range(len(layers)) if (i + 1) % c.cross_attn_every == 0})
+        self.xattn = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(
+                    d,
+                    dv,
+                    c.xattn_heads,
+                    c.xattn_dim_head,
+                    c.xattn_ff_mult,
+                    c.only_attend_immediate_media,
+                    c.gating == "tanh",
+                )
+                for i in range(len(layers))
+                if (i + 1) % c.cross_attn_every == 0
+            }
+        )
         for i in range(len(layers)):
             layers[i] = FlamingoLayer(self.xattn[str(i)] if str(i) in self.xattn else None, layers[i])
         emb_in, emb_out = lm.get_input_embeddings(), lm.get_output_embeddings()
         if emb_out is None:
             raise ValueError(f"{type(lm).__name__} has no output embeddings to extend")
-        self.new_tokens = AddedTokens([c.image_token_id, c.eoc_token_id], emb_in.weight, emb_out.weight,
-                                      tied=emb_out.weight is emb_in.weight)
+        self.new_tokens = AddedTokens(
+            [c.image_token_id, c.eoc_token_id], emb_in.weight, emb_out.weight, tied=emb_out.weight is emb_in.weight
+        )
         lm.set_input_embeddings(ExtendedEmbedding(emb_in, self.new_tokens))
         lm.set_output_embeddings(ExtendedHead(emb_out, self.new_tokens))
         self.lm = lm
@@ -270,14 +318,14 @@ class Flamingo(VLModel):
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
-    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "Flamingo":
+    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> Flamingo:
         config = copy.deepcopy(config)
         config.vision.name_or_path = backbones.resolve_path(config.vision.name_or_path, root)
         config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
         return cls(config, backbones.load_vision(config.vision), backbones.load_lm(config.lm))
 
     @classmethod
-    def load_vlbridge(cls, root: Path) -> "Flamingo":
+    def load_vlbridge(cls, root: Path) -> Flamingo:
         """A directory written by save_pretrained."""
         from safetensors.torch import load_file
 
@@ -297,8 +345,11 @@ class Flamingo(VLModel):
 
     def lm_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen LM's own tensors under transformers' names (wrappers and bridge parts removed)."""
-        return {k.replace(".original.", "."): v for k, v in self.lm.state_dict().items()
-                if ".gated_xattn." not in k and ".added." not in k}
+        return {
+            k.replace(".original.", "."): v
+            for k, v in self.lm.state_dict().items()
+            if ".gated_xattn." not in k and ".added." not in k
+        }
 
     # ------------------------------------------------------------------ what it can do, what trains
     @property
@@ -362,25 +413,48 @@ class Flamingo(VLModel):
             media = self.encode_images(pixel_values, image_features, slots)
         media = self._empty_media(len(input_ids), 0) if media is None else media  # None: text only
         if (counts > media.shape[1]).any():
-            raise ValueError(f"rows hold {counts.tolist()} <image> tokens but only {media.shape[1]} image slots were given")
+            raise ValueError(
+                f"rows hold {counts.tolist()} <image> tokens but only {media.shape[1]} image slots were given"
+            )
         return media
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, image_mask=None,
-                image_features=None, media=None) -> FlamingoOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        labels=None,
+        image_mask=None,
+        image_features=None,
+        media=None,
+    ) -> FlamingoOutput:
         """input_ids (B, T) interleaved text; pixel_values (B, N, 3, H, W), the i-th slot of a row for
         its i-th <image>; labels (B, T) -100 where ignored (see FlamingoProcessor). Instead of pixels:
         image_features (frozen encoder output) or media (visual tokens from encode_images)."""
         media = self._media(input_ids, pixel_values, image_features, media, image_mask)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        logits = self.lm(input_ids=input_ids, attention_mask=mask, use_cache=False, **position_kwargs(self.lm, mask),
-                         flamingo=FlamingoContext(media, self.text_time(input_ids))).logits
+        logits = self.lm(
+            input_ids=input_ids,
+            attention_mask=mask,
+            use_cache=False,
+            **position_kwargs(self.lm, mask),
+            flamingo=FlamingoContext(media, self.text_time(input_ids)),
+        ).logits
         loss = None if labels is None else next_token_loss(logits, labels)
         return FlamingoOutput(loss, logits, media)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_mask=None, image_features=None,
-                 media=None, **generate_kwargs):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_mask=None,
+        image_features=None,
+        media=None,
+        **generate_kwargs,
+    ):
         """transformers' generate on the frozen LM, with all its keywords (num_beams, length_penalty,
         do_sample, temperature, top_p, streamer, logits_processor, stopping_criteria, ...); prompts
         left-padded (the processor does it). The images are encoded once, new tokens attend to the
@@ -397,14 +471,17 @@ class Flamingo(VLModel):
             kwargs["max_new_tokens"] = 20
         if kwargs.get("eos_token_id") is None:  # a chunk ends with <|endofchunk|>, the text with the LM's eos
             eos = config.eos_token_id
-            kwargs["eos_token_id"] = [self.config.eoc_token_id, *([] if eos is None else eos if isinstance(eos, list) else [eos])]
+            kwargs["eos_token_id"] = [
+                self.config.eoc_token_id,
+                *([] if eos is None else eos if isinstance(eos, list) else [eos]),
+            ]
         processors = [*(kwargs.get("logits_processor") or []), NoImageToken(self.config.image_token_id)]  # ours last
         kwargs["logits_processor"] = LogitsProcessorList(processors)
         with visual_context(self.lm, media, self.text_time(input_ids), self.config.image_token_id):
             out = self.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         if isinstance(out, torch.Tensor):
-            return out[:, input_ids.shape[1]:]
-        out.sequences = out.sequences[:, input_ids.shape[1]:]
+            return out[:, input_ids.shape[1] :]
+        out.sequences = out.sequences[:, input_ids.shape[1] :]
         return out
 
 

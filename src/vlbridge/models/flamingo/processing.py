@@ -29,21 +29,24 @@ class FlamingoProcessor(VLProcessor):
         self.eoc_token_id = tokenizer.convert_tokens_to_ids(eoc_token)
 
     @classmethod
-    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> "FlamingoProcessor":
+    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> FlamingoProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        image_processor = AutoImageProcessor.from_pretrained(resolve_path(config.vision.name_or_path, root),
-                                                             backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(
+            resolve_path(config.vision.name_or_path, root), backend="pil"
+        )
         tok = AutoTokenizer.from_pretrained(resolve_path(config.lm.name_or_path, root))
         proc = cls(image_processor, tok, config.image_token, config.eoc_token)
         ids = (proc.image_token_id, proc.eoc_token_id)
         if config.image_token_id is not None and ids != (config.image_token_id, config.eoc_token_id):
-            raise ValueError(f"tokenizer gives the special tokens ids {ids}, the config "
-                             f"{(config.image_token_id, config.eoc_token_id)}")
+            raise ValueError(
+                f"tokenizer gives the special tokens ids {ids}, the config "
+                f"{(config.image_token_id, config.eoc_token_id)}"
+            )
         return proc
 
     @classmethod
-    def load_vlbridge(cls, root: Path) -> "FlamingoProcessor":
+    def load_vlbridge(cls, root: Path) -> FlamingoProcessor:
         return cls.from_config(read_model_config(FlamingoConfig, root / "config.json", cls.model_type), root)
 
     def save_pretrained(self, path: str | Path):
@@ -97,4 +100,3 @@ class FlamingoProcessor(VLProcessor):
         eoc_before = F.pad(last_eoc[:, :-1], (1, 0), value=-1)  # latest <|endofchunk|> strictly before
         inside = last_image > eoc_before
         return input_ids.masked_fill(~inside | (input_ids == self.image_token_id) | (attention_mask == 0), -100)
-
