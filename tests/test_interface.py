@@ -207,6 +207,23 @@ def test_cli_flamingo_takes_examples(saved, capsys):
     assert len(rows) == 1
 
 
+def _broken_models(saved):
+    """Saved models with a part missing or damaged, and a text file that is not UTF-8."""
+    import shutil
+
+    dirs, root = saved
+    broken = root / "broken"
+    if not broken.exists():
+        for name in ("no-lm", "no-weights", "corrupt"):
+            shutil.copytree(dirs["blip2"], broken / name)
+        shutil.rmtree(broken / "no-lm" / "lm")
+        (broken / "no-weights" / "model.safetensors").unlink()
+        data = (broken / "corrupt" / "model.safetensors").read_bytes()
+        (broken / "corrupt" / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+        (broken / "latin1.txt").write_bytes("un caf\xe9 rouge\n".encode("latin-1"))
+    return broken
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -220,11 +237,22 @@ def test_cli_flamingo_takes_examples(saved, capsys):
             ["caption", "{blip2}", "{root}/0.png", "--device", "cuda:7" if not torch.cuda.is_available() else "nope"],
             "device",
         ),
+        (["ask", "{blip2}", "{root}", "what?"], "Is a directory"),
+        (["retrieve", "{blip2_stage1}", "--text", "a", "--images", "{root}", "--k", "0"], "argument --k"),
+        (["caption", "{blip2}", "{root}/0.png", "--num-beams", "0"], "argument --num-beams"),
+        (["retrieve", "{blip2_stage1}", "--image", "{root}/0.png", "--texts-file", "{root}/none.txt"], "none.txt"),
+        (["retrieve", "{blip2_stage1}", "--image", "{root}/0.png", "--texts-file", "{broken}/latin1.txt"], "not UTF-8"),
+        (["retrieve", "{blip2_stage1}", "--image", "{root}/0.png", "--texts", "red " * 40], "more than the limit"),
+        (["caption", "{broken}/no-lm", "{root}/0.png"], "has no lm/ folder"),
+        (["caption", "{broken}/no-weights", "{root}/0.png"], "no model.safetensors"),
+        (["caption", "{broken}/corrupt", "{root}/0.png"], "not a readable safetensors file"),
+        (["caption", "./no/such/model", "{root}/0.png"], "no such directory"),
+        (["ask", "{blip2}", "{root}/0.png", "what?", "--max-new-tokens", "5000"], "more than the LM's"),
     ],
 )
 def test_cli_bad_input_is_one_line(saved, capsys, argv, message):
     dirs, root = saved
-    names = {**{k: str(v) for k, v in dirs.items()}, "root": str(root)}
+    names = {**{k: str(v) for k, v in dirs.items()}, "root": str(root), "broken": str(_broken_models(saved))}
     with pytest.raises(SystemExit) as e:
         main([a.format(**names) for a in argv])
     err = capsys.readouterr().err
@@ -243,3 +271,35 @@ def test_cuda_generation_matches_cpu(saved, design):
         outs[device] = caption(model, processor, images, num_beams=1, max_new_tokens=4, min_new_tokens=0)
     assert model.device.type == "cuda"
     assert outs["cpu"] == outs["auto"]
+
+
+def test_retrieve_truncates_when_asked(saved, capsys):
+    dirs, root = saved
+    main(
+        [
+            "retrieve",
+            str(dirs["blip2_stage1"]),
+            "--image",
+            str(root / "0.png"),
+            "--texts",
+            "red " * 40,
+            "blue",
+            "--truncate",
+            "--json",
+        ]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["text"] for r in rows) == sorted(["red " * 40, "blue"])
+
+
+def test_python_api_refuses_mismatched_inputs(saved):
+    dirs, root = saved
+    image = Image.open(root / "0.png")
+    model, processor = vlbridge.load(dirs["blip2"], device="cpu")
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        processor(images=[image, image], text=["a", "b", "c"])
+    with pytest.raises(ValueError, match="must hold one"):
+        answer(model, processor, [image], ["what color?"], template="Answer:")
+    flamingo, flamingo_processor = vlbridge.load(dirs["flamingo"], device="cpu")
+    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+        flamingo_processor.prompt_inputs([image], ["a", "b"])

@@ -34,22 +34,42 @@ def _device_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the model (default: as saved)")
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low (a bad value is argparse's one-line usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return value
+
+
 def _generation_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("generation (transformers' names)")
-    g.add_argument("--num-beams", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--num-beams", type=_at_least(1))
+    g.add_argument("--max-new-tokens", type=_at_least(1))
+    g.add_argument("--min-new-tokens", type=_at_least(0))
     g.add_argument("--length-penalty", type=float)
-    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--repetition-penalty", type=_positive)
     g.add_argument("--do-sample", action="store_true", default=None)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
+    g.add_argument("--temperature", type=_positive)
+    g.add_argument("--top-p", type=_positive)
     g.add_argument("--seed", type=int, default=0)
 
 
 def _retrieval_args(p: argparse.ArgumentParser):
     # the choices are Blip2.RERANK_RULES, spelled out so that --help needs no torch import
-    p.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM")
+    p.add_argument("--k", type=_at_least(1), default=128, help="ITC candidates re-ranked by ITM")
     p.add_argument(
         "--rerank",
         choices=("log_odds", "lavis"),
@@ -101,6 +121,13 @@ def _one_image(path: str):
     return load_image(path)  # ImageError (a ValueError) names the file and the problem
 
 
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def _print_rows(rows: list[dict], as_json: bool):
     for r in rows:
         print(json.dumps(r) if as_json else "\t".join(str(v) for v in r.values()))
@@ -149,16 +176,17 @@ def cmd_retrieve(args):
         files, images = _readable(_image_files(args.images))
         if not images:
             raise ValueError("no readable images")
-        ranked = rank_images(model, processor, images, args.text, k=args.k, rerank=args.rerank)
+        ranked = rank_images(model, processor, images, args.text, k=args.k, rerank=args.rerank, truncate=args.truncate)
         rows = [
             {"rank": r + 1, "file": str(files[i]), "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])
         ]
     else:
-        texts = list(args.texts or []) + (Path(args.texts_file).read_text().splitlines() if args.texts_file else [])
+        texts = list(args.texts or []) + (_lines(args.texts_file) if args.texts_file else [])
         texts = [t for t in texts if t.strip()]
         if not texts:
             raise ValueError("give texts with --texts or --texts-file")
-        ranked = rank_texts(model, processor, _one_image(args.image), texts, k=args.k, rerank=args.rerank)
+        image = _one_image(args.image)
+        ranked = rank_texts(model, processor, image, texts, k=args.k, rerank=args.rerank, truncate=args.truncate)
         rows = [{"rank": r + 1, "text": texts[i], "score": round(s, 4)} for r, (i, s) in enumerate(ranked[: args.top])]
     _print_rows(rows, args.json)
 
@@ -218,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images", nargs="+", help="image files or folders")
     r.add_argument("--image", help="rank texts for this image")
     r.add_argument("--texts", nargs="+")
-    r.add_argument("--texts-file", help="one text per line")
+    r.add_argument("--texts-file", help="one text per line (UTF-8)")
+    r.add_argument("--truncate", action="store_true", help="cut texts longer than the Q-Former takes (default: refuse)")
     _retrieval_args(r)
-    r.add_argument("--top", type=int, default=10)
+    r.add_argument("--top", type=_at_least(1), default=10)
     r.set_defaults(func=cmd_retrieve)
 
     for s in (c, a, r):
@@ -255,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--shapesworld", choices=("train", "val", "test", "compositional"), help="a ShapesWorld split")
     d.add_argument(
-        "--n", type=int, help="ShapesWorld scenes (default 200); with files, only the first N images / questions"
+        "--n",
+        type=_at_least(1),
+        help="ShapesWorld scenes (default 200); with files, only the first N images / questions",
     )
     e.add_argument(
         "--tasks",
@@ -296,8 +327,18 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # bad input: one line naming the problem, not a traceback
         if args.debug:
             raise
-        print(f"vlbridge {args.command}: {e}", file=sys.stderr)
+        print(f"vlbridge {args.command}: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"vlbridge {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

@@ -29,10 +29,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+SAVED_PARTS = ("vision", "lm", "qformer_tokenizer")  # the folders save_pretrained writes beside config.json
+
+
 def resolve_path(name_or_path: str, root: str | Path | None) -> str:
-    """A path relative to a checkpoint directory wins over a hub id of the same spelling."""
-    if root is not None and name_or_path and (Path(root) / name_or_path).exists():
-        return str(Path(root) / name_or_path)
+    """A path relative to a checkpoint directory wins over a hub id of the same spelling; a part that
+    save_pretrained writes there and that is missing is an error, not a hub id to fetch."""
+    if root is not None and name_or_path:
+        if (Path(root) / name_or_path).exists():
+            return str(Path(root) / name_or_path)
+        if name_or_path in SAVED_PARTS:
+            raise ValueError(f"{root} has no {name_or_path}/ folder: the saved model is incomplete")
     return name_or_path
 
 
@@ -181,10 +188,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def local_dir(name_or_path: str | Path) -> Path:
-    """A local directory as is; anything else is a hub id, fetched with huggingface_hub."""
-    path = Path(name_or_path)
+    """A local directory as is; a hub id ("org/name") fetched with huggingface_hub. Anything that can only
+    be a local path (absolute, relative with ./ or ../, more than one /) and is missing is an error."""
+    path, text = Path(name_or_path), str(name_or_path)
     if path.is_dir():
         return path
+    if path.exists():
+        raise ValueError(f"{text}: a file, not a model directory")
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ValueError(f"{text}: no such directory")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_path)))
+    try:
+        return Path(snapshot_download(text))
+    except Exception as e:  # invalid id, unknown repo, no network: one message naming what was asked for
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{text}: not a local directory, and the Hugging Face Hub did not provide it ({first})") from e

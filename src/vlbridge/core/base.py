@@ -77,6 +77,20 @@ def read_model_config(cls: type, path: Path, model_type: str):
     return from_dict(cls, data)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file is one error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no {path.name} beside config.json (the weights are missing)")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """ "auto" (or None): the first CUDA device when there is one, else the CPU."""
     if device is None or str(device) == "auto":
@@ -297,6 +311,21 @@ class VLModel(nn.Module, Formats):
             k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()
         }
+
+    def check_context(self, prompt_length: int, generate_kwargs: dict) -> None:
+        """Refuse a prompt that, with the tokens to generate, needs more positions than the decoder-only LM has
+        (its position table would be indexed past its end, or its attention would run out of range)."""
+        config = self.lm.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if limit is None or config.is_encoder_decoder:
+            return
+        new = generate_kwargs.get("max_new_tokens") or 0
+        total = generate_kwargs.get("max_length") or prompt_length + new
+        if total > limit:
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens (image tokens included) and {new} are to be "
+                f"generated: more than the LM's {limit} positions"
+            )
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:

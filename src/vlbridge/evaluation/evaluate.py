@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,6 +457,9 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     if cfg.captions and cfg.karpathy:
         raise ValueError("give one caption file: --captions (COCO) or --karpathy")
+    if cfg.n is not None and cfg.n < 1:
+        raise ValueError(f"n must be at least 1, got {cfg.n}")
+    _check_writable(out)  # before the work, not after it
     model, processor = load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if "in_context" in model.tasks:
         return _fewshot_run(cfg, model, processor, t_start)
@@ -515,7 +519,36 @@ def run(cfg: EvalConfig) -> dict:
 
     report["timings_s"]["total"] = time.time() - t_start
     _write_json(out, report)
+    _require_scores(report)
     return report
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now if the metrics (and the predictions beside them) could not be written."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".vlbridge-eval-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from None
+    if out.is_dir() or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"cannot write {out}: " + ("a directory" if out.is_dir() else "not writable"))
+
+
+def _require_scores(report: dict) -> None:
+    """A task that scored nothing (a wrong split, every image missing, a wrong image root) is an error, not
+    a report of nulls; the report is written first, with its skip counts."""
+    empty = []
+    if "captions" in report and not report["captions"]["n"]:
+        empty.append("captions (no image with references could be read)")
+    if "vqa" in report and not report["vqa"]["n"]:
+        empty.append("vqa (no question's image could be read)")
+    elif "vqa" in report and report["vqa"]["accuracy"] is None and report["config"]["vqa_annotations"]:
+        empty.append("vqa (no question has annotated answers)")
+    if empty:
+        raise ValueError(f"nothing was scored for {', '.join(empty)}; see the skip counts in {report['config']['out']}")
 
 
 def _fewshot_run(cfg: EvalConfig, model, processor, t_start: float) -> dict:

@@ -102,6 +102,10 @@ def answer(
     examples: (image, question, answer) triples shown first, for models that learn in context."""
     model.require_task("vqa")
     template = model.config.vqa_prompt if template is None else template
+    if template.count("{}") != 1:
+        raise ValueError(f"VQA template {template!r} must hold one {{}} for the question")
+    if not all(q.strip() for q in questions):
+        raise ValueError("a question is empty")
     prompts = [template.format(q) for q in questions]
     shots = [(im, template.format(q), a) for im, q, a in examples or ()]
     return generate_texts(
@@ -117,12 +121,20 @@ def answer(
 
 
 @torch.no_grad()
-def _scores(model, processor, images, texts, k: int, rerank: str):
+def _scores(model, processor, images, texts, k: int, rerank: str, truncate: bool = False):
     """Re-ranked retrieval scores: ITC for all pairs, ITM + ITC (`rerank`, Blip2.retrieval_scores) for
     each row's top k."""
     model.require_task("retrieval")
     model.eval()
-    batch = model.prepare_inputs(processor(images=images, qformer_text=texts))
+    cut = processor.num_truncated
+    batch = model.prepare_inputs(processor(images=images, qformer_text=texts, truncate=truncate))
+    if processor.num_truncated > cut:
+        log.warning(
+            "%d of %d texts were cut to the Q-Former's %d tokens",
+            processor.num_truncated - cut,
+            len(texts),
+            processor.max_text_length,
+        )
     scores = model.retrieval_scores(
         batch["qformer_input_ids"],
         batch["qformer_attention_mask"],
@@ -133,17 +145,21 @@ def _scores(model, processor, images, texts, k: int, rerank: str):
     return scores
 
 
-def rank_images(model, processor, images, text: str, k: int = 128, rerank: str = "log_odds") -> list[tuple[int, float]]:
-    """Images ordered by how well they match `text`: [(image index, score)], best first."""
-    s = _scores(model, processor, images, [text], k, rerank).t2i[0]
+def rank_images(
+    model, processor, images, text: str, k: int = 128, rerank: str = "log_odds", truncate: bool = False
+) -> list[tuple[int, float]]:
+    """Images ordered by how well they match `text`: [(image index, score)], best first. A text longer than
+    the Q-Former takes is refused, or cut (with a warning) with truncate=True."""
+    s = _scores(model, processor, images, [text], k, rerank, truncate).t2i[0]
     order = s.argsort(descending=True)
     return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]
 
 
 def rank_texts(
-    model, processor, image, texts: list[str], k: int = 128, rerank: str = "log_odds"
+    model, processor, image, texts: list[str], k: int = 128, rerank: str = "log_odds", truncate: bool = False
 ) -> list[tuple[int, float]]:
-    """Texts ordered by how well they match `image`: [(text index, score)], best first."""
-    s = _scores(model, processor, [image], list(texts), k, rerank).i2t[0]
+    """Texts ordered by how well they match `image`: [(text index, score)], best first (truncate: as
+    rank_images)."""
+    s = _scores(model, processor, [image], list(texts), k, rerank, truncate).i2t[0]
     order = s.argsort(descending=True)
     return [(int(i), float(s[i])) for i in order if torch.isfinite(s[i])]

@@ -26,7 +26,7 @@ from torch import nn
 
 from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, lm_loss, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel
+from vlbridge.core.base import VLModel, read_weights
 from vlbridge.core.config import LMConfig
 from vlbridge.models.blip2 import pretraining as blip2_pretrain
 from vlbridge.models.blip2.configuration import Blip2Config
@@ -154,14 +154,12 @@ class Blip2(VLModel):
         load_vision: bool = True,
         load_lm: bool = True,
     ) -> Blip2:
-        from safetensors.torch import load_file
-
         config = cls.read_config(root)
         new_lm = lm is not None
         if new_lm:
             config.lm = copy.deepcopy(lm) if isinstance(lm, LMConfig) else LMConfig(name_or_path=str(lm))
         model = cls.from_config(config, root=root, load_vision=load_vision, load_lm=load_lm)
-        state = load_file(str(root / "model.safetensors"))
+        state = read_weights(root / "model.safetensors")
         # a new LM gets a fresh projection, whatever the width of the saved one
         model.load_bridge_state(state, root, skip=("lm_proj.",) if new_lm or not load_lm else ())
         if drop_text_branch:
@@ -440,6 +438,7 @@ class Blip2(VLModel):
         )
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
+        self.check_context(inputs_embeds.shape[1], generate_kwargs)
         out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
         if self.config.lm.is_encoder_decoder:
             out = out[:, 1:]  # drop the decoder start token

@@ -129,8 +129,14 @@ class Blip2Processor(VLProcessor):
 
         images: pixel_values. text: LM prompts (e.g. "Question: what color? Answer:"). targets: what
         the LM must produce after each prompt (training) -> labels. qformer_text: captions for the
-        Q-Former (stage 1 / retrieval) -> qformer_input_ids / qformer_attention_mask.
+        Q-Former (stage 1 / retrieval) -> qformer_input_ids / qformer_attention_mask. images and text
+        pair up one to one; retrieval pairs every image with every qformer_text.
         """
+        count = lambda x: 1 if isinstance(x, str) or not isinstance(x, (list, tuple)) else len(x)
+        if images is not None and text is not None and count(images) != count(text):
+            raise ValueError(f"{count(images)} images for {count(text)} prompts: give one prompt per image")
+        if qformer_text is not None and text is not None and count(qformer_text) != count(text):
+            raise ValueError(f"{count(qformer_text)} Q-Former texts for {count(text)} prompts")
         out = {}
         if images is not None:
             out["pixel_values"] = self.images(images)

@@ -33,7 +33,7 @@ from torch import nn
 
 from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel
+from vlbridge.core.base import VLModel, read_weights
 from vlbridge.models.eve.configuration import EVEConfig
 from vlbridge.models.eve.processing import EVEProcessor, image_stats
 
@@ -228,11 +228,9 @@ class EVE(VLModel):
 
     @classmethod
     def load_vlbridge(cls, root: Path, load_teacher: bool = False) -> EVE:
-        from safetensors.torch import load_file
-
         model = cls.from_config(cls.read_config(root), root, load_teacher=load_teacher)
         model.load_bridge_state(
-            load_file(str(root / "model.safetensors")), root, skip=("pal.",) if model.pal is None else ()
+            read_weights(root / "model.safetensors"), root, skip=("pal.",) if model.pal is None else ()
         )
         return model
 
@@ -369,6 +367,7 @@ class EVE(VLModel):
         embeds, mask, _, _, _ = self.lm_inputs(pixel_values, image_sizes, input_ids, attention_mask)
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
+        self.check_context(embeds.shape[1], generate_kwargs)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
 

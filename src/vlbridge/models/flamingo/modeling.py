@@ -35,7 +35,7 @@ from torch import nn
 
 from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel
+from vlbridge.core.base import VLModel, read_weights
 from vlbridge.models.flamingo.configuration import FlamingoConfig
 from vlbridge.models.flamingo.generation import FlamingoContext, NoImageToken, visual_context
 from vlbridge.models.flamingo.processing import FlamingoProcessor
@@ -327,10 +327,8 @@ class Flamingo(VLModel):
     @classmethod
     def load_vlbridge(cls, root: Path) -> Flamingo:
         """A directory written by save_pretrained."""
-        from safetensors.torch import load_file
-
         model = cls.from_config(cls.read_config(root), root)
-        model.load_bridge_state(load_file(str(root / "model.safetensors")), root)
+        model.load_bridge_state(read_weights(root / "model.safetensors"), root)
         return model
 
     def _write_backbones(self, path: Path, include_backbones: bool, processor) -> FlamingoConfig:
@@ -477,6 +475,7 @@ class Flamingo(VLModel):
             ]
         processors = [*(kwargs.get("logits_processor") or []), NoImageToken(self.config.image_token_id)]  # ours last
         kwargs["logits_processor"] = LogitsProcessorList(processors)
+        self.check_context(input_ids.shape[1], kwargs)
         with visual_context(self.lm, media, self.text_time(input_ids), self.config.image_token_id):
             out = self.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         if isinstance(out, torch.Tensor):

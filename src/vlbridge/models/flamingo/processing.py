@@ -80,6 +80,8 @@ class FlamingoProcessor(VLProcessor):
         """Generation inputs (VLProcessor.prompt_inputs): each sample's images (one, or a list for a
         prompt with several <image>) behind the in-context examples, each example
         "<image>{prompt} {target}<|endofchunk|>". A prompt without <image> gets its images at its start."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
         shots = "".join(f"{self.image_token}{prompt_target(p, t)}{self.eoc_token}" for _, p, t in examples or ())
         texts, rows = [], []
         for image, prompt in zip(images, prompts, strict=True):
