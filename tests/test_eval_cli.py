@@ -277,11 +277,25 @@ def test_eval_refuses_what_it_cannot_do(data, tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
     root = data["root"]
     # nothing scored: every image missing under a wrong image root -> exit 2, the report (with its skips) written
-    _refused(capsys, lambda: _eval(data, "--captions", root / "coco.json", "--image-root", tmp_path, "--tasks",
-                                   "caption", "--out", tmp_path / "none.json"), "nothing was scored for captions")
+    _refused(
+        capsys,
+        lambda: _eval(
+            data,
+            "--captions",
+            root / "coco.json",
+            "--image-root",
+            tmp_path,
+            "--tasks",
+            "caption",
+            "--out",
+            tmp_path / "none.json",
+        ),
+        "nothing was scored for captions",
+    )
     assert json.loads((tmp_path / "none.json").read_text())["captions"]["images"]["skipped"] == 6
-    _refused(capsys, lambda: _eval(data, "--shapesworld", "test", "--n", "0", "--out", tmp_path / "m.json"),
-             "argument --n")
+    _refused(
+        capsys, lambda: _eval(data, "--shapesworld", "test", "--n", "0", "--out", tmp_path / "m.json"), "argument --n"
+    )
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a folder should be")
     _refused(capsys, lambda: _eval(data, "--shapesworld", "test", "--out", blocked / "m.json"), "cannot write")

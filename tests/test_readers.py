@@ -104,15 +104,18 @@ def test_coco_captions(tmp_path, images):
 
 
 def test_coco_malformed(tmp_path):
+    # a bad record is skipped and counted (tests/test_reliability_data.py), or with strict raises
     bad = _write(tmp_path / "c.json", {"images": [{"id": 1}], "annotations": []})
-    with pytest.raises(ValueError, match=r"c\.json: images\[0\] has no key 'file_name'"):
-        read_coco_captions(bad, tmp_path)
+    assert read_coco_captions(bad, tmp_path) == []
+    with pytest.raises(ValueError, match=r"c\.json images\[0\]: no key 'file_name'"):
+        read_coco_captions(bad, tmp_path, strict=True)
     bad = _write(tmp_path / "d.json", {"images": [{"id": 1, "file_name": "a"}]})
-    with pytest.raises(ValueError, match="d.json.*'annotations'"):
+    with pytest.raises(ValueError, match="d.json.*'annotations'"):  # a whole file's problem: raises either way
         read_coco_captions(bad, tmp_path)
     bad = _write(tmp_path / "e.json", {"images": [], "annotations": [{"image_id": 5, "caption": "x"}]})
-    with pytest.raises(ValueError, match="image_id 5"):
-        read_coco_captions(bad, tmp_path)
+    assert read_coco_captions(bad, tmp_path) == []
+    with pytest.raises(ValueError, match=r"e\.json annotations\[0\]: unknown image_id \(5 "):
+        read_coco_captions(bad, tmp_path, strict=True)
     (tmp_path / "f.json").write_text("{not json")
     with pytest.raises(ValueError, match="f.json: not valid JSON"):
         read_coco_captions(tmp_path / "f.json", tmp_path)
@@ -147,8 +150,9 @@ def test_karpathy_splits(tmp_path):
     )
     assert read_karpathy(flickr, tmp_path, "test")[0]["image_id"] == 7
     bad = _write(tmp_path / "bad.json", {"images": [{"filename": "x.jpg", "cocoid": 1, "split": "test"}]})
-    with pytest.raises(ValueError, match=r"bad\.json: images\[0\] has no key 'sentences'"):
-        read_karpathy(bad, tmp_path, "test")
+    assert read_karpathy(bad, tmp_path, "test") == []
+    with pytest.raises(ValueError, match=r"bad\.json images\[0\]: no key 'sentences'"):
+        read_karpathy(bad, tmp_path, "test", strict=True)
 
 
 # ---------------------------------------------------------------- VQA
@@ -187,8 +191,9 @@ def test_vqa_join(tmp_path):
     test = read_vqa(q, None, tmp_path, image_pattern=lambda i: f"imgs/{i}.png")
     assert test[1]["answers"] == [] and test[1]["answer"] is None and test[1]["image"] == tmp_path / "imgs/7.png"
     partial = _write(tmp_path / "p.json", {"annotations": [{"question_id": 420, "answers": []}]})
-    with pytest.raises(ValueError, match="p.json: no annotation for question_id 70"):
-        read_vqa(q, partial, tmp_path)
+    assert [s["question_id"] for s in read_vqa(q, partial, tmp_path)] == [420]  # question 70 skipped
+    with pytest.raises(ValueError, match=r"q\.json questions\[1\]: no annotation \(question_id 70 is not in .*p\.json"):
+        read_vqa(q, partial, tmp_path, strict=True)
     nosplit = _write(tmp_path / "n.json", {"questions": []})
     with pytest.raises(ValueError, match="pass split="):
         read_vqa(nosplit, None, tmp_path)
@@ -220,11 +225,12 @@ def test_jsonl_and_csv(tmp_path, images):
     assert out[1]["answers"] == ["blue", "navy", "blue"] and out[1]["answer"] == "blue" and out[1]["question_id"] == 3
     assert out[2]["answers"] == ["box"] and out[2]["answer"] == "box"
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"caption": "y"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: row has no key 'image'"):
-        read_jsonl(tmp_path / "bad.jsonl", images)
+    assert [s["caption"] for s in read_jsonl(tmp_path / "bad.jsonl", images)] == ["x"]  # line 2 skipped
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no key 'image'"):
+        read_jsonl(tmp_path / "bad.jsonl", images, strict=True)
     (tmp_path / "bad2.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(ValueError, match="neither 'caption'"):
-        read_jsonl(tmp_path / "bad2.jsonl", images)
+    with pytest.raises(ValueError, match=r"bad2\.jsonl:1: neither 'caption'"):
+        read_jsonl(tmp_path / "bad2.jsonl", images, strict=True)
 
 
 # ---------------------------------------------------------------- webdataset
@@ -285,13 +291,13 @@ def test_webdataset_truncated_and_missing_shard(tmp_path, shards):
     data = open(good, "rb").read()
     (tmp_path / "cut.tar").write_bytes(data[:1000])  # ends inside the first image's data
     skips = SkipCounter()
-    out = list(
-        read_webdataset(
-            [str(tmp_path / "cut.tar"), str(tmp_path / "nope.tar"), good], rank=0, world_size=1, skips=skips
-        )
-    )
+    listed = [str(tmp_path / "cut.tar"), str(tmp_path / "nope.tar"), good]
+    with pytest.raises(ValueError, match="1 of 3 shards do not exist: .*nope.tar"):  # no longer skipped silently
+        next(read_webdataset(listed, rank=0, world_size=1, skips=skips))
+    out = list(read_webdataset(listed, rank=0, world_size=1, skips=skips, allow_missing_shards=True))
     assert [s["key"] for s in out] == ["000000000", "000000001"]  # the good shard is still read
-    assert skips.skipped == 2 and "unreadable shard" in str(skips)
+    assert skips.skipped == 2 and dict(skips.reasons) == {"missing shard": 1, "truncated shard": 1}
+    assert "cut.tar: member 000000000.jpg" in str(skips)
 
 
 def test_expand_shards():

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlbridge.core import images as core_images
 from vlbridge.data import shapesworld as sw
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class DataConfig:
     (path = questions JSON, annotations = its annotations JSON), jsonl / csv (see data.readers); image
     paths relative to image_root. webdataset: path = .tar shards as a brace list and/or glob
     ("shards/{00000..00099}.tar", "shards/*.tar"), images with .txt or .json captions, streamed
-    (ShardStream; num_samples does not apply)."""
+    (ShardStream; num_samples does not apply). Malformed rows are skipped and reported with their place,
+    or with `strict` end the run (data.readers)."""
 
     source: str = "shapesworld"
     split: str = "train"
@@ -57,6 +60,11 @@ class DataConfig:
     image_root: str = ""
     annotations: str = ""  # vqa: the annotations JSON (answers)
     image_pattern: str = "COCO_{split}_{image_id:012d}.jpg"  # vqa: image file name from split and image_id
+    # False: a malformed row (line, record, tar member) is skipped, counted and reported with its place;
+    # True: the first one stops the run with that place (data.readers)
+    strict: bool = False
+    # webdataset: False: a shard that does not exist is an error naming it; True: a warning, counted
+    allow_missing_shards: bool = False
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -135,12 +143,13 @@ class FilesPool:
 
         self.cfg, self.group_size, self.skips = cfg, 1, r.SkipCounter()
         root = cfg.image_root or None
+        strict = cfg.strict
         read = {
-            "coco": lambda: r.read_coco_captions(cfg.path, root),
-            "karpathy": lambda: r.read_karpathy(cfg.path, root, cfg.split, per_image=False),
-            "vqa": lambda: r.read_vqa(cfg.path, cfg.annotations or None, root, cfg.image_pattern),
-            "jsonl": lambda: r.read_jsonl(cfg.path, root),
-            "csv": lambda: r.read_csv(cfg.path, root),
+            "coco": lambda: r.read_coco_captions(cfg.path, root, strict=strict),
+            "karpathy": lambda: r.read_karpathy(cfg.path, root, cfg.split, per_image=False, strict=strict),
+            "vqa": lambda: r.read_vqa(cfg.path, cfg.annotations or None, root, cfg.image_pattern, strict=strict),
+            "jsonl": lambda: r.read_jsonl(cfg.path, root, strict=strict),
+            "csv": lambda: r.read_csv(cfg.path, root, strict=strict),
         }
         samples = read[cfg.source]()
         self.samples = samples[: cfg.num_samples] if cfg.num_samples else samples
@@ -217,7 +226,10 @@ class FeatureCache:
     @staticmethod
     def identity(vision, pool: ShapesWorldPool, processor) -> str:
         """A digest of everything the features depend on: the encoder's weights (not its path: stage 2
-        loads the same encoder from stage 1's checkpoint), the image preprocessing and the scenes."""
+        loads the same encoder from stage 1's checkpoint), the image preprocessing and loading, and the
+        images: for ShapesWorld the generator's config and seed, for a user's files the annotation files
+        and every image file, by path, size and modification time (stat only: a file rewritten in place
+        within the file system's mtime resolution, at the same size, goes unseen)."""
         h = hashlib.sha256()
         for name, t in sorted(vision.state_dict().items()):
             h.update(name.encode())
@@ -240,6 +252,13 @@ class FeatureCache:
         if c.path:  # a user's file: its size and modification time stand for its content
             st = Path(c.path).stat()
             data["file"] = [st.st_size, st.st_mtime_ns]
+        if c.annotations:
+            st = Path(c.annotations).stat()
+            data["annotations_file"] = [st.st_size, st.st_mtime_ns]
+        if isinstance(pool, FilesPool):
+            data["images"] = _image_files_digest(pool)
+        # how files become pixels (EXIF orientation applied, the pixel limit): caches written before differ
+        data["image_loading"] = ["exif_transpose", core_images.MAX_PIXELS]
         h.update(json.dumps([data, processor.image_processor.to_dict()], sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 
@@ -269,6 +288,18 @@ class FeatureCache:
         save_file(tensors, str(path))
         log.info("feature cache: wrote %s %s", path, tuple(features.shape))
         return cls(features)
+
+
+def _image_files_digest(pool: FilesPool) -> str:
+    """Path, size and modification time of every image file of the pool (one stat each)."""
+    h = hashlib.sha256()
+    for ref in dict.fromkeys(str(s["image"]) for s in pool.samples):
+        try:
+            st = os.stat(ref)
+            h.update(f"{ref}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{ref}\tmissing\n".encode())
+    return h.hexdigest()
 
 
 class BatchStream:
@@ -399,13 +430,15 @@ class ShardStream:
 
     Rank r of N reads its own shards (read_webdataset: shards[r::N] of an order shuffled per epoch by
     the seed; within a shard, the order written) and its micro-batch (step, micro) is the batch_size
-    samples at position (step * grad_accum + micro) * batch_size of its stream. A sample without a
-    caption or whose image does not decode is counted in `skips`, logged, and its place taken by the
-    next usable sample of the same micro-batch (cyclically), so batches keep their size and positions
-    depend on the step alone. Resuming at step s therefore skips s * grad_accum * batch_size samples
-    of each rank's stream (tar members read, images not decoded) and, with the same world size and
-    batch size, sees exactly what an uninterrupted run would. On another world size the shards are
-    split differently: the run goes on deterministically, but not with the same samples."""
+    samples at position (step * grad_accum + micro) * batch_size of its stream. Shards that do not exist
+    are an error (data.allow_missing_shards: a counted warning); a shard cut short gives the samples
+    before the cut (read_webdataset). A sample without a caption (data.strict: an error) or whose image
+    does not decode is counted in `skips`, logged, and its place taken by the next usable sample of the
+    same micro-batch (cyclically), so batches keep their size and positions depend on the step alone.
+    Resuming at step s therefore skips s * grad_accum * batch_size samples of each rank's stream (tar
+    members read, images not decoded) and, with the same world size and batch size, sees exactly what
+    an uninterrupted run would. On another world size the shards are split differently: the run goes
+    on deterministically, but not with the same samples."""
 
     def __init__(
         self,
@@ -420,15 +453,16 @@ class ShardStream:
         world_size: int = 1,
         qformer_question: bool = False,
     ):
-        from vlbridge.data.readers import SkipCounter, find_shards
+        from vlbridge.data.readers import SkipCounter, check_shards, find_shards
 
         if stage == 2 and list(cfg.tasks) != ["caption"]:
             raise ValueError(f"webdataset shards hold captions: stage 2 trains data.tasks ['caption'], not {cfg.tasks}")
-        self.shards = find_shards(cfg.path)
+        self.skips = SkipCounter()  # what this process read: a resumed run counts from its restart
+        self.strict, self.allow_missing_shards = cfg.strict, cfg.allow_missing_shards
+        self.shards = check_shards(find_shards(cfg.path), cfg.allow_missing_shards, self.skips)
         self.processor, self.batch_size, self.grad_accum, self.stage = processor, batch_size, grad_accum, stage
         self.caption_prompt, self.seed, self.rank, self.world_size = prompts[0], seed, rank, world_size
         self.qformer_question = qformer_question
-        self.skips = SkipCounter()  # what this process read: a resumed run counts from its restart
         self._it, self._pos = self._stream(), 0
 
     def _stream(self):
@@ -445,6 +479,8 @@ class ShardStream:
                 worker_id=0,
                 num_workers=1,
                 skips=self.skips,
+                strict=self.strict,
+                allow_missing_shards=self.allow_missing_shards,
             ):
                 n += 1
                 yield sample
@@ -468,6 +504,8 @@ class ShardStream:
         for s in raw:
             ref = f"{s['shard']}:{s['key']}"
             if not s["caption"]:
+                if self.strict:
+                    raise ValueError(f"{ref}: no caption (data.strict)")
                 self.skips.skip(ref, "no caption")
                 images.append(None)
             else:

@@ -1,7 +1,7 @@
 """BLIP-2 (Li et al. 2023): a Q-Former between a frozen image encoder and a frozen LLM."""
 
-from vlbridge.models.blip2 import convert_transformers  # noqa: F401  (registers transformers' BLIP-2 layout)
 from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
+from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert  # also registers transformers' layout
 from vlbridge.models.blip2.modeling import (
     Blip2,
     Blip2Features,
@@ -22,4 +22,5 @@ __all__ = [
     "QFormerConfig",
     "RetrievalScores",
     "create_blip2",
+    "init_qformer_from_bert",
 ]
