@@ -28,7 +28,8 @@ from experiments.report import choose, fmt, html_table
 from vlbridge.data import shapesworld as sw
 from vlbridge.evaluation import evaluate as ev
 from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor
-from vlbridge.training.train import RECIPES, load_recipe, train
+from vlbridge.training.recipe import RECIPES, load_recipe
+from vlbridge.training.train import train
 
 log = logging.getLogger("experiments.eve_study")
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from vlbridge.data import shapesworld as sw
-from vlbridge.training.train import build_blip2, load_recipe
+from vlbridge.training.build import build_blip2
+from vlbridge.training.recipe import load_recipe
 
 SLOTS = 9
 

@@ -7,7 +7,8 @@ import pytest
 from vlbridge import create_blip2
 from vlbridge.core.config import to_dict
 from vlbridge.testing import tiny_blip2_config
-from vlbridge.training.train import OptimConfig, TrainConfig, load_recipe, lr_at, train
+from vlbridge.training.recipe import OptimConfig, TrainConfig, load_recipe
+from vlbridge.training.train import lr_at, train
 
 
 def _recipe(tmp_path, name, **kw):
@@ -53,7 +54,7 @@ def test_shipped_stage1_starts_from_the_shipped_bert():
     import torch
     from safetensors.torch import load_file
 
-    from vlbridge.training.train import build_blip2
+    from vlbridge.training.build import build_blip2
 
     cfg = load_recipe("blip2_shapesworld_stage1")
     model, _ = build_blip2(cfg)
@@ -122,7 +123,7 @@ def test_stage1_qformer_starts_from_bert(tmp_path):
     import transformers as tf
 
     from vlbridge.testing import randomize_, word_tokenizer
-    from vlbridge.training.train import build_blip2
+    from vlbridge.training.build import build_blip2
 
     q = tiny_blip2_config(tmp_path / "backbones", lm=None).qformer
     bert_cfg = tf.BertConfig(
