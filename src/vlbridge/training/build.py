@@ -15,11 +15,9 @@ from vlbridge.core.backbones import local_dir, resolve_path
 from vlbridge.core.config import LMConfig
 from vlbridge.data.batches import BatchStream, FeatureCache, ProcessorStream, ShardStream, make_pool
 from vlbridge.data.interleaved import DocumentStream, make_source
-from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert
-from vlbridge.models.blip2.modeling import Blip2, create_blip2
-from vlbridge.models.blip2.processing import Blip2Processor
-from vlbridge.models.eve.modeling import EVE, EVEProcessor, create_eve
-from vlbridge.models.flamingo.modeling import Flamingo, FlamingoProcessor, create_flamingo
+from vlbridge.models.blip2 import Blip2, Blip2Processor, create_blip2, init_qformer_from_bert
+from vlbridge.models.eve import EVE, EVEProcessor, create_eve
+from vlbridge.models.flamingo import Flamingo, FlamingoProcessor, create_flamingo
 from vlbridge.training.recipe import TrainConfig
 
 log = logging.getLogger("vlbridge.training.train")

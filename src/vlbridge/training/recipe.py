@@ -14,10 +14,9 @@ import torch
 from vlbridge.core.config import ConfigError, from_dict
 from vlbridge.data.batches import DataConfig
 from vlbridge.data.interleaved import DocumentData
-from vlbridge.models.blip2.configuration import Blip2Config
-from vlbridge.models.blip2.modeling import Blip2
-from vlbridge.models.eve.modeling import EVE, EVEConfig
-from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig
+from vlbridge.models.blip2 import Blip2, Blip2Config
+from vlbridge.models.eve import EVE, EVEConfig
+from vlbridge.models.flamingo import Flamingo, FlamingoConfig
 
 ASSETS = Path(__file__).parents[1] / "assets"
 RECIPES = Path(__file__).parents[1] / "recipes"
