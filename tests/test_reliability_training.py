@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from vlbridge.core.config import ConfigError, to_dict
 from vlbridge.testing import tiny_blip2_config
 from vlbridge.training import checkpoint as ck
+from vlbridge.training import rundir
 from vlbridge.training import train as tr
 from vlbridge.training.train import load_recipe, train
 
@@ -185,7 +186,7 @@ def test_kill_9_anywhere_then_the_same_command_resumes_exactly(tmp_path, model_d
         elif aim == "step":
             # a second run, started while this one holds the lock (setting up), is refused naming it
             assert _wait_for(proc, lambda pid=proc.pid: _lock_pid(out) == pid)
-            with pytest.raises(ck.OutDirLocked, match=f"pid {proc.pid} on"):
+            with pytest.raises(rundir.OutDirLocked, match=f"pid {proc.pid} on"):
                 train(load_recipe(recipe))
             TALLY["concurrent runs refused by the lock"] += 1
             # just after a checkpoint is complete: the next step is running
@@ -432,9 +433,9 @@ def test_another_recipe_into_a_used_out_dir_is_refused(tmp_path, model_dict, ref
 
 
 def test_the_lock_names_its_holder_and_is_taken_over_when_stale(tmp_path, caplog):
-    held = ck.RunLock(tmp_path).acquire()
-    with pytest.raises(ck.OutDirLocked, match=f"in use by another run \\(pid {os.getpid()} on "):
-        ck.RunLock(tmp_path).acquire()
+    held = rundir.RunLock(tmp_path).acquire()
+    with pytest.raises(rundir.OutDirLocked, match=f"in use by another run \\(pid {os.getpid()} on "):
+        rundir.RunLock(tmp_path).acquire()
     held.release()
     assert not (tmp_path / ".lock").exists()
 
@@ -442,11 +443,11 @@ def test_the_lock_names_its_holder_and_is_taken_over_when_stale(tmp_path, caplog
     dead = {"pid": int(gone.stdout), "host": held.mine["host"], "started": "earlier"}
     (tmp_path / ".lock").write_text(json.dumps(dead))
     with caplog.at_level("WARNING", logger="vlbridge.training.train"):
-        ck.RunLock(tmp_path).acquire().release()
+        rundir.RunLock(tmp_path).acquire().release()
     assert "taking over the lock of a run that is gone" in caplog.text
     (tmp_path / ".lock").write_text(json.dumps({**dead, "host": "elsewhere"}))  # its pid cannot be checked
-    with pytest.raises(ck.OutDirLocked, match="on elsewhere since earlier"):
-        ck.RunLock(tmp_path).acquire()
+    with pytest.raises(rundir.OutDirLocked, match="on elsewhere since earlier"):
+        rundir.RunLock(tmp_path).acquire()
     TALLY["lock checks"] += 3
 
 

@@ -3,6 +3,7 @@ overrides, every value checked when read (types by core.config.from_dict, ranges
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import astuple, dataclass, field
@@ -11,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from vlbridge.core.config import ConfigError, from_dict
+from vlbridge.core.config import ConfigError, from_dict, to_dict
 from vlbridge.data.batches import DataConfig
 from vlbridge.data.interleaved import DocumentData
 from vlbridge.models.blip2 import Blip2, Blip2Config
@@ -236,3 +237,37 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 def expand(path: str) -> str:
     """`{assets}` in recipe paths means the backbones shipped inside the package."""
     return path.replace("{assets}", str(ASSETS))
+
+
+def recipe_identity(cfg: TrainConfig, world_size: int) -> dict:
+    """The recipe fields that decide what a run computes: all but TrainConfig.run_control (how long, how
+    often to save or log, where, on which devices). Batch sizes are global (per-rank x ranks): a run
+    resumes on any number of processes with the same global batch, except on webdataset shards, which
+    each rank streams on its own (there the world size counts). Normalised through from_dict, so a
+    JSON 1 and 1.0 are one recipe."""
+    d = to_dict(from_dict(type(cfg), to_dict(cfg)))
+    for key in cfg.run_control:
+        d.pop(key)
+    if cfg.data.source == "webdataset":
+        d["world_size"] = world_size
+    else:
+        d["global_batch_size"] = d.pop("batch_size") * world_size
+        for ds in d["datasets"]:
+            ds["global_batch_size"] = ds.pop("batch_size") * world_size
+    return json.loads(json.dumps(d))  # as stored: tuples are lists
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'optim.lr (0.001 -> 0.005)' for every leaf that differs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({json.dumps(a)[:40]} -> {json.dumps(b)[:40]})")
+    return out

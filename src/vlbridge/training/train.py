@@ -2,7 +2,7 @@
 
 Reads top to bottom: recipe -> model (frozen backbones, logged trainable counts) -> data -> AdamW
 with warm-up + cosine -> loop (grad accumulation, clipping, bf16 autocast) -> checkpoints with exact
-resume (checkpoint.py) -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked
+resume (checkpoint.py, rundir.py) -> final model. Logs to <out_dir>/log.jsonl; tensorboard / wandb when asked
 (lazy imports).
 
 1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.training.train RECIPE` (any recipe)
@@ -46,18 +46,16 @@ from vlbridge.core import dist
 from vlbridge.core.config import ConfigError, from_dict, to_dict
 from vlbridge.training.build import build_model, build_streams, log_init_from
 from vlbridge.training.checkpoint import (
-    Loggers,
-    OutDirLocked,
     ResumeRefused,
     full_model,
     load_trainer_state,
     load_weights,
-    open_run,
-    recipe_identity,
     save_checkpoint,
     write_final,
 )
-from vlbridge.training.recipe import LossWeights, TrainConfig, load_recipe
+from vlbridge.training.logs import Loggers
+from vlbridge.training.recipe import LossWeights, TrainConfig, load_recipe, recipe_identity
+from vlbridge.training.rundir import OutDirLocked, open_run
 
 log = logging.getLogger("vlbridge.training.train")
 
