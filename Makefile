@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench --out bench-output
 	$(BIN)/python -m benchmarks.bench_transformers --out bench-output
 	$(BIN)/python -m benchmarks.bench_memory --out bench-output
+
+# The BLIP-2 that `make demo` trains, behind OpenAI's chat completions API (docs/serving.md).
+SERVE_MODEL ?= demo-output/stage2/final
+serve: $(STAMP)
+	@test -f $(SERVE_MODEL)/config.json || { echo "no model at $(SERVE_MODEL): run 'make demo' first (it trains one), or 'make serve SERVE_MODEL=DIR' for another saved model"; exit 1; }
+	$(BIN)/vlbridge serve $(SERVE_MODEL) --served-model-name blip2-shapesworld
 
 clean:
 	rm -rf $(VENV) demo-output bench-output .pytest_cache

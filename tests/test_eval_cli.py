@@ -15,6 +15,7 @@ from vlbridge import create_blip2
 from vlbridge.cli import main
 from vlbridge.data import shapesworld as sw
 from vlbridge.evaluation.metrics import retrieval_recall, vqa_accuracy
+from vlbridge.evaluation.run import headline
 from vlbridge.testing import randomize_, tiny_blip2_config
 
 GOOD, BROKEN, MISSING = [1, 2, 3, 4], 5, 6
@@ -137,7 +138,7 @@ def test_coco_captions_vqa_retrieval(data, tmp_path, monkeypatch, capsys, caplog
         4,
     )
     report = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == ev.headline(report)
+    assert json.loads(capsys.readouterr().out) == headline(report)
     assert report["tasks"] == ["caption", "vqa", "retrieval"]
     assert {"load", "captions", "vqa", "retrieval", "total"} <= set(report["timings_s"])
     assert "skipped 2 of 6 samples" in caplog.text and "file not found" in caplog.text

@@ -7,6 +7,7 @@
     vlbridge train RECIPE [key.sub=value ...]
     vlbridge eval MODEL [--captions F | --karpathy F] [--image-root DIR] [--vqa-questions Q --vqa-annotations A]
                   [--vqa-image-root DIR] [--shapesworld SPLIT --n N] [--out metrics.json]
+    vlbridge serve MODEL [--host 127.0.0.1] [--port 8000] [--max-batch-size 8]   (OpenAI-compatible API)
 
 MODEL is a directory written by `save_pretrained` (model + processor) or a hub id, of any design
 (BLIP-2, Flamingo, EVE). --device auto|cpu|cuda|cuda:N, --dtype float32|bfloat16|float16.
@@ -194,7 +195,7 @@ def cmd_retrieve(args):
 def cmd_eval(args):
     import dataclasses
 
-    from vlbridge.evaluation.evaluate import EvalConfig, headline, run
+    from vlbridge.evaluation.run import EvalConfig, headline, run
 
     if not (args.captions or args.karpathy or args.vqa_questions or args.shapesworld):
         raise ValueError("give --captions, --karpathy, --vqa-questions or --shapesworld")
@@ -203,6 +204,24 @@ def cmd_eval(args):
     report = run(cfg)
     print(json.dumps(headline(report), indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_serve(args):
+    try:
+        from vlbridge.serving import serve
+    except ImportError as e:
+        raise ValueError(f"{e}: install the server's packages with pip install 'vlbridge[serve]'") from None
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        served_model_name=args.served_model_name,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_body_mb=args.max_body_mb,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(e)
     _device_args(e)
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("serve", help="serve a saved model over OpenAI's chat completions API (docs/serving.md)")
+    v.add_argument("model")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_at_least(0), default=8000)
+    v.add_argument("--served-model-name", help="the name clients send as model (default: MODEL as given)")
+    v.add_argument("--max-batch-size", type=_at_least(1), default=8, help="requests batched into one generate call")
+    v.add_argument("--max-wait-ms", type=float, default=10, help="how long a request waits for others to batch with")
+    v.add_argument("--max-body-mb", type=_positive, default=20, help="larger request bodies are refused (413)")
+    _device_args(v)
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,252 @@
+"""The HTTP server: OpenAI's chat completions (plain and streamed), /v1/models and /health, with a
+dynamic batcher in front of the engine.
+
+    app = create_app(model, processor, "my-model")   # then uvicorn.run(app), or serve(path, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from vlbridge.serving.engine import Engine, Job, Result
+from vlbridge.serving.schemas import APIError, ChatRequest
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    """Groups concurrent jobs with equal keys (the same generation settings) into one generate call: a
+    group runs when it holds max_batch_size jobs or its first job has waited max_wait_s. Groups run one at a
+    time on the engine's worker thread; jobs that arrive meanwhile form the next groups."""
+
+    def __init__(self, engine: Engine, max_batch_size: int, max_wait_s: float):
+        self.engine, self.max_batch_size, self.max_wait_s = engine, max_batch_size, max_wait_s
+        self.pending: dict[tuple, list[tuple[Job, asyncio.Future]]] = {}
+        self.timers: dict[tuple, asyncio.TimerHandle] = {}
+
+    async def submit(self, job: Job) -> Result:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        group = self.pending.setdefault(job.key, [])
+        group.append((job, future))
+        if len(group) >= self.max_batch_size:
+            self.flush(job.key)
+        elif len(group) == 1:
+            self.timers[job.key] = loop.call_later(self.max_wait_s, self.flush, job.key)
+        return await future
+
+    def flush(self, key: tuple) -> None:
+        group = self.pending.pop(key, [])
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        if group:
+            asyncio.get_running_loop().create_task(self._run(group))
+
+    async def _run(self, group):
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.engine.executor, self.engine.run, [j for j, _ in group])
+        except Exception as e:  # the engine returns errors per job; this is a bug of ours
+            results = [e] * len(group)
+        for (_, future), result in zip(group, results):
+            if future.done():  # the client went away
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by its Content-Length, or while reading it)."""
+    too_large = APIError(413, f"request body over the server's limit of {limit / 2**20:g} MB (--max-body-mb)")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _parse(body: bytes) -> ChatRequest:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})") from None
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def create_app(
+    model,
+    processor,
+    served_model_name: str,
+    max_batch_size: int = 8,
+    max_wait_ms: float = 10,
+    max_body_mb: float = 20,
+    max_image_pixels: int | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `model` under `served_model_name`. max_image_pixels: None for
+    vlbridge.core.images.MAX_PIXELS."""
+    engine = Engine(model, processor, max_image_pixels)
+    batcher = Batcher(engine, max_batch_size, max_wait_ms / 1000)
+    limit = int(max_body_mb * 2**20)
+    created = int(time.time())
+    app = FastAPI(title="vlbridge", version="0.1.0")
+    app.state.engine, app.state.batcher = engine, batcher
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("error serving %s", request.url.path)
+        body = APIError(500, f"{type(e).__name__}: {e}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served_model_name, "generate_calls": len(engine.batch_sizes)}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "vlbridge"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(await _read_body(request, limit))
+        if req.model != served_model_name:
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served here (this server serves {served_model_name!r})",
+                "model",
+                type="not_found_error",
+            )
+        if req.stream and (req.n > 1 or req.use_beam_search):
+            raise APIError(400, "stream: only one choice (n=1) without beam search is streamed", "stream")
+        job = await asyncio.to_thread(engine.job, req)  # decodes the images
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return await _stream(engine, job, head, include_usage)
+        result = await batcher.submit(job)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
+            for i, c in enumerate(result.choices)
+        ]
+        completion = sum(c.completion_tokens for c in result.choices)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": _usage(result.prompt_tokens, completion),
+        }
+
+    return app
+
+
+async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool) -> StreamingResponse:
+    """Server-sent chat.completion.chunk events as tokens come, then `data: [DONE]`. The first piece is
+    awaited before the response starts, so that a request the model refuses (too long) is still a 400."""
+    pieces, future, cancel = engine.stream(job)
+    wrapped = asyncio.wrap_future(future)
+
+    async def next_piece() -> str | None:  # None at the end; the streamer's empty pieces are skipped
+        piece = ""
+        while piece == "":
+            piece = await asyncio.to_thread(next, pieces, None)
+        return piece
+
+    first = await next_piece()
+    if first is None:
+        await wrapped  # raises the APIError of a refused request
+
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        chunk = {**head, "object": "chat.completion.chunk"}
+        chunk["choices"] = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        if usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def events():
+        hold = max((len(s) for s in job.stop), default=1) - 1  # text that may still turn into a stop string
+        text, sent, piece, cut = "", 0, first, None
+        try:
+            yield event({"role": "assistant", "content": ""})
+            while piece is not None:
+                text = (text + piece).lstrip()  # as the full response, no leading space
+                cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
+                if cut is not None:
+                    text = text[:cut].rstrip()
+                    break
+                if len(text) - hold > sent:
+                    yield event({"content": text[sent : len(text) - hold]})
+                    sent = len(text) - hold
+                piece = await next_piece()
+            if cut is not None:
+                cancel.set()
+            result = await wrapped
+            final = result.choices[0]
+            if final.text.startswith(text[:sent]) and len(final.text) > sent:
+                yield event({"content": final.text[sent:]})  # the held-back tail, stripped as the full text
+            yield event({}, final.finish_reason)
+            if include_usage:
+                yield event({}, usage=_usage(result.prompt_tokens, final.completion_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()  # a client that went away stops the generation
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def serve(
+    model_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str | None = None,
+    served_model_name: str | None = None,
+    **app_kwargs,
+) -> None:
+    """Load a saved model and serve it until interrupted."""
+    import uvicorn
+
+    from vlbridge.auto import load
+
+    model, processor = load(model_path, device=device, dtype=dtype)
+    name = served_model_name or str(model_path).rstrip("/")
+    app = create_app(model, processor, name, **app_kwargs)
+    print(f"serving {name!r} ({model.model_type}) at http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
