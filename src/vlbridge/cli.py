@@ -221,6 +221,10 @@ def cmd_serve(args):
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_body_mb=args.max_body_mb,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        allow_remote_images=args.allow_remote_images,
+        allow_paths=tuple(args.allow_path or ()),
     )
 
 
@@ -330,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch-size", type=_at_least(1), default=8, help="requests batched into one generate call")
     v.add_argument("--max-wait-ms", type=float, default=10, help="how long a request waits for others to batch with")
     v.add_argument("--max-body-mb", type=_positive, default=20, help="larger request bodies are refused (413)")
+    v.add_argument(
+        "--max-queue",
+        type=_at_least(1),
+        help="requests waiting or generating at once; more get 429 (default: no limit)",
+    )
+    v.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (401 otherwise)")
+    v.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused, 400)"
+    )
+    v.add_argument(
+        "--allow-path",
+        action="append",
+        metavar="DIR",
+        help="serve file:// URLs and paths of images inside DIR (repeatable; default: none)",
+    )
     _device_args(v)
     v.set_defaults(func=cmd_serve)
     return p

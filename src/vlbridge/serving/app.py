@@ -1,5 +1,5 @@
-"""The HTTP server: OpenAI's chat completions (plain and streamed), /v1/models and /health, with a
-dynamic batcher in front of the engine.
+"""The HTTP server: OpenAI's chat completions (plain and streamed), embeddings, /v1/models, /health and
+Prometheus /metrics, with a dynamic batcher in front of the engine, a queue limit and an optional API key.
 
     app = create_app(model, processor, "my-model")   # then uvicorn.run(app), or serve(path, ...)
 """
@@ -7,18 +7,27 @@ dynamic batcher in front of the engine.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hmac
 import json
 import logging
+import struct
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from vlbridge.serving.engine import Engine, Job, Result
-from vlbridge.serving.schemas import APIError, ChatRequest
+from vlbridge.serving.engine import Engine, ImagePolicy, Job, Metrics, Result
+from vlbridge.serving.page import add_page
+from vlbridge.serving.schemas import APIError, ChatRequest, EmbeddingRequest
+
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/embeddings")  # metric labels
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait (the openai client honours it when it retries)
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +94,54 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse(body: bytes) -> ChatRequest:
+def _parse(body: bytes, schema=ChatRequest):
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON ({e})") from None
     try:
-        return ChatRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(x) for x in err["loc"]) or None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+class Gate:
+    """ASGI middleware around every route: counts responses by route and status for /metrics, and with an
+    API key refuses /v1 requests without `Authorization: Bearer KEY` (401). Pure ASGI, so that streamed
+    responses pass through untouched."""
+
+    def __init__(self, app, metrics: Metrics, api_key: str | None):
+        self.app, self.metrics, self.api_key = app, metrics, api_key
+
+    def authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(header, f"Bearer {self.api_key}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # unless a response starts
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"].startswith("/v1") and not self.authorized(scope):
+                error = APIError(
+                    401, "missing or wrong API key: send Authorization: Bearer KEY", type="authentication_error"
+                )
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            self.metrics.request(route, status)
 
 
 def create_app(
@@ -106,19 +152,61 @@ def create_app(
     max_wait_ms: float = 10,
     max_body_mb: float = 20,
     max_image_pixels: int | None = None,
+    max_queue: int | None = None,
+    api_key: str | None = None,
+    allow_remote_images: bool = False,
+    allow_paths: tuple[str | Path, ...] = (),
+    image_fetch_timeout_s: float = 10,
 ) -> FastAPI:
     """The FastAPI app serving `model` under `served_model_name`. max_image_pixels: None for
-    vlbridge.core.images.MAX_PIXELS."""
-    engine = Engine(model, processor, max_image_pixels)
-    batcher = Batcher(engine, max_batch_size, max_wait_ms / 1000)
+    vlbridge.core.images.MAX_PIXELS. max_queue: requests admitted at once (waiting or generating; None: no
+    limit), more are answered 429. api_key: required on /v1 routes. allow_remote_images: fetch http(s)
+    image URLs (image_fetch_timeout_s, at most max_body_mb); allow_paths: directories whose files may be
+    named by file:// URLs or paths."""
     limit = int(max_body_mb * 2**20)
+    policy = ImagePolicy(
+        allow_remote_images, tuple(Path(d).expanduser().resolve() for d in allow_paths), image_fetch_timeout_s, limit
+    )
+    engine = Engine(model, processor, max_image_pixels, policy)
+    metrics = engine.metrics
+    batcher = Batcher(engine, max_batch_size, max_wait_ms / 1000)
     created = int(time.time())
     app = FastAPI(title="vlbridge", version="0.1.0")
     app.state.engine, app.state.batcher = engine, batcher
+    add_page(app)  # the web page at /
+    app.add_middleware(Gate, metrics=metrics, api_key=api_key)
+
+    @contextlib.contextmanager
+    def admitted():
+        """Holds a place in the queue while a request waits or generates; none left: 429."""
+        with metrics.lock:
+            if max_queue is not None and metrics.pending >= max_queue:
+                metrics.rejected += 1
+                raise APIError(
+                    429,
+                    f"the server is busy: {max_queue} requests are already queued (--max-queue); retry later",
+                    type="rate_limit_error",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            metrics.pending += 1
+        try:
+            yield
+        finally:
+            with metrics.lock:
+                metrics.pending -= 1
+
+    def check_model(name: str) -> None:
+        if name != served_model_name:
+            raise APIError(
+                404,
+                f"model {name!r} is not served here (this server serves {served_model_name!r})",
+                "model",
+                type="not_found_error",
+            )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
@@ -132,7 +220,16 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name, "generate_calls": len(engine.batch_sizes)}
+        return {
+            "status": "ok",
+            "model": served_model_name,
+            "generate_calls": len(engine.batch_sizes),
+            "pending": metrics.pending,
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -142,21 +239,24 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = _parse(await _read_body(request, limit))
-        if req.model != served_model_name:
-            raise APIError(
-                404,
-                f"model {req.model!r} is not served here (this server serves {served_model_name!r})",
-                "model",
-                type="not_found_error",
-            )
+        check_model(req.model)
         if req.stream and (req.n > 1 or req.use_beam_search):
             raise APIError(400, "stream: only one choice (n=1) without beam search is streamed", "stream")
-        job = await asyncio.to_thread(engine.job, req)  # decodes the images
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
-        if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return await _stream(engine, job, head, include_usage)
-        result = await batcher.submit(job)
+        place = admitted()
+        place.__enter__()
+        handed = False  # a stream releases its place when it ends
+        try:
+            job = await asyncio.to_thread(engine.job, req)  # decodes (or fetches) the images
+            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
+            if req.stream:
+                include_usage = req.stream_options is not None and req.stream_options.include_usage
+                response = await _stream(engine, job, head, include_usage, lambda: place.__exit__(None, None, None))
+                handed = True
+                return response
+            result = await batcher.submit(job)
+        finally:
+            if not handed:
+                place.__exit__(None, None, None)
         choices = [
             {
                 "index": i,
@@ -174,12 +274,33 @@ def create_app(
             "usage": _usage(result.prompt_tokens, completion),
         }
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        req = _parse(await _read_body(request, limit), EmbeddingRequest)
+        check_model(req.model)
+        inputs = [req.input] if isinstance(req.input, str) else req.input
+        with admitted():
+            loop = asyncio.get_running_loop()
+            vectors, tokens = await loop.run_in_executor(engine.executor, engine.embed, inputs)
+
+        def encode(v: list[float]):  # base64: little-endian float32, what the openai client sends by default
+            return v if req.encoding_format == "float" else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        return {
+            "object": "list",
+            "data": data,
+            "model": served_model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
     return app
 
 
-async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool) -> StreamingResponse:
+async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool, done) -> StreamingResponse:
     """Server-sent chat.completion.chunk events as tokens come, then `data: [DONE]`. The first piece is
-    awaited before the response starts, so that a request the model refuses (too long) is still a 400."""
+    awaited before the response starts, so that a request the model refuses (too long) is still a 400.
+    `done()` is called once the response ends, however it ends (its queue place is released)."""
     pieces, future, cancel = engine.stream(job)
     wrapped = asyncio.wrap_future(future)
 
@@ -228,7 +349,15 @@ async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool) -> 
         finally:
             cancel.set()  # a client that went away stops the generation
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    class Events(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:  # also when the client left before the events started
+                cancel.set()
+                done()
+
+    return Events(events(), media_type="text/event-stream")
 
 
 def serve(

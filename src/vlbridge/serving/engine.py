@@ -12,9 +12,13 @@ import base64
 import binascii
 import re
 import threading
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -23,6 +27,140 @@ from vlbridge.core.images import ImageError, load_image
 from vlbridge.serving.schemas import APIError, ChatRequest, ImagePart
 
 DEFAULT_MAX_TOKENS = 64  # when the request names no max_tokens / max_completion_tokens
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return [
+            *out,
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.sum:g}",
+            f"{name}_count {self.count}",
+        ]
+
+
+class Metrics:
+    """What GET /metrics exposes (Prometheus text format). Written by the event loop (requests) and the
+    worker thread (generation), so every update holds the lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
+        self.errors: dict[str, int] = {}  # route -> responses with status >= 400
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.queue_wait = Histogram(WAIT_BUCKETS)  # seconds from admission to the start of its generate call
+        self.generated_tokens = 0
+        self.generate_seconds = 0.0
+        self.last_tokens_per_second = 0.0
+        self.pending = 0  # admitted requests not yet answered (waiting or generating)
+        self.rejected = 0  # refused with 429 (queue full)
+
+    def request(self, route: str, status: int) -> None:
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            if status >= 400:
+                self.errors[route] = self.errors.get(route, 0) + 1
+
+    def generated(self, batch: int, waits: list[float], tokens: int, seconds: float) -> None:
+        with self.lock:
+            self.batch_size.observe(batch)
+            for w in waits:
+                self.queue_wait.observe(w)
+            self.generated_tokens += tokens
+            self.generate_seconds += seconds
+            self.last_tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+
+    def text(self) -> str:
+        def family(name, kind, help, lines):
+            return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", *lines]
+
+        with self.lock:
+            out = [
+                *family(
+                    "vlbridge_requests_total",
+                    "counter",
+                    "HTTP requests answered, by route and status.",
+                    [
+                        f'vlbridge_requests_total{{route="{r}",status="{s}"}} {n}'
+                        for (r, s), n in sorted(self.requests.items())
+                    ],
+                ),
+                *family(
+                    "vlbridge_errors_total",
+                    "counter",
+                    "HTTP responses with a 4xx or 5xx status, by route.",
+                    [f'vlbridge_errors_total{{route="{r}"}} {n}' for r, n in sorted(self.errors.items())],
+                ),
+                *family(
+                    "vlbridge_rejected_total",
+                    "counter",
+                    "Requests refused with 429 (--max-queue).",
+                    [f"vlbridge_rejected_total {self.rejected}"],
+                ),
+                *family(
+                    "vlbridge_pending_requests",
+                    "gauge",
+                    "Requests waiting or generating.",
+                    [f"vlbridge_pending_requests {self.pending}"],
+                ),
+                *family(
+                    "vlbridge_batch_size",
+                    "histogram",
+                    "Requests per generate call.",
+                    self.batch_size.lines("vlbridge_batch_size"),
+                ),
+                *family(
+                    "vlbridge_queue_wait_seconds",
+                    "histogram",
+                    "Time from admission to the start of the request's generate call.",
+                    self.queue_wait.lines("vlbridge_queue_wait_seconds"),
+                ),
+                *family(
+                    "vlbridge_generated_tokens_total",
+                    "counter",
+                    "New tokens generated.",
+                    [f"vlbridge_generated_tokens_total {self.generated_tokens}"],
+                ),
+                *family(
+                    "vlbridge_generate_seconds_total",
+                    "counter",
+                    "Time spent in generate calls (tokens/s over a window: rate of tokens / rate of this).",
+                    [f"vlbridge_generate_seconds_total {self.generate_seconds:g}"],
+                ),
+                *family(
+                    "vlbridge_tokens_per_second",
+                    "gauge",
+                    "New tokens per second of the last generate call (all its rows).",
+                    [f"vlbridge_tokens_per_second {self.last_tokens_per_second:g}"],
+                ),
+            ]
+        return "\n".join(out) + "\n"
+
+
+@dataclass
+class ImagePolicy:
+    """Where images may come from besides data: URLs. allow_remote: fetch http(s) URLs (timeout_s, at
+    most max_bytes); allow_paths: directories whose files may be named by file:// URLs or plain paths."""
+
+    allow_remote: bool = False
+    allow_paths: tuple[Path, ...] = ()
+    timeout_s: float = 10.0
+    max_bytes: int = 20 * 2**20
 
 
 @dataclass
@@ -39,6 +177,7 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     key: tuple = field(default=())  # jobs with equal keys may share one batched generate call
+    submitted: float = field(default_factory=time.monotonic)  # for the queue wait metric
 
 
 @dataclass
@@ -69,21 +208,69 @@ class StopStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
-def decode_image(url: str, max_pixels: int | None):
-    """A data: URL -> RGB PIL image; remote URLs are refused (this server fetches nothing)."""
-    if url.startswith(("http://", "https://")):
+def _fetch(url: str, policy: ImagePolicy) -> bytes:
+    """The bytes at an http(s) URL, within the policy's timeout and byte limit."""
+    try:
+        with urllib.request.urlopen(url, timeout=policy.timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+                raise APIError(400, f"image_url: {url} is over the limit of {policy.max_bytes} bytes", "messages")
+            raw = response.read(policy.max_bytes + 1)
+    except APIError:
+        raise
+    except Exception as e:  # HTTP errors, timeouts, refused connections, bad URLs
+        raise APIError(400, f"image_url: could not fetch {url} ({e})", "messages") from None
+    if len(raw) > policy.max_bytes:
+        raise APIError(400, f"image_url: {url} is over the limit of {policy.max_bytes} bytes", "messages")
+    return raw
+
+
+def _local_file(url: str, policy: ImagePolicy) -> Path:
+    """A file:// URL or a plain path, resolved; refused unless it lies inside an --allow-path directory."""
+    path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+    if not policy.allow_paths:
         raise APIError(
-            400, "remote image URLs are not fetched: send the image as data:image/...;base64,...", "messages"
+            400,
+            "image_url.url must be a data URL (data:image/png;base64,...); local files need --allow-path",
+            "messages",
         )
-    m = re.fullmatch(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", url, flags=re.S)
-    if m is None or ";base64" not in m.group(2):
-        raise APIError(400, "image_url.url must be a data URL: data:image/png;base64,...", "messages")
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(d) for d in policy.allow_paths):
+        raise APIError(
+            400, f"image_url: {path} is outside the directories this server reads (--allow-path)", "messages"
+        )
+    if not resolved.is_file():
+        raise APIError(400, f"image_url: {path} is not a file", "messages")
+    return resolved
+
+
+def decode_image(url: str, max_pixels: int | None, policy: ImagePolicy | None = None):
+    """A data: URL -> RGB PIL image; http(s) URLs only with policy.allow_remote, file:// URLs and plain
+    paths only inside policy.allow_paths."""
+    policy = policy or ImagePolicy()
+    if url.startswith(("http://", "https://")):
+        if not policy.allow_remote:
+            raise APIError(
+                400,
+                "remote image URLs are not fetched (the server runs without --allow-remote-images): "
+                "send the image as data:image/...;base64,...",
+                "messages",
+            )
+        raw, name = _fetch(url, policy), url
+    elif url.startswith("data:"):
+        m = re.fullmatch(r"data:([^;,]*)((?:;[^;,]*)*),(.*)", url, flags=re.S)
+        if m is None or ";base64" not in m.group(2):
+            raise APIError(400, "image_url.url must be a data URL: data:image/png;base64,...", "messages")
+        try:
+            raw = base64.b64decode(m.group(3), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, f"image_url: not valid base64 ({e})", "messages") from None
+        name = "image_url"
+    else:
+        path = _local_file(url, policy)
+        raw, name = path.read_bytes(), str(path)
     try:
-        raw = base64.b64decode(m.group(3), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"image_url: not valid base64 ({e})", "messages") from None
-    try:
-        return load_image(raw, name="image_url", max_pixels=max_pixels)
+        return load_image(raw, name=name, max_pixels=max_pixels)
     except ImageError as e:
         raise APIError(400, str(e), "messages") from None
 
@@ -93,10 +280,12 @@ class Engine:
     images), `run` generates for jobs that share settings in one call, `stream` generates one job token by
     token. The model's check_context is wrapped (on this instance) to learn the prompt length it saw."""
 
-    def __init__(self, model, processor, max_image_pixels: int | None = None):
+    def __init__(self, model, processor, max_image_pixels: int | None = None, image_policy: ImagePolicy | None = None):
         self.model, self.processor, self.max_image_pixels = model.eval(), processor, max_image_pixels
-        self.tokenizer = processor.tokenizer
-        self.special_ids = set(self.tokenizer.all_special_ids)
+        self.image_policy = image_policy or ImagePolicy()
+        self.metrics = Metrics()
+        self.tokenizer = processor.tokenizer  # None for a model without an LM (BLIP-2 stage 1)
+        self.special_ids = set(self.tokenizer.all_special_ids) if self.tokenizer is not None else set()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlbridge-generate")
         self.batch_sizes: list[int] = []  # the size of every generate call, for /health and tests
         # Every design's generate calls check_context with the prompt length as the LM sees it (image
@@ -112,6 +301,8 @@ class Engine:
 
     # ------------------------------------------------------------------ request -> job
     def job(self, req: ChatRequest) -> Job:
+        if not {"caption", "vqa"} & self.model.tasks:
+            raise APIError(400, f"this model generates no text (it does {sorted(self.model.tasks)})", "model")
         user = next((m for m in reversed(req.messages) if m.role == "user"), None)
         if user is None:
             raise APIError(400, "messages holds no user message", "messages")
@@ -119,7 +310,7 @@ class Engine:
         images, pieces = [], []  # pieces: str (text) or None (an image)
         for part in parts:
             if isinstance(part, ImagePart):
-                images.append(decode_image(part.image_url.url, self.max_image_pixels))
+                images.append(decode_image(part.image_url.url, self.max_image_pixels, self.image_policy))
                 pieces.append(None)
             elif isinstance(part, str) or part.text.strip():
                 pieces.append(part if isinstance(part, str) else part.text)
@@ -187,17 +378,26 @@ class Engine:
         if jobs[0].stop:
             criteria = [*(kwargs.get("stopping_criteria") or []), StopStrings(self.tokenizer, jobs[0].stop)]
             kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+        start = time.monotonic()
+        waits = [start - j.submitted for j in jobs]
         ids = self.model.generate(**self.model.prepare_inputs(batch), **kwargs)
+        new_tokens = sum(self._count(row) for row in ids.tolist())
+        self.metrics.generated(len(jobs), waits, new_tokens, time.monotonic() - start)
         extra_tokens = self._seen_length - batch["input_ids"].shape[1]  # e.g. BLIP-2's query tokens
         lengths = [int(m.sum()) + extra_tokens for m in batch["attention_mask"]]
         self.batch_sizes.append(len(jobs))
         return ids, lengths
 
+    def _count(self, ids: list[int]) -> int:
+        """New tokens in one row: up to and with the first special token (the one that ended it)."""
+        end = next((k for k, t in enumerate(ids) if t in self.special_ids), None)
+        return len(ids) if end is None else end + 1
+
     def choice(self, ids: list[int], job: Job) -> Choice:
         """Text, finish reason and token count of one row of new ids (ended by a special token or padding)."""
         end = next((k for k, t in enumerate(ids) if t in self.special_ids), None)
         kept = ids if end is None else ids[:end]
-        count = len(ids) if end is None else end + 1
+        count = self._count(ids)
         reason = "length" if end is None and count >= job.kwargs["max_new_tokens"] else "stop"
         text = self.processor.batch_decode(torch.tensor([kept], dtype=torch.long))[0]
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
@@ -245,3 +445,39 @@ class Engine:
             return Result([self.choice(ids[0].tolist(), job)], lengths[0])
 
         return iter(streamer), self.executor.submit(work), cancel
+
+    # ------------------------------------------------------------------ embeddings (worker thread)
+    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Normalised embeddings of texts and images (a string that is a data:, http(s):// or file:// URL is
+        an image) and the tokens read: a text is its Q-Former [CLS] projection (E floats, tokens: its
+        Q-Former ids), an image its query projections flattened (Q * E floats, tokens: Q), so that the max
+        over the image's Q chunks of their dot products with a text is the model's ITC similarity."""
+        if "retrieval" not in self.model.tasks:
+            raise APIError(
+                400, f"this {self.model.model_type} model has no retrieval heads (a BLIP-2 stage-1 model has)", "model"
+            )
+        is_image = [s.startswith(("data:", "http://", "https://", "file://")) for s in inputs]
+        images = [decode_image(s, self.max_image_pixels, self.image_policy) for s, im in zip(inputs, is_image) if im]
+        texts = [s for s, im in zip(inputs, is_image) if not im]
+        out: dict[bool, list] = {True: [], False: []}
+        tokens = 0
+        if images:
+            feats = self.model.extract_features(
+                **self.model.prepare_inputs({"pixel_values": self.processor.images(images)})
+            )
+            proj = feats.image_embeds_proj.float()  # (B, Q, E), each query normalised
+            out[True] = proj.flatten(1).tolist()
+            tokens += proj.shape[0] * proj.shape[1]
+        if texts:
+            try:
+                q = self.processor.qformer_text(texts)
+            except ValueError as e:
+                raise APIError(400, str(e), "input") from None
+            feats = self.model.extract_features(
+                **self.model.prepare_inputs(
+                    {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"]}
+                )
+            )
+            out[False] = feats.text_embeds_proj.float().tolist()
+            tokens += int(q["attention_mask"].sum())
+        return [out[im].pop(0) for im in is_image], tokens

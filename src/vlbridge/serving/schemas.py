@@ -1,5 +1,6 @@
-"""The request body of POST /v1/chat/completions (OpenAI's schema plus vLLM's sampling extras), and
-OpenAI-style errors. Responses are plain dicts in OpenAI's shapes (the `openai` client parses them)."""
+"""The request bodies of POST /v1/chat/completions (OpenAI's schema plus vLLM's sampling extras) and
+/v1/embeddings, and OpenAI-style errors. Responses are plain dicts in OpenAI's shapes (the `openai` client
+parses them)."""
 
 from __future__ import annotations
 
@@ -59,12 +60,30 @@ class ChatRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
 
 
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: `input` is a string or a list of strings; a string that is a data: URL (or an
+    http(s):// or file:// URL the server may read) is an image. dimensions and user are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
