@@ -1,6 +1,6 @@
 # Every target installs what it needs into .venv (idempotent): torch first, pinned to the
 # CPU build that lies on this machine's disk, so that pip never pulls a multi-GB CUDA build.
-# open-flamingo (reference for the Flamingo parity test) pins torch==2.0.1 in its metadata: --no-deps.
+# open-flamingo and salesforce-lavis (references for parity tests) pin ancient versions in their metadata: --no-deps.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps open-flamingo==2.0.1 einops einops-exts
+	$(BIN)/pip install -q --no-deps salesforce-lavis==1.0.2
 	touch $(STAMP)
 
 install: $(STAMP)
