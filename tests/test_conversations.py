@@ -1,0 +1,214 @@
+"""Instruction data: LLaVA-style files, labels only on the assistant's turns (with and without a chat
+template), ShapesWorld conversations that need their earlier turns."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import pytest
+
+from vlbridge.data import shapesworld as sw
+from vlbridge.data.conversations import (
+    check_messages,
+    conversation_accuracy,
+    encode_conversation,
+    generation_prompt,
+    read_llava,
+    shapesworld_conversations,
+)
+from vlbridge.testing import word_tokenizer
+
+CHAT = [
+    {"role": "system", "content": "a photo"},
+    {"role": "user", "content": "what color is the circle?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "what shape is there?"},
+    {"role": "assistant", "content": "square"},
+]
+# a template in the style of today's chat models: role headers, an end-of-turn marker
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def chat_tokenizer(template: str = TEMPLATE):
+    tok = word_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def labelled(tok, enc) -> str:
+    return " ".join(tok.convert_ids_to_tokens([t for t in enc["labels"] if t != -100]))
+
+
+# ---------------------------------------------------------------- messages and files
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "hi"}], "end with a assistant"),
+        ([{"role": "assistant", "content": "hi"}], "expected 'user'"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 is from 'user'"),
+        ([{"role": "bot", "content": "a"}], "message 0 is not"),
+        ([{"role": "user", "content": 3}], "message 0 is not"),
+    ],
+)
+def test_check_messages_names_the_problem(messages, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        check_messages(messages)
+
+
+def test_read_llava_keeps_good_records_and_reports_bad_ones(tmp_path, caplog):
+    records = [
+        {
+            "id": "a",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the circle?"},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "and the square?"},
+                {"from": "gpt", "value": "blue"},
+            ],
+        },
+        {"id": "b", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "c", "image": "y.png", "conversations": [{"from": "gpt", "value": "red"}]},  # assistant first
+        {
+            "id": "d",
+            "image": "y.png",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}],
+        },
+        {"id": "e", "image": "y.png", "conversations": []},
+        {"id": "f", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]},
+        {
+            "id": "g",
+            "image": "z.png",
+            "source": "web",
+            "conversations": [
+                {"from": "system", "value": "be brief"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ],
+        },
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    samples = read_llava(path, image_root=tmp_path)
+    assert [s["id"] for s in samples] == ["a", "b", "g"]
+    a, b, g = samples
+    assert a["image"] == tmp_path / "x.png" and a["image_at"] == 0
+    assert a["messages"][0] == {"role": "user", "content": "what color is the circle?"}  # the mark taken out
+    assert b["image"] is None and b["image_at"] is None
+    assert g["image_at"] == 1  # no mark: the image opens the first user turn, after the system message
+    text = caplog.text
+    assert "read 7 rows, kept 3, skipped 4" in text and "keys not read: source" in text
+    assert "llava.json[3]" in text and "'from' is 'robot'" in text
+    with pytest.raises(ValueError, match=r"llava\.json\[2\]: .*expected 'user'"):
+        read_llava(path, strict=True)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        read_llava(path)
+
+
+# ---------------------------------------------------------------- tokens and labels
+
+
+def test_plain_encoding_labels_only_the_answers():
+    tok = word_tokenizer()
+    enc = encode_conversation(tok, CHAT, prompt_format="question: {} answer:")
+    assert len(enc["input_ids"]) == len(enc["labels"])
+    assert labelled(tok, enc) == "red </s> square </s>"
+    assert tok.decode(enc["input_ids"]) == (
+        "<s> a photo question : what color is the circle ? answer : red </s> "
+        "question : what shape is there ? answer : square </s>"
+    )
+    # the prompt for the second answer is the training text up to it, token for token
+    prompt = generation_prompt(tok, CHAT[:4], prompt_format="question: {} answer:")
+    full = encode_conversation(tok, CHAT, prompt_format="question: {} answer:")["input_ids"]
+    assert full[: len(prompt)] == prompt and tok.convert_ids_to_tokens(full[len(prompt)]) == "square"
+
+
+def test_chat_template_labels_the_assistant_turns_and_their_end():
+    tok = chat_tokenizer()
+    enc = encode_conversation(tok, CHAT)
+    assert labelled(tok, enc) == "red <|end|> square <|end|>"
+    assert enc["input_ids"] == tok(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False).input_ids
+    prompt = generation_prompt(tok, CHAT[:4])
+    assert enc["input_ids"][: len(prompt)] == prompt
+    assert tok.convert_ids_to_tokens(prompt[-1]) == "<|assistant|>"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    # the number of messages up front: the rendering of a prefix is not a prefix of the rendering
+    tok = chat_tokenizer("{{ messages | length }} " + TEMPLATE)
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        encode_conversation(tok, CHAT)
+
+
+def test_an_answer_lost_to_the_template_is_an_error():
+    tok = chat_tokenizer(
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }} {% endif %}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="no assistant token"):
+        encode_conversation(tok, CHAT[1:3])
+
+
+# ---------------------------------------------------------------- ShapesWorld
+
+
+def _anchor(scene: sw.Scene, question: str) -> sw.Obj:
+    """The object the first question names, found from the scene independently of the generator."""
+    objs = scene.objects
+    if m := re.fullmatch(r"what color is the (\w+)\?", question):
+        (o,) = [o for o in objs if o.shape == m[1]]
+    elif m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        (o,) = [o for o in objs if o.color == m[1]]
+    else:
+        m = re.fullmatch(r"what size is the (\w+) (\w+)\?", question)
+        (o,) = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
+    return o
+
+
+def test_shapesworld_conversations_are_right_and_need_their_history():
+    convs = shapesworld_conversations("train", 150, turns=3)
+    assert convs == shapesworld_conversations("train", 150, turns=3)  # deterministic
+    answers_by_question = defaultdict(set)
+    for c in convs:
+        scene, msgs = c["scene"], c["messages"]
+        check_messages(msgs)
+        assert 2 <= len(msgs) // 2 <= 3
+        o = _anchor(scene, msgs[0]["content"])
+        asked = re.match(r"what (\w+) is", msgs[0]["content"])[1]
+        assert msgs[1]["content"] == getattr(o, asked)
+        for q, a in zip(msgs[2::2], msgs[3::2]):
+            q, a = q["content"], a["content"]
+            if q == "what size is the object?":
+                assert a == o.size
+            else:
+                rel = re.fullmatch(r"how many objects are (left of|right of|above|below) the object\?", q)[1]
+                rows, cols = [x.row for x in scene.objects], [x.col for x in scene.objects]
+                want = {
+                    "left of": sum(c < o.col for c in cols),
+                    "right of": sum(c > o.col for c in cols),
+                    "above": sum(r < o.row for r in rows),
+                    "below": sum(r > o.row for r in rows),
+                }[rel]
+                assert a == str(want)
+            answers_by_question[q].add(a)
+    # a follow-up alone does not decide its answer: every one of them has several in the split
+    assert len(answers_by_question) == 5 and all(len(a) >= 2 for a in answers_by_question.values())
+    val = shapesworld_conversations("val", 20)
+    assert {c["scene"].caption for c in val}.isdisjoint(c["scene"].caption for c in convs)
+
+
+def test_conversation_accuracy_splits_first_turns_from_follow_ups():
+    convs = [CHAT[1:], CHAT[1:]]
+    acc = conversation_accuracy([["red", "square"], ["Red.", "circle"]], convs)
+    assert acc == {"accuracy": 0.75, "first_turn": 1.0, "follow_up": 0.5, "n": 4}
+    with pytest.raises(ValueError, match="1 predictions for a conversation of 2"):
+        conversation_accuracy([["red"]], convs[:1])
