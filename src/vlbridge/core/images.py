@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,9 @@ CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr
 MAX_PIXELS = 64_000_000
 
 _animated_warned: set[str] = set()  # names of animated files already warned about, in this process
+# warnings.catch_warnings swaps process-wide state and restores it on exit: two threads inside it at once
+# can restore each other's filters. Opening (the header, where PIL's bomb check warns) takes turns.
+_open_lock = threading.Lock()
 
 
 class ImageError(ValueError):
@@ -72,20 +76,21 @@ def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
     """Open, check the size against the limit, decode (frame 0) and turn upright."""
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
+        with _open_lock, warnings.catch_warnings():
             # Our limit decides (below); PIL's warning for images over Image.MAX_IMAGE_PIXELS would only
             # repeat it, or, where a caller turned warnings into errors, end a whole run.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                w, h = im.size
-                if limit and w * h > limit:
-                    raise ImageError(
-                        f"image {name}: too large ({w}x{h} = {w * h:,} pixels; the limit is {limit:,}: "
-                        f"vlbridge.core.images.MAX_PIXELS)"
-                    )
-                frames = getattr(im, "n_frames", 1)
-                im.load()  # frame 0
-                image = ImageOps.exif_transpose(im)  # a copy, upright, that outlives the file
+            opened = Image.open(source)  # reads the header only
+        with opened as im:
+            w, h = im.size
+            if limit and w * h > limit:
+                raise ImageError(
+                    f"image {name}: too large ({w}x{h} = {w * h:,} pixels; the limit is {limit:,}: "
+                    f"vlbridge.core.images.MAX_PIXELS)"
+                )
+            frames = getattr(im, "n_frames", 1)
+            im.load()  # frame 0
+            image = ImageOps.exif_transpose(im)  # a copy, upright, that outlives the file
     except ImageError:
         raise
     except FileNotFoundError:
