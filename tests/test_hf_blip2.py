@@ -359,7 +359,7 @@ def test_export_needs_blip2s_vision_tower_and_no_text_branch(build, tmp_path):
     with pytest.raises(ValueError, match="Blip2VisionModel"):
         model.save_pretrained(tmp_path, format="transformers")
     with pytest.raises(ValueError, match="unknown format"):
-        model.save_pretrained(tmp_path, format="lavis")
+        model.save_pretrained(tmp_path, format="onnx")
 
 
 # ---------------------------------------------------------------------------------- BERT -> Q-Former

@@ -1,12 +1,14 @@
 """`vlbridge.load`: any saved vlbridge model and its processor, whatever the design.
 
 The design is read from `model_type` in config.json ("blip2", "flamingo", "eve"); a foreign layout a
-converter registered (transformers' BLIP-2: model_type "blip-2") loads through that design's class.
-Directories written before config.json carried a model_type are told apart by their config's keys.
+converter registered (transformers' BLIP-2: model_type "blip-2"; LAVIS' .pth files, which have no
+config.json) loads through that design's class. Directories written before config.json carried a
+model_type are told apart by their config's keys.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -27,7 +29,10 @@ def model_class(name_or_path: str | Path) -> type[VLModel]:
     """The design a saved directory (or hub id) holds."""
     root = local_dir(name_or_path)
     path = root / "config.json"
-    if not path.is_file():
+    if not path.is_file():  # a foreign layout without config.json (LAVIS' .pth), or nothing vlbridge reads
+        for cls in MODEL_TYPES.values():
+            if cls.foreign_format(root) is not None:
+                return cls
         raise ValueError(f"{name_or_path}: no config.json (not a saved model directory)")
     try:
         config = json.loads(path.read_text())
@@ -45,7 +50,7 @@ def model_class(name_or_path: str | Path) -> type[VLModel]:
                 return cls
     raise ValueError(
         f"{path}: model_type {model_type!r} is not one vlbridge loads "
-        f"({', '.join(sorted(MODEL_TYPES))}, or transformers' BLIP-2)"
+        f"({', '.join(sorted(MODEL_TYPES))}, or a registered foreign layout)"
     )
 
 
@@ -56,9 +61,19 @@ def load(
     **kwargs,
 ) -> tuple[VLModel, object]:
     """(model, processor) of a saved model, in eval mode on `device` ("auto": CUDA when present), cast to
-    `dtype` if given ("float32", "bfloat16", "float16"). kwargs go to the design's from_pretrained."""
+    `dtype` if given ("float32", "bfloat16", "float16"). kwargs go to the design's from_pretrained or, for
+    a registered foreign layout, to its converter's loader; a converter whose processor loader takes
+    keywords (LAVIS: the checkpoint holds no tokenizer, so vision=, lm=, qformer_tokenizer=) gets them too."""
     cls = model_class(name_or_path)
     root = local_dir(name_or_path)
-    model = cls.from_pretrained(root, **kwargs)
-    processor = cls.processor_class.from_pretrained(root)
+    fmt = cls.foreign_format(root)
+    if fmt is None:
+        model, processor = cls.from_pretrained(root, **kwargs), cls.processor_class.from_pretrained(root)
+    else:
+        model = fmt.load_model(root, str(root), **kwargs)
+        if fmt.load_processor is None:
+            processor = cls.processor_class.from_pretrained(root)
+        else:
+            takes = inspect.signature(fmt.load_processor).parameters
+            processor = fmt.load_processor(root, str(root), **{k: v for k, v in kwargs.items() if k in takes})
     return model.place(device, dtype).eval(), processor

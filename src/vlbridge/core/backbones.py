@@ -188,13 +188,16 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def local_dir(name_or_path: str | Path) -> Path:
-    """A local directory as is; a hub id ("org/name") fetched with huggingface_hub. Anything that can only
-    be a local path (absolute, relative with ./ or ../, more than one /) and is missing is an error."""
+    """A local directory as is; a checkpoint file (.pth / .pt) as is, for the registered formats to
+    recognise; a hub id ("org/name") fetched with huggingface_hub. Anything that can only be a local path
+    (absolute, relative with ./ or ../, more than one /) and is missing is an error."""
     path, text = Path(name_or_path), str(name_or_path)
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix in (".pth", ".pt"):  # LAVIS' {"model": state_dict}, and the like
+        return path
     if path.exists():
-        raise ValueError(f"{text}: a file, not a model directory")
+        raise ValueError(f"{text}: a file, not a model directory (nor a .pth / .pt checkpoint)")
     if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
         raise ValueError(f"{text}: no such directory")
     from huggingface_hub import snapshot_download

@@ -1,5 +1,9 @@
 """BLIP-2 (Li et al. 2023): a Q-Former between a frozen image encoder and a frozen LLM."""
 
+from vlbridge.models.blip2 import (
+    convert_instructblip,  # noqa: F401  registers transformers' InstructBLIP layout
+    convert_lavis,  # noqa: F401  registers LAVIS' .pth layout
+)
 from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
 from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert  # also registers transformers' layout
 from vlbridge.models.blip2.modeling import (

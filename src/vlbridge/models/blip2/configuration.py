@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from vlbridge.core.config import LMConfig, VisionConfig
 
+HARD_NEGATIVES = ("exclude_positives", "lavis")  # Blip2Config.hard_negatives
+
 
 @dataclass
 class QFormerConfig:
@@ -51,3 +53,26 @@ class Blip2Config:
     # bidirectionally), so the queries can pick what the question asks about; BLIP-2's VQA fine-tuning
     # (paper section 4.3). Captions (no question) run the queries alone, as without it.
     qformer_question: bool = False
+    # With qformer_question: the Q-Former reads the LM prompt itself (InstructBLIP's instruction) rather
+    # than the bare question.
+    qformer_reads_prompt: bool = False
+    # eps of ln_vision (the trainable LayerNorm on the frozen encoder's output). None: the tower's own
+    # eps when the tower is BLIP-2's (transformers' post_layernorm), else 1e-5 (nn.LayerNorm's, LAVIS').
+    ln_vision_eps: float | None = None
+    # Stage-1 training numerics (pretraining.py). The defaults are vlbridge's choices; the alternatives
+    # reproduce LAVIS 1.0.2's BLIP-2 (Blip2Qformer.forward) exactly, e.g. to continue a LAVIS run.
+    # True: the learned ITC temperature is clamped to [0.001, 0.5] (BLIP-1 / ALBEF's guard against a
+    # collapsing temperature). False: used as learned, as LAVIS' BLIP-2 does.
+    itc_temperature_clamp: bool = True
+    # How ITM hard negatives are drawn from ITC's softmax, one per text and one per image:
+    # "exclude_positives": every pair showing the same image (image_ids: several captions of one image)
+    #     has weight 0, so a positive is never labelled no-match; a row with nothing else to draw is
+    #     left out instead of giving NaN weights.
+    # "lavis": LAVIS 1.0.2's rule: softmax + 1e-4, only the row's own pair set to 0, one multinomial
+    #     draw per row (the same draws as LAVIS under the same RNG state). Another caption of the
+    #     same image can then be drawn as a negative.
+    hard_negatives: str = "exclude_positives"
+
+    def __post_init__(self):
+        if self.hard_negatives not in HARD_NEGATIVES:
+            raise ValueError(f"hard_negatives {self.hard_negatives!r}: expected one of {HARD_NEGATIVES}")

@@ -5,7 +5,9 @@ OPT/T5/... LM) or `Blip2ForImageTextRetrieval` (vision tower, Q-Former with its 
 heads); its config.json says `model_type: "blip-2"`. Every tensor name goes through ONE table,
 `KEY_MAP`, in both directions (`Blip2.from_pretrained`, `save_pretrained(format="transformers")`);
 a name the table does not place, or a model tensor the checkpoint does not fill, is an error that
-lists them. `init_qformer_from_bert` does the same for BERT checkpoints with `BERT_MAP`.
+lists them. `init_qformer_from_bert` does the same for BERT checkpoints with `BERT_MAP`. transformers'
+InstructBLIP (convert_instructblip) reuses the table's Q-Former and backbone parts and the reading and
+writing helpers (`load_checkpoint`, `transformers_state`, `write_checkpoint`).
 
 Facts the mapping rests on (read from transformers' modeling_blip_2.py):
 - Its vision tower ends with `post_layernorm`, applied to the last layer's output. That LayerNorm is
@@ -48,37 +50,45 @@ GENERATION, RETRIEVAL = "Blip2ForConditionalGeneration", "Blip2ForImageTextRetri
 # The first entry that matches wins, in both directions (vlbridge.core.keymap). Shapes: d Q-Former
 # width, Dv vision width, H LM width, Q queries, V Q-Former vocabulary, E ITC width.
 _L = "qformer.encoder.layer.{i}."
+# The Q-Former's layers: named alike in transformers' BLIP-2 and InstructBLIP (convert_instructblip).
+QFORMER_LAYER_KEYS = [
+    # shared self-attention over [queries; text]
+    (_L + "attention.attention.query.{p}", "qformer.layers.{i}.attention.query.{p}"),
+    (_L + "attention.attention.key.{p}", "qformer.layers.{i}.attention.key.{p}"),
+    (_L + "attention.attention.value.{p}", "qformer.layers.{i}.attention.value.{p}"),
+    (_L + "attention.output.dense.{p}", "qformer.layers.{i}.attention.dense.{p}"),
+    (_L + "attention.output.LayerNorm.{p}", "qformer.layers.{i}.attention.norm.{p}"),
+    # cross-attention, queries -> image (key/value weights (d, Dv)), every cross_attention_frequency layers
+    (_L + "crossattention.attention.query.{p}", "qformer.layers.{i}.crossattention.query.{p}"),
+    (_L + "crossattention.attention.key.{p}", "qformer.layers.{i}.crossattention.key.{p}"),
+    (_L + "crossattention.attention.value.{p}", "qformer.layers.{i}.crossattention.value.{p}"),
+    (_L + "crossattention.output.dense.{p}", "qformer.layers.{i}.crossattention.dense.{p}"),
+    (_L + "crossattention.output.LayerNorm.{p}", "qformer.layers.{i}.crossattention.norm.{p}"),
+    # feed-forward of the query positions, then of the text positions (retrieval, InstructBLIP)
+    (_L + "intermediate_query.dense.{p}", "qformer.layers.{i}.ffn_query.intermediate.{p}"),
+    (_L + "output_query.dense.{p}", "qformer.layers.{i}.ffn_query.output.{p}"),
+    (_L + "output_query.LayerNorm.{p}", "qformer.layers.{i}.ffn_query.norm.{p}"),
+    (_L + "intermediate.dense.{p}", "qformer.layers.{i}.ffn.intermediate.{p}"),
+    (_L + "output.dense.{p}", "qformer.layers.{i}.ffn.output.{p}"),
+    (_L + "output.LayerNorm.{p}", "qformer.layers.{i}.ffn.norm.{p}"),
+]
+# Around the Q-Former: named alike in both designs too.
+BACKBONE_KEYS = [
+    # frozen vision tower; its final LayerNorm is our trainable ln_vision (listed first: it wins)
+    ("vision_model.post_layernorm.{p}", "ln_vision.{p}"),  # (Dv,)
+    ("vision_model.{rest}", "vision.model.{rest}"),
+    # stage 2: projection into the LM and the frozen LM itself
+    ("language_projection.{p}", "lm_proj.{p}"),  # (H, d)
+    ("language_model.{rest}", "lm.{rest}"),
+]
 KEY_MAP = KeyMap(
     [
         ("query_tokens", "qformer.query_tokens"),  # (1, Q, d)
         ("qformer.layernorm.{p}", "qformer.layernorm.{p}"),  # LN over [queries; text embeddings]
         ("embeddings.word_embeddings.weight", "qformer.word_embeddings.weight"),  # (V, d), retrieval only
         ("embeddings.position_embeddings.weight", "qformer.position_embeddings.weight"),  # (512, d), text only
-        # shared self-attention over [queries; text]
-        (_L + "attention.attention.query.{p}", "qformer.layers.{i}.attention.query.{p}"),
-        (_L + "attention.attention.key.{p}", "qformer.layers.{i}.attention.key.{p}"),
-        (_L + "attention.attention.value.{p}", "qformer.layers.{i}.attention.value.{p}"),
-        (_L + "attention.output.dense.{p}", "qformer.layers.{i}.attention.dense.{p}"),
-        (_L + "attention.output.LayerNorm.{p}", "qformer.layers.{i}.attention.norm.{p}"),
-        # cross-attention, queries -> image (key/value weights (d, Dv)), every cross_attention_frequency layers
-        (_L + "crossattention.attention.query.{p}", "qformer.layers.{i}.crossattention.query.{p}"),
-        (_L + "crossattention.attention.key.{p}", "qformer.layers.{i}.crossattention.key.{p}"),
-        (_L + "crossattention.attention.value.{p}", "qformer.layers.{i}.crossattention.value.{p}"),
-        (_L + "crossattention.output.dense.{p}", "qformer.layers.{i}.crossattention.dense.{p}"),
-        (_L + "crossattention.output.LayerNorm.{p}", "qformer.layers.{i}.crossattention.norm.{p}"),
-        # feed-forward of the query positions, then of the text positions (retrieval only)
-        (_L + "intermediate_query.dense.{p}", "qformer.layers.{i}.ffn_query.intermediate.{p}"),
-        (_L + "output_query.dense.{p}", "qformer.layers.{i}.ffn_query.output.{p}"),
-        (_L + "output_query.LayerNorm.{p}", "qformer.layers.{i}.ffn_query.norm.{p}"),
-        (_L + "intermediate.dense.{p}", "qformer.layers.{i}.ffn.intermediate.{p}"),
-        (_L + "output.dense.{p}", "qformer.layers.{i}.ffn.output.{p}"),
-        (_L + "output.LayerNorm.{p}", "qformer.layers.{i}.ffn.norm.{p}"),
-        # frozen vision tower; its final LayerNorm is our trainable ln_vision (listed first: it wins)
-        ("vision_model.post_layernorm.{p}", "ln_vision.{p}"),  # (Dv,)
-        ("vision_model.{rest}", "vision.model.{rest}"),
-        # stage 2: projection into the LM and the frozen LM itself
-        ("language_projection.{p}", "lm_proj.{p}"),  # (H, d)
-        ("language_model.{rest}", "lm.{rest}"),
+        *QFORMER_LAYER_KEYS,
+        *BACKBONE_KEYS,
         # stage 1 heads (retrieval)
         ("vision_projection.{p}", "vision_proj.{p}"),  # (E, d)
         ("text_projection.{p}", "text_proj.{p}"),  # (E, d)
@@ -96,7 +106,7 @@ def is_transformers_checkpoint(root: Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "blip-2"
 
 
-def _shards(root: Path) -> list[Path]:
+def checkpoint_shards(root: Path) -> list[Path]:
     if (root / "model.safetensors").exists():
         return [root / "model.safetensors"]
     index = root / "model.safetensors.index.json"
@@ -148,7 +158,7 @@ def vlbridge_config(hf, kind: str, source: str) -> Blip2Config:
         qformer=qformer,
         lm=lm,
         qformer_tokenizer=source if kind == RETRIEVAL else "",
-        embed_dim=hf.image_text_hidden_size,
+        embed_dim=getattr(hf, "image_text_hidden_size", Blip2Config.embed_dim),  # InstructBLIP's config has none
         image_token_id=hf.image_token_index,
     )
 
@@ -157,17 +167,43 @@ def load_transformers(
     root: Path, source: str, lm=None, drop_text_branch: bool = False, load_vision: bool = True, load_lm: bool = True
 ):
     """A vlbridge Blip2 holding a transformers BLIP-2 checkpoint (see Blip2.from_pretrained)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2VisionModel
-
-    from vlbridge.core import backbones
+    from transformers import Blip2VisionModel
 
     hf, kind = _transformers_config(root)
     config = vlbridge_config(hf, kind, source)
+    model = load_checkpoint(root, hf, config, Blip2VisionModel, KEY_MAP, f"BLIP-2 ({kind})", lm, load_vision, load_lm)
+    if kind == RETRIEVAL:
+        log.info("%s: no ITG head or ITC temperature in transformers' retrieval model; they start fresh", root)
+    if drop_text_branch:
+        model.drop_text_branch()
+    return model
+
+
+def load_checkpoint(
+    root: Path,
+    hf,
+    config: Blip2Config,
+    tower_class: type,
+    key_map: KeyMap,
+    what: str,
+    lm=None,
+    load_vision: bool = True,
+    load_lm: bool = True,
+) -> Blip2:
+    """A Blip2 for `config` on transformers' tower (`tower_class`) and LM built from the sub-configs of
+    `hf` (a transformers BLIP-2 or InstructBLIP config), filled from the safetensors shards in `root`
+    through `key_map`; an unknown or missing tensor is one error naming them all. `what` names the layout
+    in that error. lm: another LM instead of the saved one (fresh projection, queries prepended)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from vlbridge.core import backbones
+
+    has_lm = config.lm is not None
     skip = []  # checkpoint prefixes deliberately not loaded
     vision = None
     if load_vision:
-        vision = backbones.freeze(backbones.VisionBackbone(Blip2VisionModel(hf.vision_config), feature_layer=-1))
+        vision = backbones.freeze(backbones.VisionBackbone(tower_class(hf.vision_config), feature_layer=-1))
     else:
         skip.append("vision_model.")
     lm_module = None
@@ -176,43 +212,39 @@ def load_transformers(
         config.image_token_id = None  # the new LM's prompts get the queries prepended
         lm_module = backbones.load_lm(config.lm) if load_lm else None
         skip += ["language_model.", "language_projection."]
-    elif kind == GENERATION and load_lm:
+    elif has_lm and load_lm:
         auto = AutoModelForSeq2SeqLM if hf.text_config.is_encoder_decoder else AutoModelForCausalLM
         lm_module = auto.from_config(hf.text_config)
-    elif kind == GENERATION:
+    elif has_lm:
         skip += ["language_model.", "language_projection."]
     model = Blip2(config, vision, lm_module)
     model.ln_vision.eps = hf.vision_config.layer_norm_eps  # post_layernorm's (Blip2 finds it itself from a tower)
 
     own = model.state_dict()
     loaded, unknown = set(), []
-    for shard in _shards(root):
+    for shard in checkpoint_shards(root):
         tensors = {
             name: tensor
             for name, tensor in load_file(str(shard)).items()
             if not name.startswith(tuple(skip)) or name.startswith("vision_model.post_layernorm.")
         }
-        state, unplaced = KEY_MAP.map_state(tensors, to_ours=True, targets=own)
+        state, unplaced = key_map.map_state(tensors, to_ours=True, targets=own)
         unknown += unplaced
         model.load_state_dict(state, strict=False)
         loaded |= state.keys()
     fresh = NOT_IN_TRANSFORMERS + (TOWER_NORM,) + (("lm.", "lm_proj.") if lm is not None else ())
-    missing = [k for k in own if k not in loaded and k not in _tied_names(model.lm) and not k.startswith(fresh)]
+    missing = [k for k in own if k not in loaded and k not in tied_lm_names(model.lm) and not k.startswith(fresh)]
     if unknown or missing:
         raise ValueError(
-            f"{root}: checkpoint does not match vlbridge's BLIP-2 ({kind}): unknown keys {sorted(unknown)}, "
+            f"{root}: checkpoint does not match vlbridge's {what}: unknown keys {sorted(unknown)}, "
             f"missing keys {sorted(missing)}"
         )
     if vision is not None:
         vision.model.post_layernorm.load_state_dict(model.ln_vision.state_dict())
-    if kind == RETRIEVAL:
-        log.info("%s: no ITG head or ITC temperature in transformers' retrieval model; they start fresh", root)
-    if drop_text_branch:
-        model.drop_text_branch()
     return model
 
 
-def _tied_names(lm: nn.Module | None) -> set[str]:
+def tied_lm_names(lm: nn.Module | None) -> set[str]:
     # LM tensors that alias another (lm_head = input embeddings, T5's shared table): transformers writes one of each
     return {f"lm.{k}" for k in (getattr(lm, "all_tied_weights_keys", None) or {})} if lm is not None else set()
 
@@ -244,7 +276,6 @@ def load_transformers_processor(root: Path, source: str):
 def save_transformers(model, path: str | Path, processor=None):
     """Write `model` as transformers' Blip2ForConditionalGeneration (with an LM) or
     Blip2ForImageTextRetrieval (stage 1), plus the processor files if given."""
-    from safetensors.torch import save_file
     from transformers import Blip2Config as HFBlip2Config
     from transformers import Blip2QFormerConfig, Blip2VisionModel
 
@@ -270,7 +301,27 @@ def save_transformers(model, path: str | Path, processor=None):
     if model.ln_vision.eps != tower.config.layer_norm_eps:
         log.warning("ln_vision eps %g becomes post_layernorm eps %g", model.ln_vision.eps, tower.config.layer_norm_eps)
     kind = GENERATION if model.lm is not None else RETRIEVAL
-    qformer_config = Blip2QFormerConfig(
+    qformer_config = Blip2QFormerConfig(**qformer_config_fields(q), use_qformer_text_input=q.text_branch)
+    hf = HFBlip2Config(
+        vision_config=tower.config.to_dict(),
+        qformer_config=qformer_config.to_dict(),
+        text_config=model.lm.config.to_dict() if model.lm is not None else None,
+        num_query_tokens=q.num_query_tokens,
+        image_text_hidden_size=cfg.embed_dim,
+        image_token_index=cfg.image_token_id,
+    )
+    hf.architectures = [kind]
+    hf_processor = _transformers_processor(model, processor) if processor is not None else None
+
+    state, left_out = transformers_state(model, KEY_MAP, "BLIP-2")
+    if left_out:
+        log.warning("not written (transformers' retrieval model has no ITG head or temperature): %s", left_out)
+    write_checkpoint(model, path, hf, state, hf_processor)
+
+
+def qformer_config_fields(q: QFormerConfig) -> dict:
+    """Our Q-Former's shape as the keywords that transformers' BLIP-2 and InstructBLIP Q-Former configs share."""
+    return dict(
         vocab_size=q.vocab_size,
         hidden_size=q.hidden_size,
         num_hidden_layers=q.num_layers,
@@ -284,21 +335,15 @@ def save_transformers(model, path: str | Path, processor=None):
         pad_token_id=q.pad_token_id,
         cross_attention_frequency=q.cross_attention_frequency,
         encoder_hidden_size=q.encoder_hidden_size,
-        use_qformer_text_input=q.text_branch,
     )
-    hf = HFBlip2Config(
-        vision_config=tower.config.to_dict(),
-        qformer_config=qformer_config.to_dict(),
-        text_config=model.lm.config.to_dict() if model.lm is not None else None,
-        num_query_tokens=q.num_query_tokens,
-        image_text_hidden_size=cfg.embed_dim,
-        image_token_index=cfg.image_token_id,
-    )
-    hf.architectures = [kind]
-    hf_processor = _transformers_processor(model, processor) if processor is not None else None
 
+
+def transformers_state(model, key_map: KeyMap, layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`model`'s tensors under the names of `key_map`'s foreign layout (named `layout` in the error), and
+    our tensors that have no place there (NOT_IN_TRANSFORMERS). Aliases of tied LM tensors are written
+    once, as transformers does; the tower's own post_layernorm is written as ln_vision."""
     ours, left_out = {}, []
-    tied = _tied_names(model.lm)
+    tied = tied_lm_names(model.lm)
     for name, tensor in model.state_dict().items():
         if name in tied or name.startswith(TOWER_NORM):  # aliases; the tower's unused LN (ln_vision is written)
             continue
@@ -306,14 +351,20 @@ def save_transformers(model, path: str | Path, processor=None):
             left_out.append(name)
             continue
         ours[name] = tensor.detach().contiguous()
-    state, unplaced = KEY_MAP.map_state(ours, to_ours=False)
+    state, unplaced = key_map.map_state(ours, to_ours=False)
     if unplaced:
-        raise ValueError(f"no place in transformers' BLIP-2 layout for {unplaced}")
-    if left_out:
-        log.warning("not written (transformers' retrieval model has no ITG head or temperature): %s", left_out)
+        raise ValueError(f"no place in transformers' {layout} layout for {unplaced}")
+    return state, left_out
+
+
+def write_checkpoint(model, path: str | Path, hf_config, state: dict[str, torch.Tensor], hf_processor=None) -> None:
+    """A transformers directory: config.json, the LM's generation_config.json, model.safetensors, and the
+    processor files when a processor is given."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(path)
+    hf_config.save_pretrained(path)
     if model.lm is not None:
         model.lm.generation_config.save_pretrained(path)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -331,13 +382,18 @@ def _transformers_processor(model, processor):
     hf = HFBlip2Processor(
         processor.image_processor, copy.deepcopy(tok), num_query_tokens=Q if image_token_id is not None else None
     )
-    inserted = hf.tokenizer.convert_tokens_to_ids(str(hf.image_token))
+    check_image_token(hf, image_token_id)
+    return hf
+
+
+def check_image_token(hf_processor, image_token_id: int | None) -> None:
+    """transformers' processors append <image> to the LM tokenizer: its id must be the model's image token."""
+    inserted = hf_processor.tokenizer.convert_tokens_to_ids(str(hf_processor.image_token))
     if image_token_id is not None and inserted != image_token_id:
         raise ValueError(
-            f"transformers' processor would insert {hf.image_token} (id {inserted}), not the model's "
+            f"transformers' processor would insert {hf_processor.image_token} (id {inserted}), not the model's "
             f"image token (id {image_token_id})"
         )
-    return hf
 
 
 # ---------------------------------------------------------------------------------- BERT -> Q-Former
@@ -401,7 +457,7 @@ def init_qformer_from_bert(qformer, name_or_path: str | Path):
     if not qcfg.text_branch:
         raise ValueError("this Q-Former has no text branch to initialise from BERT")
     state = {}
-    for shard in _shards(root):
+    for shard in checkpoint_shards(root):
         state.update(load_file(str(shard)))
     # old BERT checkpoints name LayerNorm parameters gamma/beta; "bert." prefixes the encoder in head models
     state = {

@@ -87,10 +87,12 @@ class Blip2(VLModel):
                 f"vision backbone width {vision.hidden_size} != qformer.encoder_hidden_size {qcfg.encoder_hidden_size}"
             )
         self.vision = freeze(vision) if vision is not None else None
-        # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output. On BLIP-2's own tower
-        # it is that tower's post_layernorm (transformers' layout), so it takes the tower's eps.
+        # LAVIS' ln_vision: a trainable LayerNorm on the frozen encoder's output. On BLIP-2's (or
+        # InstructBLIP's) own tower it is that tower's post_layernorm (transformers' layout): its eps.
         tower_cfg = getattr(getattr(vision, "model", None), "config", None)
-        eps = tower_cfg.layer_norm_eps if getattr(tower_cfg, "model_type", "") == "blip_2_vision_model" else 1e-5
+        own_tower = getattr(tower_cfg, "model_type", "") in ("blip_2_vision_model", "instructblip_vision_model")
+        eps = tower_cfg.layer_norm_eps if own_tower else 1e-5
+        eps = eps if config.ln_vision_eps is None else config.ln_vision_eps
         self.ln_vision = nn.LayerNorm(qcfg.encoder_hidden_size, eps=eps)
         self.qformer = QFormer(qcfg)
         if qcfg.text_branch and qcfg.pretrain_heads:
@@ -133,16 +135,18 @@ class Blip2(VLModel):
         drop_text_branch: bool = False,
         load_vision: bool = True,
         load_lm: bool = True,
+        **kwargs,
     ) -> Blip2:
         """Load a vlbridge checkpoint, or one in a registered foreign layout (transformers' BLIP-2:
-        config.json with model_type "blip-2", Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval),
-        from a directory or a hub id.
+        config.json with model_type "blip-2", Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval;
+        transformers' InstructBLIP: model_type "instructblip"; a LAVIS .pth), from a directory, file or hub id.
 
         lm: attach this LM instead of the saved one (e.g. a stage-1 checkpoint going into stage 2);
             its projection starts fresh. drop_text_branch: remove what stage 2 does not use.
+        kwargs: for a foreign format's loader (a LAVIS file: vision=..., qformer_tokenizer=..., ...).
         """
         return super().from_pretrained(
-            name_or_path, lm=lm, drop_text_branch=drop_text_branch, load_vision=load_vision, load_lm=load_lm
+            name_or_path, lm=lm, drop_text_branch=drop_text_branch, load_vision=load_vision, load_lm=load_lm, **kwargs
         )
 
     @classmethod
@@ -224,8 +228,9 @@ class Blip2(VLModel):
 
     @property
     def itc_temperature(self) -> torch.Tensor:
-        """The learned ITC temperature, clamped as the loss uses it (ITC logit = cosine / temperature)."""
-        return self.temp.clamp(0.001, 0.5)
+        """The ITC temperature as the loss uses it (ITC logit = cosine / temperature): the learned one
+        clamped to [0.001, 0.5], or as it is with config.itc_temperature_clamp off (LAVIS' BLIP-2)."""
+        return self.temp.clamp(0.001, 0.5) if self.config.itc_temperature_clamp else self.temp
 
     @property
     def has_pretrain_heads(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbridge.core.dist import gather_no_grad, gather_with_grad, world
+from vlbridge.models.blip2.configuration import HARD_NEGATIVES
 
 if TYPE_CHECKING:
     from vlbridge.models.blip2.modeling import Blip2
@@ -43,15 +44,34 @@ def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, smoothing:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None):
-    """For each row, draw one column from softmax(sim) with the positives masked out.
+def sample_hard_negatives(
+    sim: torch.Tensor,
+    positives: torch.Tensor,
+    generator: torch.Generator | None = None,
+    rule: str = "exclude_positives",
+):
+    """For each row of the global similarities `sim` (B_all, B_all), draw one column from softmax(sim).
 
-    Returns (index (B,), valid (B,)). A row whose columns are all positives has no negative to give:
-    it is marked invalid (and gets a dummy index) instead of producing NaN weights.
-    generator: draw from it instead of torch's global RNG.
+    rule "exclude_positives" (vlbridge's default): every positive (`positives`, same image) has weight 0.
+    A row whose columns are all positives has no negative to give: it is marked invalid (and gets a dummy
+    index) instead of producing NaN weights. One batched draw.
+    rule "lavis": LAVIS 1.0.2's Blip2Qformer: weights softmax(sim) + 1e-4 with only the row's own pair
+    (the diagonal) set to 0, and one torch.multinomial call per row, in row order, so that the same RNG
+    state draws the same negatives as LAVIS (in one process: under DDP each LAVIS rank draws its own rows
+    from its own RNG, here every rank draws all rows the same way). Other positives of the row stay drawable.
+    Returns (index (B_all,), valid (B_all,)). generator: draw from it instead of torch's global RNG.
     """
     if not torch.isfinite(sim).all():
         raise FloatingPointError("non-finite ITC similarities: cannot sample ITM hard negatives")
+    if rule == "lavis":
+        weights = sim.float().softmax(dim=1) + 1e-4
+        weights.fill_diagonal_(0)
+        valid = (weights > 0).any(dim=1)  # false only for a global batch of one
+        weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
+        index = [torch.multinomial(row, 1, generator=generator) for row in weights]
+        return torch.cat(index), valid
+    if rule != "exclude_positives":
+        raise ValueError(f"hard-negative rule {rule!r}: expected one of {HARD_NEGATIVES}")
     valid = ~positives.all(dim=1)
     weights = sim.float().masked_fill(positives, float("-inf")).softmax(dim=1)
     weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
@@ -102,7 +122,10 @@ def pretrain_losses(
     ids_text_all, mask_text_all = gather_no_grad(input_ids), gather_no_grad(attention_mask)
     # Drawn from the global (B_all, B_all) similarities for every global row; this rank keeps its rows.
     mine, positives_all = slice(rank * B, (rank + 1) * B), ids_all[:, None] == ids_all[None, :]
+    # keywords only where they differ from the defaults; LAVIS, too, draws the negative images first
     draw = {"generator": generator} if generator is not None else {}
+    if model.config.hard_negatives != "exclude_positives":
+        draw["rule"] = model.config.hard_negatives
     neg_img, valid_t = sample_hard_negatives(gather_no_grad(sim_t2i.detach()), positives_all, **draw)
     neg_txt, valid_i = sample_hard_negatives(gather_no_grad(sim_i2t.detach()), positives_all, **draw)
     neg_img, valid_t, neg_txt, valid_i = neg_img[mine], valid_t[mine], neg_txt[mine], valid_i[mine]

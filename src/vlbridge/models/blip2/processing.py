@@ -1,7 +1,8 @@
 """BLIP-2's processor: images are normalised with the vision backbone's own image processor (its size,
 mean and std). Text goes through two tokenizers: the Q-Former's (BERT + [DEC], stage 1, retrieval and the
 questions the Q-Former reads) and the LM's (prompts and targets, stage 2 and generation). Decoder-only LM
-inputs are left-padded so that a batch can be generated from directly.
+inputs are left-padded so that a batch can be generated from directly. InstructBLIP (qformer_reads_prompt)
+gives each LM prompt, the instruction, to the Q-Former as well.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Blip2Processor(VLProcessor):
         image_token: str | None = None,
         max_text_length: int = 32,
         qformer_question: bool = False,
+        qformer_reads_prompt: bool = False,
     ):
         self.image_processor = image_processor
         self.qformer_tokenizer = qformer_tokenizer
@@ -45,6 +47,10 @@ class Blip2Processor(VLProcessor):
         self.max_text_length = max_text_length
         self.num_truncated = 0  # texts cut to max_text_length when asked to truncate (reported, never silent)
         self.qformer_question = qformer_question  # the model's Q-Former reads the questions too
+        # InstructBLIP: the Q-Former reads the LM prompt itself (the instruction), not a separate question
+        if qformer_reads_prompt and (qformer_tokenizer is None or not qformer_question):
+            raise ValueError("qformer_reads_prompt needs a Q-Former tokenizer and a model with qformer_question")
+        self.qformer_reads_prompt = qformer_reads_prompt
         if tokenizer is not None:
             setup_tokenizer(tokenizer, "right" if is_encoder_decoder else "left")
 
@@ -78,6 +84,7 @@ class Blip2Processor(VLProcessor):
             image_token=image_token,
             max_text_length=config.max_text_length,
             qformer_question=config.qformer_question,
+            qformer_reads_prompt=config.qformer_reads_prompt,
         )
 
     @classmethod
@@ -111,10 +118,14 @@ class Blip2Processor(VLProcessor):
                 f"(pass truncate=True to cut it; cut texts are counted in num_truncated)"
             )
         self.num_truncated += 1
+        if getattr(self.qformer_tokenizer, "truncation_side", "right") == "left":
+            # InstructBLIP's Q-Former tokenizer (LAVIS, transformers) keeps an instruction's end: [CLS] + last tokens
+            return ids[:1] + ids[len(ids) - limit + 1 :]
         return ids[:limit]
 
     def qformer_text(self, texts: list[str], truncate: bool = False) -> dict[str, torch.Tensor]:
-        """Q-Former tokens ([CLS] text [SEP]), right-padded: input_ids / attention_mask (B, T)."""
+        """Q-Former tokens ([CLS] text [SEP]), right-padded: input_ids / attention_mask (B, T). A text cut to
+        max_text_length (truncate) loses its end, or its start when the tokenizer's truncation_side is left."""
         if self.qformer_tokenizer is None:
             raise ValueError("this processor has no Q-Former tokenizer")
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -129,7 +140,8 @@ class Blip2Processor(VLProcessor):
 
         images: pixel_values. text: LM prompts (e.g. "Question: what color? Answer:"). targets: what
         the LM must produce after each prompt (training) -> labels. qformer_text: captions for the
-        Q-Former (stage 1 / retrieval) -> qformer_input_ids / qformer_attention_mask. images and text
+        Q-Former (stage 1 / retrieval) -> qformer_input_ids / qformer_attention_mask; with
+        qformer_reads_prompt (InstructBLIP) the prompts themselves when not given. images and text
         pair up one to one; retrieval pairs every image with every qformer_text.
         """
         count = lambda x: 1 if isinstance(x, str) or not isinstance(x, (list, tuple)) else len(x)
@@ -137,6 +149,8 @@ class Blip2Processor(VLProcessor):
             raise ValueError(f"{count(images)} images for {count(text)} prompts: give one prompt per image")
         if qformer_text is not None and text is not None and count(qformer_text) != count(text):
             raise ValueError(f"{count(qformer_text)} Q-Former texts for {count(text)} prompts")
+        if self.qformer_reads_prompt and qformer_text is None and text is not None:
+            qformer_text = text  # InstructBLIP: the instruction goes to the Q-Former and to the LM
         out = {}
         if images is not None:
             out["pixel_values"] = self.images(images)
@@ -149,8 +163,11 @@ class Blip2Processor(VLProcessor):
 
     def prompt_inputs(self, images, prompts, questions=None, examples=None) -> dict[str, torch.Tensor]:
         """Generation inputs (VLProcessor.prompt_inputs); the questions go to the Q-Former as well when the
-        model reads them (config.qformer_question), cut to max_text_length and counted in num_truncated."""
+        model reads them (config.qformer_question), cut to max_text_length and counted in num_truncated.
+        InstructBLIP's Q-Former (qformer_reads_prompt) reads the whole prompt instead, as LAVIS gives it."""
         self.no_examples(examples, "BLIP-2")
+        if self.qformer_reads_prompt:
+            return self(images=images, text=prompts, qformer_text=prompts, truncate=True)
         if questions is not None and self.qformer_question:
             return self(images=images, text=prompts, qformer_text=questions, truncate=True)
         return self(images=images, text=prompts)
