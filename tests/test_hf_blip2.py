@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vlbridge import Blip2, Blip2Processor, QFormerConfig
-from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert
+from vlbridge.models.blip2.convert_bert import init_qformer_from_bert
 from vlbridge.models.blip2.qformer import QFormer
 from vlbridge.testing import randomize_, word_tokenizer
 

@@ -3,9 +3,10 @@
 from vlbridge.models.blip2 import (
     convert_instructblip,  # noqa: F401  registers transformers' InstructBLIP layout
     convert_lavis,  # noqa: F401  registers LAVIS' .pth layout
+    convert_transformers,  # noqa: F401  registers transformers' BLIP-2 layout
 )
 from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
-from vlbridge.models.blip2.convert_transformers import init_qformer_from_bert  # also registers transformers' layout
+from vlbridge.models.blip2.convert_bert import init_qformer_from_bert
 from vlbridge.models.blip2.modeling import (
     Blip2,
     Blip2Features,
