@@ -15,6 +15,7 @@ from vlbridge.data.conversations import (
     conversation_accuracy,
     encode_conversation,
     generation_prompt,
+    plain_text,
     read_llava,
     shapesworld_conversations,
 )
@@ -122,11 +123,14 @@ def test_plain_encoding_labels_only_the_answers():
     tok = word_tokenizer()
     enc = encode_conversation(tok, CHAT, prompt_format="question: {} answer:")
     assert len(enc["input_ids"]) == len(enc["labels"])
-    assert labelled(tok, enc) == "red </s> square </s>"
+    assert labelled(tok, enc) == "red square </s>"  # eos only after the last answer
     assert tok.decode(enc["input_ids"]) == (
-        "<s> a photo question : what color is the circle ? answer : red </s> "
+        "a photo question : what color is the circle ? answer : red "
         "question : what shape is there ? answer : square </s>"
     )
+    # the text a prompt + target sample about the last turn holds, token for token
+    prompt = plain_text(CHAT[:4], "question: {} answer:")
+    assert tok(prompt).input_ids + tok(" square", add_special_tokens=False).input_ids == enc["input_ids"][:-1]
     # the prompt for the second answer is the training text up to it, token for token
     prompt = generation_prompt(tok, CHAT[:4], prompt_format="question: {} answer:")
     full = encode_conversation(tok, CHAT, prompt_format="question: {} answer:")["input_ids"]
@@ -212,3 +216,59 @@ def test_conversation_accuracy_splits_first_turns_from_follow_ups():
     assert acc == {"accuracy": 0.75, "first_turn": 1.0, "follow_up": 0.5, "n": 4}
     with pytest.raises(ValueError, match="1 predictions for a conversation of 2"):
         conversation_accuracy([["red"]], convs[:1])
+
+
+# ---------------------------------------------------------------- training samples
+
+
+def test_the_conversation_task_puts_earlier_turns_in_the_prompt():
+    import numpy as np
+
+    from vlbridge.data.batches import DataConfig, ShapesWorldPool
+
+    pool = ShapesWorldPool(DataConfig(num_samples=60, group_size=1, tasks=["conversation"], turns=3))
+    samples = [pool.sample(i, np.random.default_rng([5, i]), "Question: {} Answer:", "") for i in range(len(pool))]
+    assert samples == [pool.sample(i, np.random.default_rng([5, i]), "Question: {} Answer:", "") for i in range(60)]
+    later = 0
+    for s in samples:
+        turns = re.findall(r"Question: (.*?) Answer:(?: (\S+))?", s["prompt"])
+        *history, (last, no_answer) = turns
+        assert last == s["question"] and no_answer == "" and all(a for _, a in history)
+        later += bool(history)
+        if history:  # a follow-up: it refers to "the object" the first question named
+            assert "the object?" in s["question"]
+            o = _anchor(pool.scenes[s["key"]], history[0][0])
+            if s["question"] == "what size is the object?":
+                assert s["target"] == o.size
+    assert 20 < later < 60  # later turns and first turns both drawn
+    with pytest.raises(ValueError, match=r"data.tasks \['chat'\]"):
+        DataConfig(tasks=["chat"])
+    with pytest.raises(ValueError, match="'conversation' is generated from ShapesWorld"):
+        DataConfig(source="jsonl", path="x.jsonl", tasks=["conversation"])
+
+
+def test_conversation_eval_scores_each_turn_with_and_without_history(build, monkeypatch):
+    from vlbridge.evaluation import evaluate
+
+    convs = shapesworld_conversations("test", 6, turns=3)
+    world = sw.ShapesWorldConfig(width=32, height=32)
+    truth = {}
+    for c in convs:
+        for k in range(len(c["messages"]) // 2):
+            prompt = plain_text(c["messages"][: 2 * k + 1], "Question: {} Answer:")
+            truth[sw.render(c["scene"], world).tobytes(), prompt] = c["messages"][2 * k + 1]["content"]
+
+    def oracle(model, processor, images, prompts, decode, batch_size, progress=False, desc="", questions=None):
+        assert len(images) == len(prompts) == len(questions)
+        # knows every answer about every image, but only in its context
+        return [truth.get((im.tobytes(), p), "no idea") for im, p in zip(images, prompts)]
+
+    model, processor = build("gpt2")
+    monkeypatch.setattr(evaluate, "generate_texts", oracle)
+    r = evaluate.shapesworld_conversation(model, processor, convs, world)
+    assert r["multi_turn"]["accuracy"] == 1.0 and r["single_turn"]["accuracy"] < 1.0
+    assert r["n"] == sum(len(c["messages"]) // 2 for c in convs) == r["multi_turn"]["n"]
+    monkeypatch.undo()
+    r = evaluate.shapesworld_conversation(model, processor, convs[:2], world, batch_size=4)  # a real model runs
+    assert set(r) >= {"multi_turn", "single_turn", "samples", "decode"} and r["conversations"] == 2
+    assert r["samples"][1]["prompt"].count("Question:") == 2

@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlbridge.core import images as core_images
+from vlbridge.data import conversations
 from vlbridge.data import shapesworld as sw
 
 log = logging.getLogger(__name__)
 
 
 SOURCES = ("shapesworld", "coco", "karpathy", "vqa", "jsonl", "csv", "webdataset")
+TASKS = ("caption", "vqa", "conversation")  # DataConfig.tasks; "conversation": ShapesWorld only
 
 
 @dataclass
@@ -49,7 +51,10 @@ class DataConfig:
     split: str = "train"
     num_samples: int = 20000  # size of the pool of scenes (files: 0 = all samples, else the first N)
     group_size: int = 4  # stage 1: contrast groups of this many minimal edits share a batch
-    tasks: list[str] = field(default_factory=lambda: ["caption"])  # stage 2: "caption" and/or "vqa"
+    # stage 2, drawn uniformly per sample: "caption", "vqa", and (ShapesWorld) "conversation": one turn of
+    # a multi-turn Q&A about the scene, the earlier turns in the prompt (data.conversations)
+    tasks: list[str] = field(default_factory=lambda: ["caption"])
+    turns: int = 3  # "conversation": questions per conversation at most
     # stage 2 ShapesWorld VQA: a question's chance to be drawn is its kind's weight (default 1 each), e.g.
     # {"relation": 3} triples the relation questions' share
     qa_weights: dict[str, float] = field(default_factory=dict)
@@ -71,6 +76,12 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r}: expected one of {SOURCES}")
         if self.source != "shapesworld" and not self.path:
             raise ValueError(f"data.source {self.source!r} needs data.path")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise ValueError(f"data.tasks {self.tasks}: expected one or more of {TASKS}")
+        if "conversation" in self.tasks and self.source != "shapesworld":
+            raise ValueError("data.tasks 'conversation' is generated from ShapesWorld scenes: data.source shapesworld")
+        if self.turns < 1:
+            raise ValueError(f"data.turns {self.turns}: expected >= 1")
         unknown = sorted(set(self.qa_weights) - set(sw.QA_KINDS))
         if unknown or any(w < 0 for w in self.qa_weights.values()):
             raise ValueError(
@@ -112,6 +123,11 @@ class ShapesWorldPool:
         scene = self.scenes[i]
         task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
         qa = None
+        if task == "conversation" and (messages := conversations.scene_conversation(scene, rng, self.cfg.turns)):
+            k = int(rng.integers(len(messages) // 2))  # the turn to answer; the ones before it are context
+            question, target = messages[2 * k]["content"], messages[2 * k + 1]["content"]
+            prompt = conversations.plain_text(messages[: 2 * k + 1], vqa_prompt)
+            return self._sample(i, prompt, target, question)
         if task == "vqa" and scene.qa:
             if self.cfg.qa_weights:
                 weights = np.array([self.cfg.qa_weights.get(x.kind, 1.0) for x in scene.qa])
@@ -120,17 +136,12 @@ class ShapesWorldPool:
             else:  # uniform, drawn as before qa_weights existed (same runs)
                 qa = scene.qa[int(rng.integers(len(scene.qa)))]
         if qa is not None:
-            question, prompt, target = qa.question, vqa_prompt.format(qa.question), qa.answer
-        else:
-            question, prompt, target = None, caption_prompt, scene.caption
-        return {
-            "key": i,
-            "caption": scene.caption,
-            "image_id": i,
-            "prompt": prompt,
-            "target": target,
-            "question": question,
-        }
+            return self._sample(i, vqa_prompt.format(qa.question), qa.answer, qa.question)
+        return self._sample(i, caption_prompt, scene.caption, None)
+
+    def _sample(self, i: int, prompt: str, target: str, question: str | None) -> dict:
+        caption = self.scenes[i].caption
+        return {"key": i, "caption": caption, "image_id": i, "prompt": prompt, "target": target, "question": question}
 
 
 class FilesPool:

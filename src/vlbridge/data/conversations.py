@@ -134,21 +134,29 @@ def _spans_with_template(tokenizer, messages) -> tuple[str, list[tuple[int, int]
     return text, spans
 
 
+def plain_text(messages, prompt_format: str = "Question: {} Answer:") -> str:
+    """A conversation as text for an LM without a chat template: a system message opens it, each user
+    turn is `prompt_format` filled with its text, each answer follows after a space. For messages that
+    end with a user turn, this is the prompt for the next answer (what a prompt + target sample holds)."""
+    return " ".join(m["content"] if m["role"] != "user" else prompt_format.format(m["content"]) for m in messages)
+
+
 def _plain_tokens(tokenizer, messages, prompt_format: str) -> tuple[list[int], list[int]]:
-    """(ids, labels) without a chat template: a system message opens the text, each user turn is
-    `prompt_format` filled with its text, each answer follows after a space and ends with eos."""
+    """(ids, labels) of `plain_text`, with labels on every answer and an eos after the last one only: an
+    earlier answer is followed by the next question, as in a prompt + target sample about a later turn,
+    and what follows an answer is learnt from the last one (eos)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the LM tokenizer has no eos token: answers could never end")
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [-100] * len(ids)
+    ids, labels = [], []
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            piece = tokenizer(" " + m["content"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            ids, labels = ids + piece, labels + piece
+        text = m["content"] if m["role"] != "user" else prompt_format.format(m["content"])
+        # the first piece gets the tokenizer's own special tokens (bos where it adds one), as a prompt does
+        piece = tokenizer(text).input_ids if i == 0 else tokenizer(" " + text, add_special_tokens=False).input_ids
+        if m["role"] != "assistant":
+            ids, labels = ids + piece, labels + [-100] * len(piece)
             continue
-        text = m["content"] if m["role"] == "system" else prompt_format.format(m["content"])
-        piece = tokenizer((" " if i else "") + text, add_special_tokens=False).input_ids
-        ids, labels = ids + piece, labels + [-100] * len(piece)
+        piece += [tokenizer.eos_token_id] if i == len(messages) - 1 else []
+        ids, labels = ids + piece, labels + piece
     return ids, labels
 
 

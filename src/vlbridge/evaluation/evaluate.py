@@ -3,7 +3,8 @@
     caption_eval      COCO captions / Karpathy split: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)
     vqa_eval          VQAv2: official 10-answer accuracy, overall and per answer_type
     retrieval_eval    Recall@1/5/10 image->text and text->image, ITC alone and ITC top-k re-ranked by ITM
-    shapesworld_*     the same three on generated scenes, captions scored per attribute
+    shapesworld_*     the same three on generated scenes, captions scored per attribute, and multi-turn
+                      conversations (each turn answered after the earlier ones, against the question alone)
 
 `vlbridge eval` (evaluation.run) loads a saved model and runs these.
 
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from vlbridge.data import shapesworld as sw
+from vlbridge.data.conversations import conversation_accuracy, plain_text
 from vlbridge.data.readers import SkipCounter, decode_image
 from vlbridge.evaluation.generation import DECODING, generate_texts
 from vlbridge.evaluation.metrics import caption_metrics, retrieval_recall, vqa_accuracy
@@ -350,6 +352,47 @@ def shapesworld_yes_no(model, processor, scenes, world, batch_size: int = 64, im
         "accuracy": round(sum(a == qa.answer for a, (_, qa) in zip(said, items)) / len(items), 4),
         "truth_yes": round(sum(qa.answer == "yes" for _, qa in items) / len(items), 4),
         "said_yes": round(said.count("yes") / len(items), 4),
+    }
+
+
+def shapesworld_conversation(
+    model, processor, conversations: list[dict], world, decode=None, batch_size=64, template: str | None = None
+) -> dict:
+    """Every turn of every conversation (data.conversations.shapesworld_conversations) answered twice:
+    multi-turn, after the earlier turns with their true answers (the prompt a "conversation" training
+    sample holds), and single-turn, the question alone. A follow-up names its object only as "the
+    object", so single-turn follow-ups show what can be answered without the conversation."""
+    decode = _merge(DECODING["shapesworld_vqa"], decode)
+    template = model.config.vqa_prompt if template is None else template
+    model.eval()
+    t0 = time.time()
+    items = [(c, k) for c in conversations for k in range(len(c["messages"]) // 2)]
+    images = [sw.render(c["scene"], world) for c, _ in items]
+    questions = [c["messages"][2 * k]["content"] for c, k in items]
+    contexts = {
+        "multi_turn": [plain_text(c["messages"][: 2 * k + 1], template) for c, k in items],
+        "single_turn": [template.format(q) for q in questions],
+    }
+    out = {}
+    for name, prompts in contexts.items():
+        preds = generate_texts(model, processor, images, prompts, decode, batch_size, questions=questions)
+        per_conv, j = [], 0
+        for c in conversations:
+            n = len(c["messages"]) // 2
+            per_conv.append(preds[j : j + n])
+            j += n
+        out[name] = conversation_accuracy(per_conv, [c["messages"] for c in conversations])
+        if name == "multi_turn":
+            out["samples"] = [
+                {"prompt": p, "answer": c["messages"][2 * k + 1]["content"], "predicted": y}
+                for (c, k), p, y in list(zip(items, prompts, preds))[:12]
+            ]
+    return {
+        **out,
+        "decode": decode_record(model, decode, template),
+        "conversations": len(conversations),
+        "n": len(items),
+        "seconds": time.time() - t0,
     }
 
 
