@@ -152,10 +152,39 @@ def load_lm(cfg: LMConfig, root: str | Path | None = None) -> nn.Module:
         raise ValueError("LMConfig.name_or_path is empty: name a hub id or a local directory")
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    lm = auto.from_pretrained(path, dtype=resolve_dtype(cfg.dtype))
+    lm = auto.from_pretrained(path, dtype=resolve_dtype(cfg.dtype), **quantization_kwargs(cfg))
     cfg.hidden_size = lm.get_input_embeddings().embedding_dim
     cfg.is_encoder_decoder = bool(config.is_encoder_decoder)
     return freeze(lm)
+
+
+def quantization_kwargs(cfg: LMConfig) -> dict:
+    """from_pretrained's arguments for a quantised LM: bitsandbytes through transformers'
+    BitsAndBytesConfig, on the current CUDA device. There is no standard CPU path (transformers' CPU
+    int8 backends need torchao or optimum-quanto): on CPU, or without bitsandbytes, one clear error."""
+    if cfg.quantization is None:
+        return {}
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"LMConfig.quantization {cfg.quantization!r} needs a CUDA GPU and bitsandbytes (pip install "
+            "bitsandbytes); this machine has no CUDA: set quantization to null to load the LM unquantised"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"LMConfig.quantization {cfg.quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:  # NF4 with double quantisation, computing in the LM's dtype (QLoRA's setting)
+        compute = resolve_dtype(cfg.dtype) if cfg.dtype != "float32" else torch.bfloat16
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+    return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -6,15 +6,17 @@ they ask the model (`tasks`, `freeze_for_stage`, `fsdp_blocks`, `param_groups`, 
 `prepare_inputs`, `generate`) and its processor (`prompt_inputs`, `batch_decode`).
 
 Saved models are `config.json` (with `model_type`) + `model.safetensors` (the trained bridge) + the frozen
-backbones in transformers' own format in sub-folders. Foreign layouts (transformers' BLIP-2, ...) are
-`CheckpointFormat`s that a design's converter module registers on the model and processor classes, so
-converters depend on the model and never the other way round.
+backbones in transformers' own format in sub-folders (+ LoRA adapters in peft's layout, core/adapters.py).
+Foreign layouts (transformers' BLIP-2, ...) are `CheckpointFormat`s that a design's converter module
+registers on the model and processor classes, so converters depend on the model and never the other way
+round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlbridge.core import adapters
+from vlbridge.core.adapters import LoraConfig
 from vlbridge.core.backbones import local_dir
 from vlbridge.core.config import from_dict, to_dict
+from vlbridge.core.weights import read_weights  # noqa: F401  (the designs import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +80,6 @@ def read_model_config(cls: type, path: Path, model_type: str):
     if found != model_type:
         raise ValueError(f"{path} holds a {found!r} model, not {model_type!r}: load it with vlbridge.load")
     return from_dict(cls, data)
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing, truncated or corrupt file is one error naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path.parent}: no {path.name} beside config.json (the weights are missing)")
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -145,7 +136,12 @@ class VLModel(nn.Module, Formats):
         fmt = cls.foreign_format(root)
         if fmt is not None:
             return fmt.load_model(root, str(name_or_path), **kwargs)
-        return cls.load_vlbridge(root, **kwargs)
+        model = cls.load_vlbridge(root, **kwargs)
+        lm = getattr(model.config, "lm", None)
+        if lm is not None and lm.lora is not None:  # the adapters saved beside it (lm_adapter/, bridge_adapter/)
+            adapters.load_adapters(model, root)
+            model.log_parameter_counts()
+        return model
 
     @classmethod
     def load_vlbridge(cls, root: Path, **kwargs):
@@ -160,22 +156,39 @@ class VLModel(nn.Module, Formats):
     ):
         """config.json + model.safetensors (the bridge); with include_backbones also the frozen backbones
         in transformers' own format in sub-folders, and with a processor its files beside them, so that
-        the directory is self-contained. format: "vlbridge" or a registered foreign format."""
+        the directory is self-contained. format: "vlbridge" or a registered foreign format.
+
+        LoRA adapters (add_lora) go to lm_adapter/ (+ bridge_adapter/) in peft's layout, the weights they
+        adapt are written as they were loaded; with lora.merge_on_save (and the backbones written) they are
+        folded into the weights instead, which a foreign format always does."""
+        lora = self.lora_config
         if format != "vlbridge":
             fmt = self.formats.get(format)
             if fmt is None or fmt.save is None:
                 known = ["vlbridge", *(n for n, f in self.formats.items() if f.save is not None)]
                 raise ValueError(f"unknown format {format!r} for {self.model_type}; expected one of {known}")
-            return fmt.save(self, path, processor)
+            with adapters.plain_view(self, merge=True):  # a foreign layout has no place for adapters
+                return fmt.save(self, path, processor)
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if processor is not None:
             processor.save_pretrained(path)
-        config = self._write_backbones(path, include_backbones, processor)
+        # a checkpoint (no backbones) keeps the adapters apart: the LM they would merge into is not written
+        merge = lora is not None and lora.merge_on_save and include_backbones
+        with adapters.plain_view(self, merge=merge):
+            config = self._write_backbones(path, include_backbones, processor)
+            bridge = self.bridge_state_dict()
+        if getattr(config, "lm", None) is not None and (merge or lora is None):
+            config.lm.lora = None  # a plain model directory (merged, or no adapters left)
         write_model_config(config, path / "config.json", self.model_type)
-        save_file(self.bridge_state_dict(), str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_file(bridge, str(path / "model.safetensors"), metadata={"format": "pt"})
+        for folder in adapters.FOLDERS.values():  # adapters of an earlier save into this directory
+            if (path / folder).is_dir():
+                shutil.rmtree(path / folder)
+        if lora is not None and not merge:
+            adapters.save_adapters(self, path)
 
     def _write_backbones(self, path: Path, include_backbones: bool, processor) -> Any:
         """Write the backbones that belong in `path`; return the config to save (names rewritten to
@@ -183,21 +196,46 @@ class VLModel(nn.Module, Formats):
         raise NotImplementedError
 
     def bridge_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained part: everything but the backbones."""
-        return {
-            k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(self.backbone_prefixes)
-        }
+        """The trained part: everything but the backbones (and the adapters), under the names it has
+        without adapters."""
+        own = self.state_dict().items()
+        return adapters.plain_state(
+            {k: v.detach().contiguous() for k, v in own if not k.startswith(self.backbone_prefixes)}
+        )
 
     def load_bridge_state(self, state: dict[str, torch.Tensor], source, skip: tuple[str, ...] = ()) -> None:
         """Load saved bridge tensors; a tensor the model lacks or a bridge tensor the file lacks is an error
         naming them. skip: prefixes of parts left out on purpose (not loaded, not required)."""
         state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(self.backbone_prefixes + skip)]
+        missing, unexpected = self.load_state_dict(adapters.to_model_keys(self, state), strict=False)
+        missing = [
+            k for k in missing if not k.startswith(self.backbone_prefixes + skip) and not adapters.is_adapter_key(k)
+        ]
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {source} does not match the model: missing {missing}, unexpected {unexpected}"
             )
+
+    # ------------------------------------------------------------------ LoRA adapters (core/adapters.py)
+    @property
+    def lora_config(self) -> LoraConfig | None:
+        """The LoRA adapters this model holds (None: none)."""
+        lm = getattr(self.config, "lm", None)
+        return lm.lora if lm is not None and adapters.lora_layers(self) else None
+
+    def add_lora(self, lora: LoraConfig) -> list[str]:
+        """Adapt the LM (and, with lora.bridge, the bridge) with LoRA: the adapted weights freeze, the
+        adapters train; the outputs are unchanged until they do. Logs the counts; returns the adapted
+        layers' names."""
+        targets = adapters.apply_lora(self, lora)
+        self.train(self.training)
+        self.log_parameter_counts()
+        return targets
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights and remove them (a plain model again)."""
+        adapters.merge_lora(self)
+        self.log_parameter_counts()
 
     # ------------------------------------------------------------------ training
     def frozen_backbones(self) -> list[nn.Module]:
@@ -208,6 +246,7 @@ class VLModel(nn.Module, Formats):
         super().train(mode)
         for module in self.frozen_backbones():
             module.eval()  # no dropout in a frozen backbone
+        adapters.set_adapter_mode(self, mode)  # but in its adapters, which train
         return self
 
     def freeze_for_stage(self, stage: int) -> dict[str, dict[str, int]]:
@@ -215,6 +254,7 @@ class VLModel(nn.Module, Formats):
         The default: the bridge trains, the backbones stay frozen, whatever the stage."""
         self.check_stage(stage)
         self.stage = stage
+        adapters.freeze_adapted(self)  # LoRA: whatever the stage, the adapted weights stay frozen
         return self.log_parameter_counts()
 
     def check_stage(self, stage: int) -> None:
@@ -228,10 +268,13 @@ class VLModel(nn.Module, Formats):
         return counts
 
     def group_counts(self) -> dict[str, dict[str, int]]:
-        """Trainable and frozen parameters per top-level part (a parameter shared by two parts counts once)."""
+        """Trainable and frozen parameters per top-level part (a parameter shared by two parts counts once);
+        LoRA adapters count as a part of their own, "<part>.lora" ("lm.lora")."""
         counts: dict[str, dict[str, int]] = {}
+        lora = adapters.adapter_parameters(self)
         for name, p in self.named_parameters():
-            part = counts.setdefault(name.split(".")[0], {"trainable": 0, "frozen": 0})
+            top = name.split(".")[0] + (".lora" if name in lora else "")
+            part = counts.setdefault(top, {"trainable": 0, "frozen": 0})
             part["trainable" if p.requires_grad else "frozen"] += p.numel()
         return counts
 
@@ -239,6 +282,7 @@ class VLModel(nn.Module, Formats):
         """Log (and return) the counts per part; a frozen backbone with a trainable parameter of its own (not
         one of the bridge's modules placed inside it) is an error."""
         bridge = {id(p) for n, p in self.named_parameters() if not n.startswith(self.backbone_prefixes)}
+        bridge |= {id(p) for p in adapters.adapter_parameters(self).values()}  # LoRA adapters in a backbone train
         for module in self.frozen_backbones():
             if any(p.requires_grad for p in module.parameters() if id(p) not in bridge):
                 raise RuntimeError(

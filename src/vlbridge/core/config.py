@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vlbridge.core.adapters import LoraConfig
+
 T = TypeVar("T")
 
 
@@ -131,6 +133,9 @@ class VisionConfig:
     hidden_size: int = 0  # filled from the backbone when it is loaded
 
 
+QUANTIZATIONS = ("8bit", "4bit")  # LMConfig.quantization (or None)
+
+
 @dataclass
 class LMConfig:
     """A frozen Hugging Face language model: causal (OPT, GPT-2, Llama, Qwen2) or encoder-decoder (T5)."""
@@ -139,3 +144,13 @@ class LMConfig:
     dtype: str = "float32"
     hidden_size: int = 0  # filled from the LM when it is loaded
     is_encoder_decoder: bool = False  # filled from the LM when it is loaded
+    # None, or hold the LM's Linear weights in 8 or 4 bits (bitsandbytes, CUDA only): a quarter / an eighth
+    # of fp32's memory for a little accuracy; it can then only be adapted with LoRA, not trained itself
+    quantization: str | None = None
+    # LoRA adapters on this LM (and optionally the bridge): set by the trainer from a recipe's `lora` or by
+    # VLModel.add_lora, so that a saved model knows its adapters (in lm_adapter/ beside config.json)
+    lora: LoraConfig | None = None
+
+    def __post_init__(self):  # runs in from_dict too: a bad recipe fails when it is read
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"LMConfig.quantization must be None, '8bit' or '4bit', got {self.quantization!r}")

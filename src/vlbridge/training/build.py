@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from vlbridge.core import dist
+from vlbridge.core import adapters, dist
 from vlbridge.core.backbones import local_dir, resolve_path
-from vlbridge.core.config import LMConfig
+from vlbridge.core.config import ConfigError, LMConfig
 from vlbridge.data.batches import BatchStream, FeatureCache, ProcessorStream, ShardStream, make_pool
 from vlbridge.data.interleaved import DocumentStream, make_source
 from vlbridge.models.blip2 import Blip2, Blip2Processor, create_blip2, init_qformer_from_bert
@@ -24,13 +24,41 @@ log = logging.getLogger("vlbridge.training.train")
 
 
 def build_model(cfg: TrainConfig):
-    return {"blip2": build_blip2, "flamingo": build_flamingo, "eve": build_eve}[cfg.model_kind](cfg)
+    model, processor = {"blip2": build_blip2, "flamingo": build_flamingo, "eve": build_eve}[cfg.model_kind](cfg)
+    attach_lora(model, cfg)
+    return model, processor
+
+
+def attach_lora(model, cfg: TrainConfig) -> None:
+    """The recipe's LoRA adapters (core/adapters.py). A model from init_from that has adapters goes on
+    training them when the recipe asks for the same ones, has them merged into its weights when the
+    recipe asks for none, and is refused when it asks for others."""
+    have = model.lora_config
+    if have is None:
+        if cfg.lora is not None:
+            targets = model.add_lora(cfg.lora)
+            log.info("LoRA r=%d alpha=%g on %d layers: %s", cfg.lora.r, cfg.lora.alpha, len(targets), " ".join(targets))
+        return
+    if cfg.lora is None:
+        log.info("init_from %s: its LoRA adapters are merged into the weights (the recipe has no lora)", cfg.init_from)
+        model.merge_lora()
+        return
+    if replace(have, merge_on_save=False) != replace(cfg.lora, merge_on_save=False):
+        raise ConfigError(
+            f"TrainConfig.lora: init_from {cfg.init_from} has other LoRA adapters ({have}): give the same lora "
+            "to go on training them, or none to merge them"
+        )
+    model.config.lm.lora = replace(cfg.lora)  # the recipe's merge_on_save
+    log.info("init_from %s: its LoRA adapters go on training", cfg.init_from)
 
 
 def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
     if cfg.stage == 1:
-        if cfg.init_from:
-            return Blip2.from_pretrained(cfg.init_from), Blip2Processor.from_pretrained(cfg.init_from)
+        if cfg.init_from:  # going on from a checkpoint: the recipe decides how stage 1 trains
+            model = Blip2.from_pretrained(cfg.init_from)
+            for name in ("itc_temperature_clamp", "hard_negatives"):
+                setattr(model.config, name, getattr(cfg.model, name))
+            return model, Blip2Processor.from_pretrained(cfg.init_from)
         model, processor = create_blip2(cfg.model)
         if cfg.qformer_init:
             init_qformer_from_bert(model.qformer, cfg.qformer_init)
@@ -39,8 +67,9 @@ def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
         raise ValueError("a stage-2 recipe needs model.lm")
     if cfg.init_from:  # the trained Q-Former, the projection into this LM (fresh for a new LM), no stage-1 heads
         model = Blip2.from_pretrained(cfg.init_from, lm=cfg.model.lm)
-        keep_lm_proj(model, cfg.init_from, cfg.model.lm)
-        for name in ("caption_prompt", "vqa_prompt", "qformer_question"):
+        same_lm = keep_lm_proj(model, cfg.init_from, cfg.model.lm)
+        carry_adapters(model, cfg.init_from, same_lm)
+        for name in ("caption_prompt", "vqa_prompt", "qformer_question", "qformer_reads_prompt", "max_text_length"):
             setattr(model.config, name, getattr(cfg.model, name))
     else:
         model, _ = create_blip2(cfg.model)
@@ -48,19 +77,19 @@ def build_blip2(cfg: TrainConfig) -> tuple[Blip2, Blip2Processor]:
     return model, Blip2Processor.from_config(model.config)
 
 
-def keep_lm_proj(model: Blip2, init_from: str, lm: LMConfig) -> None:
+def keep_lm_proj(model: Blip2, init_from: str, lm: LMConfig) -> bool | None:
     """A stage-2 checkpoint going on in stage 2 with the same LM keeps its trained lm_proj (from_pretrained
     with lm= gives a fresh one, as a new LM needs). The same LM: its config.json says the same, names and
-    versions aside."""
+    versions aside. Returns whether it is the same LM (None: a stage-1 or foreign checkpoint)."""
     root = local_dir(init_from)
     if Blip2.foreign_format(root) is not None:
-        return  # its converter decides what it loads
+        return None  # its converter decides what it loads
     saved = Blip2.read_config(root).lm
     if saved is None:
-        return  # a stage-1 checkpoint: there is no projection to keep
+        return None  # a stage-1 checkpoint: there is no projection to keep
     if _lm_signature(resolve_path(saved.name_or_path, root)) != _lm_signature(lm.name_or_path):
         log.warning("init_from %s was trained with another LM than model.lm: lm_proj starts afresh", init_from)
-        return
+        return False
     from safetensors.torch import load_file
 
     state = {k: v for k, v in load_file(str(root / "model.safetensors")).items() if k.startswith("lm_proj.")}
@@ -68,6 +97,26 @@ def keep_lm_proj(model: Blip2, init_from: str, lm: LMConfig) -> None:
     if state and all(k in own and own[k].shape == v.shape for k, v in state.items()):
         model.load_state_dict(state, strict=False)
         log.info("init_from %s: the same LM, so its trained lm_proj is kept", init_from)
+    return True
+
+
+def carry_adapters(model: Blip2, init_from: str, same_lm: bool | None) -> None:
+    """The LoRA adapters of a stage-2 checkpoint going on in stage 2 (from_pretrained with lm= loads none):
+    with the same LM all of them come back (attach_lora then goes on training or merges them); with
+    another LM its adapters are left behind and the bridge's are merged into the bridge."""
+    if same_lm is None:
+        return
+    root = local_dir(init_from)
+    lora = Blip2.read_config(root).lm.lora
+    if lora is None:
+        return
+    model.config.lm.lora = lora
+    adapters.load_adapters(model, root, lm=same_lm)
+    if not same_lm:
+        log.warning("init_from %s: its LM adapters belong to another LM and are left out", init_from)
+        if adapters.lora_layers(model):
+            model.merge_lora()
+        model.config.lm.lora = None
 
 
 def _lm_signature(name_or_path: str) -> dict:

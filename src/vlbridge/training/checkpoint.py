@@ -71,7 +71,8 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path | None:
     """Write out_dir/checkpoints/step-N atomically and point `last` at it; keep the newest `keep_last`.
-    Bridge weights + every trainable parameter (EVE trains its LM) + optimizer state + RNG, all as
+    Bridge weights + every trainable parameter (EVE trains its LM; LoRA adapters, which save_pretrained
+    also writes to lm_adapter/ here) + optimizer state + RNG, all as
     safetensors/JSON (nothing pickled), written by rank 0. Whole tensors even under FSDP (gathered here:
     every rank calls this), so any world size and parallel mode can resume from it. counters: the
     non-finite step counts to resume with. Returns the checkpoint's path (rank 0)."""

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from vlbridge.core.adapters import LoraConfig
 from vlbridge.core.config import ConfigError, from_dict, to_dict
 from vlbridge.data.batches import DataConfig
 from vlbridge.data.interleaved import DocumentData
@@ -63,6 +64,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     datasets: list[DocumentData] = field(default_factory=list)  # Flamingo: the mixture, lambda_m = weight
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # LoRA adapters on the LM (and with lora.bridge on the bridge) instead of training those weights: any
+    # design, BLIP-2 from stage 2 (stage 1 has no LM). None: the stage trains what it trains.
+    lora: LoraConfig | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)  # BLIP-2 stage 1 only
     steps: int = 1000
     batch_size: int = 32  # BLIP-2, per rank (a Flamingo dataset has its own batch_size)
@@ -141,10 +145,27 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.stage: a {self.model_kind} model trains in stages {list(kind.stages)}, got {self.stage}"
             )
+        self._check_lm_adaptation()
         for i, d in enumerate(self.datasets):
             _require(d.batch_size >= 1, f"datasets[{i}].batch_size", ">= 1", d.batch_size)
             _require(
                 math.isfinite(d.weight) and d.weight >= 0, f"datasets[{i}].weight", "a finite number >= 0", d.weight
+            )
+
+    def _check_lm_adaptation(self):
+        """LoRA needs an LM; it is set at the top level only (the LM's config records it once applied); a
+        quantised LM cannot itself train (EVE stages 2 and 3 train the LM unless LoRA stands in)."""
+        section = {"blip2": "model", "flamingo": "flamingo", "eve": "eve"}[self.model_kind]
+        design = getattr(self, section)
+        lm = design.lm if design is not None else None
+        if lm is not None and lm.lora is not None:
+            raise ConfigError(f"TrainConfig.{section}.lm.lora: set LoRA in the recipe's top-level `lora`")
+        if self.lora is not None and self.model_kind == "blip2" and (self.stage == 1 or lm is None):
+            raise ConfigError("TrainConfig.lora: LoRA adapts the LM, which a BLIP-2 recipe has in stage 2 (model.lm)")
+        if lm is not None and lm.quantization and self.model_kind == "eve" and self.stage >= 2 and self.lora is None:
+            raise ConfigError(
+                f"TrainConfig.eve.lm.quantization: EVE stage {self.stage} trains the LM, which a quantised LM "
+                "cannot do: add `lora` (adapters train in its place) or load it unquantised"
             )
 
     def _check_ranges(self):
