@@ -12,13 +12,13 @@ import pytest
 from vlbridge.data import shapesworld as sw
 from vlbridge.data.conversations import (
     check_messages,
-    conversation_accuracy,
     encode_conversation,
     generation_prompt,
     plain_text,
     read_llava,
     shapesworld_conversations,
 )
+from vlbridge.evaluation.metrics import conversation_accuracy
 from vlbridge.testing import word_tokenizer
 
 CHAT = [
@@ -214,6 +214,9 @@ def test_conversation_accuracy_splits_first_turns_from_follow_ups():
     convs = [CHAT[1:], CHAT[1:]]
     acc = conversation_accuracy([["red", "square"], ["Red.", "circle"]], convs)
     assert acc == {"accuracy": 0.75, "first_turn": 1.0, "follow_up": 0.5, "n": 4}
+    counts = [{"role": "user", "content": "how many?"}, {"role": "assistant", "content": "1"}]
+    assert conversation_accuracy([["2"]], [counts])["accuracy"] == 0.0  # digits are answers too
+    assert conversation_accuracy([["1."]], [counts])["accuracy"] == 1.0
     with pytest.raises(ValueError, match="1 predictions for a conversation of 2"):
         conversation_accuracy([["red"]], convs[:1])
 
@@ -272,3 +275,36 @@ def test_conversation_eval_scores_each_turn_with_and_without_history(build, monk
     r = evaluate.shapesworld_conversation(model, processor, convs[:2], world, batch_size=4)  # a real model runs
     assert set(r) >= {"multi_turn", "single_turn", "samples", "decode"} and r["conversations"] == 2
     assert r["samples"][1]["prompt"].count("Question:") == 2
+
+
+def test_flamingo_conversation_documents_interleave_images_and_their_talks():
+    from vlbridge.data.interleaved import EOC, IMAGE, DocumentData, make_source
+
+    source = make_source(DocumentData(kind="shapesworld_conversation", max_images=3, num_samples=50, turns=2))
+    docs = [source.document(i) for i in range(20)]
+    assert docs[3] == source.document(3)
+    for d in docs:
+        chunks = d["text"].split(EOC)[:-1]
+        assert len(chunks) == len(d["images"]) >= 1 and all(c.startswith(IMAGE) for c in chunks)
+        for c in chunks:
+            assert 1 <= c.count("Question:") <= 2 and c.count("Question:") == c.count("Answer:")
+    assert any(len(d["images"]) > 1 for d in docs)
+    with pytest.raises(ValueError, match="prompt must hold one"):
+        make_source(DocumentData(kind="shapesworld_conversation", prompt="Q A"))
+
+
+def test_instruct_study_runs_both_variants_from_a_stage1_checkpoint(tmp_path):
+    from experiments import instruct_study
+    from vlbridge.models.blip2 import Blip2
+    from vlbridge.training.train import load_recipe, train
+
+    quick = ["steps=2", "data.num_samples=64", "batch_size=16", "save_every=0"]
+    stage1 = train(load_recipe("blip2_shapesworld_stage1", [f"out_dir={tmp_path / 'stage1'}", *quick]))
+    report = instruct_study.run(tmp_path / "study", str(stage1), steps=2, quick=True)
+    instruct, single = report["variants"]["instruct"], report["variants"]["single_turn"]
+    assert "conversation" in instruct["tasks"] and single["tasks"] == ["caption", "vqa"]
+    for v in (instruct, single):
+        assert {"multi_turn", "single_turn"} <= set(v["conversation"]) and v["vqa"]["n"] > 0
+    config = Blip2.read_config(tmp_path / "study" / "instruct" / "final")
+    assert config.qformer_reads_prompt and config.max_text_length == 64  # the recipe's, over stage 1's
+    assert "follow-up" in instruct_study.table(report)

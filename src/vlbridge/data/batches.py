@@ -384,14 +384,18 @@ def text_inputs(processor, samples: list[dict], stage: int, gathered: bool, qfor
     ranks all-gather their texts (ITM negatives) T is max_text_length on every rank. Stage 2: the LM's
     prompt + target tokens with labels, and with qformer_question the questions in Q-Former tokens
     (qformer_input_ids / qformer_attention_mask; a sample without a question gets an all-0 mask row,
-    so its queries run as if alone). Every such batch carries them, even one of captions only: then the
+    so its queries run as if alone), or with the processor's qformer_reads_prompt (InstructBLIP) the
+    prompts. Every such batch carries them, even one of captions only: then the
     text side still runs (on padding no query sees) and DDP gets a gradient, zero, for each of its
     parameters, as it expects every step."""
     if stage != 1:
         out = processor.lm_text([s["prompt"] for s in samples], [s["target"] for s in samples])
         if qformer_question:
-            asked = [s.get("question") is not None for s in samples]
-            q = processor.qformer_text([s["question"] or "" for s in samples], truncate=True)
+            if processor.qformer_reads_prompt:  # InstructBLIP: the Q-Former reads every prompt, captions' too
+                asked, texts = [True] * len(samples), [s["prompt"] for s in samples]
+            else:
+                asked, texts = [s.get("question") is not None for s in samples], [s["question"] or "" for s in samples]
+            q = processor.qformer_text(texts, truncate=True)
             out["qformer_input_ids"] = q["input_ids"]
             out["qformer_attention_mask"] = q["attention_mask"] * torch.tensor(asked, dtype=torch.long)[:, None]
         return out

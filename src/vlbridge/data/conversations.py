@@ -246,22 +246,3 @@ def shapesworld_conversations(
             out.append({"scene": scene, "messages": messages, "index": i})
         i += 1
     return out
-
-
-def conversation_accuracy(predicted: list[list[str]], conversations: list[list[dict]]) -> dict[str, float]:
-    """Exact-match accuracy of predicted assistant turns against the conversations' own: overall, on the
-    first turn, and on the follow-ups (turns that need the earlier ones)."""
-    first, later = [], []
-    for preds, messages in zip(predicted, conversations):
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        if len(preds) != len(answers):
-            raise ValueError(f"{len(preds)} predictions for a conversation of {len(answers)} answers")
-        for k, (p, a) in enumerate(zip(preds, answers)):
-            (first if k == 0 else later).append(sw._norm(p) == sw._norm(a))
-    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    return {
-        "accuracy": mean(first + later),
-        "first_turn": mean(first),
-        "follow_up": mean(later),
-        "n": len(first + later),
-    }

@@ -5,6 +5,8 @@ A document is {"text": "<image>a red circle.<|endofchunk|><image>a blue star.<|e
 
     ShapesWorldDocs      several scenes per document, each followed by its caption (M3W-like)
                          with max_images=1 it is an image-text pair source (ALIGN/LTIP-like)
+    ConversationDocs     1..max_images scenes, each followed by a multi-turn Q&A about it whose
+                         follow-ups refer to "the object" named earlier (data.conversations)
     InContextDocs        a ShapesWorld in-context task: every document answers ONE attribute
                          (color, shape, size or count), chosen per document and never named, so only
                          the demonstrations tell a query which attribute to answer
@@ -26,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from vlbridge.data import shapesworld as sw
+from vlbridge.data.conversations import plain_text, scene_conversation
 from vlbridge.data.readers import SkipCounter, decode_image
 
 log = logging.getLogger(__name__)
 
 IMAGE, EOC = "<image>", "<|endofchunk|>"
-KINDS = ("shapesworld_docs", "shapesworld_pairs", "shapesworld_incontext", "mmc4")
+KINDS = ("shapesworld_docs", "shapesworld_pairs", "shapesworld_incontext", "shapesworld_conversation", "mmc4")
 ATTRIBUTES = ("color", "shape", "size", "count")  # the in-context task's per-document answer kinds
 ANSWERS = {"color": sw.COLORS, "shape": sw.SHAPES, "size": sw.SIZES, "count": ("1", "2", "3", "4")}
 
@@ -50,6 +53,8 @@ class DocumentData:
     width: int = 64
     height: int = 64
     seed: int = 0
+    turns: int = 3  # shapesworld_conversation: questions per scene at most
+    prompt: str = "Question: {} Answer:"  # shapesworld_conversation: each question in the model's VQA prompt
     path: str = ""  # mmc4: the JSONL file
     image_root: str = ""  # mmc4: where image_info's image names live
 
@@ -113,6 +118,21 @@ class InContextDocs(ShapesWorldDocs):
             "text": "".join(chunk(a) for a in answers),
             "images": [self.render(s) for s in scenes],
             "attribute": attribute,
+        }
+
+
+class ConversationDocs(ShapesWorldDocs):
+    """Document i: 1..max_images scenes, each followed by a conversation about it (questions in
+    cfg.prompt, answers after them; data.conversations.plain_text), so later turns, and later images,
+    are read with everything before them in context."""
+
+    def document(self, i: int) -> dict:
+        rng, scenes = self._scenes(i)
+        talks = [scene_conversation(s, rng, self.cfg.turns) for s in scenes]
+        kept = [(s, t) for s, t in zip(scenes, talks) if t is not None]  # a scene with nothing to name: left out
+        return {
+            "text": "".join(chunk(plain_text(t, self.cfg.prompt)) for _, t in kept),
+            "images": [self.render(s) for s, _ in kept],
         }
 
 
@@ -197,6 +217,10 @@ def make_source(cfg: DocumentData):
         return ShapesWorldDocs(DocumentData(**{**vars(cfg), "max_images": 1}))
     if cfg.kind == "shapesworld_incontext":
         return InContextDocs(cfg)
+    if cfg.kind == "shapesworld_conversation":
+        if cfg.prompt.count("{}") != 1 or cfg.turns < 1:
+            raise ValueError(f"dataset {cfg.name!r}: prompt must hold one {{}} and turns be >= 1")
+        return ConversationDocs(cfg)
     if cfg.kind == "mmc4":
         return ListDocs(read_mmc4(cfg.path, cfg.image_root or None, cfg.max_images))
     raise ValueError(f"unknown dataset kind {cfg.kind!r}; known: {KINDS}")

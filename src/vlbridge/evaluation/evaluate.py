@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from vlbridge.data import shapesworld as sw
-from vlbridge.data.conversations import conversation_accuracy, plain_text
+from vlbridge.data.conversations import plain_text
 from vlbridge.data.readers import SkipCounter, decode_image
 from vlbridge.evaluation.generation import DECODING, generate_texts
-from vlbridge.evaluation.metrics import caption_metrics, retrieval_recall, vqa_accuracy
+from vlbridge.evaluation.metrics import caption_metrics, conversation_accuracy, retrieval_recall, vqa_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -231,3 +231,22 @@ def retrieval_recall(
     out.update({f"t2i_r{k}": (t2i_rank < k).float().mean().item() for k in ks})
     out["mean"] = sum(out.values()) / len(out)
     return out
+
+
+def conversation_accuracy(predicted: list[list[str]], conversations: list[list[dict]]) -> dict[str, float]:
+    """Accuracy of predicted assistant turns against the conversations' own (answers compared as VQA
+    normalises them): overall, on the first turn, and on the follow-ups (turns that need the earlier ones)."""
+    first, later = [], []
+    for preds, messages in zip(predicted, conversations):
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        if len(preds) != len(answers):
+            raise ValueError(f"{len(preds)} predictions for a conversation of {len(answers)} answers")
+        for k, (p, a) in enumerate(zip(preds, answers)):
+            (first if k == 0 else later).append(normalize_vqa_answer(p) == normalize_vqa_answer(a))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {
+        "accuracy": mean(first + later),
+        "first_turn": mean(first),
+        "follow_up": mean(later),
+        "n": len(first + later),
+    }
