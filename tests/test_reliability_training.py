@@ -536,3 +536,27 @@ def test_init_from_a_stage2_model_keeps_what_it_trained(tmp_path, caplog):
     assert "another LM than model.lm: lm_proj starts afresh" in caplog.text
     assert "initialised afresh: lm_proj.weight, lm_proj.bias" in caplog.text
     TALLY["init_from checks"] += 2
+
+
+def test_a_run_from_before_new_recipe_fields_resumes_only_at_their_defaults(tmp_path, model_dict, reference, caplog):
+    """A run written by an earlier vlbridge stored a recipe without fields added since: it resumes when each
+    such field is at its default (the earlier behaviour), and is refused when one is not."""
+    import shutil
+
+    from vlbridge.training.recipe import identity_hash
+
+    out = tmp_path / "ref"
+    shutil.copytree(reference, out, symlinks=True)
+    for state in [out / "final" / "run.json", *out.glob("checkpoints/*/trainer_state.json")]:
+        saved = json.loads(state.read_text())
+        del saved["recipe"]["data"]["turns"], saved["recipe"]["model"]["hard_negatives"]
+        saved["recipe_hash"] = identity_hash(saved["recipe"])  # what that version wrote
+        state.write_text(json.dumps(saved))
+    recipe = _recipe(tmp_path, "ref", model_dict)
+    with caplog.at_level("INFO", logger="vlbridge.training.train"):
+        assert train(load_recipe(recipe)) == out / "final"
+    assert "predates fields added since, at their defaults here: data.turns, model.hard_negatives" in caplog.text
+    with pytest.raises(ck.ResumeRefused, match=r"differs in data.turns \(\"<absent>\" -> 2\)"):
+        train(load_recipe(recipe, ["data.turns=2", "steps=8"]))
+    with pytest.raises(ck.ResumeRefused, match="another recipe"):  # an old field changed is still another recipe
+        train(load_recipe(recipe, ["optim.lr=5e-3"]))

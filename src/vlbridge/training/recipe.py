@@ -3,9 +3,11 @@ overrides, every value checked when read (types by core.config.from_dict, ranges
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import typing
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -280,6 +282,54 @@ def recipe_identity(cfg: TrainConfig, world_size: int) -> dict:
 
 def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _dataclass_of(hint):
+    """The dataclass a type hint holds (X, X | None, list[X]), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if (found := _dataclass_of(arg)) is not None:
+            return found
+    return None
+
+
+def added_fields(old: dict, new: dict, cls: type = TrainConfig, prefix: str = "") -> list[str] | None:
+    """Where a recipe identity stored by an earlier vlbridge (`old`) differs from this one (`new`) only by
+    fields added since, each at its default (which keeps the earlier behaviour: what a new field must do),
+    their paths; None when anything else differs (another value, a field removed, one added off its
+    default)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    hints = typing.get_type_hints(cls) if fields else {}
+    added: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            return None
+        b, f = new[key], fields.get(key)
+        if key not in old:
+            if f is None:
+                return None
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if json.loads(json.dumps(to_dict(default) if dataclasses.is_dataclass(default) else default)) != b:
+                return None
+            added.append(prefix + key)
+            continue
+        a, inner = old[key], _dataclass_of(hints.get(key)) if f is not None else None
+        pairs = []
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs = [(a, b, f"{prefix}{key}.")]
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(type(x) is dict for x in a + b):
+            pairs = [(x, y, f"{prefix}{key}.{i}.") for i, (x, y) in enumerate(zip(a, b))]
+        elif a != b:
+            return None
+        for x, y, where in pairs:
+            if inner is None and x != y:
+                return None
+            sub = added_fields(x, y, inner, where) if inner is not None else []
+            if sub is None:
+                return None
+            added += sub
+    return added
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 from vlbridge.training.checkpoint import FINAL_STATE, ResumeRefused, complete_checkpoints, read_meta, verify_checkpoint
 from vlbridge.training.files import exists, read_json, remove, write_atomic
-from vlbridge.training.recipe import identity_hash, recipe_differences, recipe_identity
+from vlbridge.training.recipe import added_fields, identity_hash, recipe_differences, recipe_identity
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, identity: dict) -> Start:
             f"{FINAL_STATE}): it is not continued or replaced; {remedy}"
         )
     if final:
-        if final.get("recipe_hash") != want:
+        if not same_recipe(final, identity, want):
             raise ResumeRefused(f"{what} of another recipe (final/; differs in {_diff(final, identity)}); {remedy}")
         if final["step"] > cfg.steps:
             raise ResumeRefused(f"{what} whose final/ is at step {final['step']}, past this recipe's steps={cfg.steps}")
@@ -138,7 +138,7 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, identity: dict) -> Start:
     if ckpts:
         path = ckpts[-1]
         meta = read_meta(path)
-        if meta.get("recipe_hash") != want:
+        if not same_recipe(meta, identity, want):
             raise ResumeRefused(
                 f"{what} of another recipe (checkpoint {path.name}; differs in {_diff(meta, identity)}): it is not "
                 f"resumed; {remedy}"
@@ -170,7 +170,7 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, identity: dict) -> Start:
             except (OSError, ValueError) as e:
                 raise ResumeRefused(f"{what} whose recipe.json cannot be read ({e}); {remedy}") from e
             now = recipe_identity(cfg, 1)  # no checkpoint: no world size to match
-            if identity_hash(before) != identity_hash(now):
+            if not same_recipe({"recipe": before}, now, identity_hash(now)):
                 raise ResumeRefused(
                     f"{what} of another recipe (recipe.json; differs in {_diff(before, now)}); {remedy}"
                 )
@@ -182,6 +182,18 @@ def prepare_out_dir(cfg: TrainConfig, out: Path, identity: dict) -> Start:
     if cfg.resume:
         raise ResumeRefused(f"resume: true, but {out} holds no run to resume")
     return Start()
+
+
+def same_recipe(saved: dict, identity: dict, want: str) -> bool:
+    """Whether a checkpoint's (final/'s, recipe.json's) recipe is this one: the same identity hash, or a
+    recipe stored before fields were added to vlbridge's configs that differs only by them, at their
+    defaults (logged)."""
+    if saved.get("recipe_hash") == want:
+        return True
+    added = added_fields(saved["recipe"], identity) if isinstance(saved.get("recipe"), dict) else None
+    if added:
+        log.info("the run's recipe predates fields added since, at their defaults here: %s", ", ".join(added))
+    return bool(added)
 
 
 def _diff(saved: dict, identity: dict) -> str:
