@@ -289,7 +289,9 @@ def _load_lm(cfg: LMConfig, kind: str | None):
 
     hf = AutoConfig.from_pretrained(cfg.name_or_path)
     hf.dense_act_fn = "gelu"
-    lm = AutoModelForSeq2SeqLM.from_pretrained(cfg.name_or_path, config=hf, dtype=backbones.resolve_dtype(cfg.dtype))
+    lm = AutoModelForSeq2SeqLM.from_pretrained(
+        cfg.name_or_path, config=hf, dtype=backbones.resolve_dtype(cfg.dtype), **backbones.quantization_kwargs(cfg)
+    )
     cfg.hidden_size, cfg.is_encoder_decoder = lm.get_input_embeddings().embedding_dim, True
     return backbones.freeze(lm)
 
