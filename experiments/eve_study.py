@@ -1,6 +1,7 @@
 """EVE against BLIP-2 on ShapesWorld: the three-stage recipe and its ablations, on the same LM and data.
 
     python -m experiments.eve_study --out eve-output [--blip2 demo-output/stage2/final] [--quick]
+        [--pal official|vlbridge]
 
 Variants (each trained from the shipped recipes, then evaluated on the held-out test split):
     eve             stage 1 (pre-align, PAL) -> stage 2 (generative, PAL) -> stage 3 (SFT)
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from experiments.report import choose, fmt, html_table
 from vlbridge.data import shapesworld as sw
 from vlbridge.evaluation import evaluate as ev
+from vlbridge.models.eve.configuration import PALS
 from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor
 from vlbridge.training.recipe import RECIPES, load_recipe
 from vlbridge.training.train import train
@@ -91,7 +93,9 @@ def latency(model, processor, images, prompt: str, new_tokens: int = 20, warmup:
     }
 
 
-def _stage(out: Path, stage: int, name: str, init_from: str | None, variant: dict, quick: list[str]) -> Path:
+def _stage(
+    out: Path, stage: int, name: str, init_from: str | None, variant: dict, quick: list[str], pal: str | None = None
+) -> Path:
     data = [f"data.width={variant.get('width', 64)}", f"data.height={variant.get('height', 64)}"]
     over = [f"out_dir={out / name / f'stage{stage}'}", *data, *quick]
     if init_from is not None:
@@ -99,15 +103,17 @@ def _stage(out: Path, stage: int, name: str, init_from: str | None, variant: dic
     elif stage > 1:  # stage 1 skipped: a fresh model as stage 1 would build it, trained from this stage on
         eve = json.loads((RECIPES / "eve_shapesworld_stage1.json").read_text())["eve"]
         over += ["init_from=", f"eve={json.dumps(eve)}"]
+    if init_from is None and pal is not None:  # a fresh model: its PAL design (later stages keep it)
+        over.append(f"eve.pal={pal}")
     if stage < 3 and "pal_weight" in variant:
         over.append(f"eve.pal_weight={variant['pal_weight']}")
     return train(load_recipe(f"eve_shapesworld_stage{stage}", over))
 
 
-def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str]) -> dict:
+def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str], pal: str | None = None) -> dict:
     world = sw.ShapesWorldConfig(width=variant.get("width", 64), height=variant.get("height", 64))
     scenes = ev.split_scenes("test", max(size["captions"], size["language"]), world)
-    res: dict = {"variant": variant, "timings_s": {}}
+    res: dict = {"variant": variant, "pal": pal or EVEConfig.pal, "timings_s": {}}
     # the LM as shipped, before any EVE training (the same LM and tokenizer every variant starts from)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,7 +129,7 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
         if stage == 1 and variant.get("skip_stage1"):
             continue
         t = time.time()
-        stage_dir = _stage(out, stage, name, None if stage_dir is None else str(stage_dir), variant, quick)
+        stage_dir = _stage(out, stage, name, None if stage_dir is None else str(stage_dir), variant, quick, pal)
         res["timings_s"][f"stage{stage}"] = time.time() - t
         model, processor = EVE.from_pretrained(stage_dir), EVEProcessor.from_pretrained(stage_dir)
         if stage >= 2:
@@ -138,13 +144,13 @@ def run_variant(out: Path, name: str, variant: dict, size: dict, quick: list[str
     return res
 
 
-def run(out: Path, variants: list[str], blip2: str | None = None, quick: bool = False) -> dict:
+def run(out: Path, variants: list[str], blip2: str | None = None, quick: bool = False, pal: str | None = None) -> dict:
     size = SIZES["quick" if quick else "full"]
     q = ["steps=3", "data.num_samples=64", "batch_size=8", "save_every=0"] if quick else []
     report: dict = {}
     for name in variants:
         log.info("EVE study: %s", name)
-        report[name] = run_variant(out, name, VARIANTS[name], size, q)
+        report[name] = run_variant(out, name, VARIANTS[name], size, q, pal)
     if blip2 is not None and "eve" in report:
         from vlbridge.models.blip2.modeling import Blip2
         from vlbridge.models.blip2.processing import Blip2Processor
@@ -244,11 +250,12 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--blip2", default=None, help="a trained BLIP-2 stage-2 model, for the latency comparison")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    p.add_argument("--pal", choices=PALS, default=None, help="the PAL design (default: the recipe's, official)")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("vlbridge").setLevel(logging.INFO)
     variants = choose(args.variants, VARIANTS)
-    report = run(Path(args.out), variants, args.blip2, args.quick)
+    report = run(Path(args.out), variants, args.blip2, args.quick, args.pal)
     print(json.dumps({"summary": summary(report), "latency": report.get("latency")}, indent=2))
 
 

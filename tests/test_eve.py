@@ -6,6 +6,7 @@ teacher); PEL patches of 4 px, so one cell (2x2 patches) is 8 px and a 32 px ima
 """
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image
 from vlbridge import LMConfig, VisionConfig
 from vlbridge.core import backbones
 from vlbridge.core.config import from_dict, to_dict
-from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor, create_eve, pal_loss
+from vlbridge.models.eve.modeling import EVE, EVEConfig, EVEProcessor, create_eve
+from vlbridge.models.eve.pal import pal_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size` with `inputs_embeds`")
 PROMPTS = ["a photo of", "<image> question what color is the circle ? answer", "how many", "red"]
@@ -40,10 +42,10 @@ def config(tiny_configs):
 
 @pytest.fixture(scope="module")
 def make(config, tiny_configs):
-    """make(kind="eve", lm="gpt2", teacher=True, seed=0) -> (model in eval mode, processor)."""
+    """make(kind="eve", lm="gpt2", teacher=True, seed=0, **config_fields) -> (model in eval mode, processor)."""
 
-    def _make(kind="eve", lm="gpt2", teacher=True, seed=0):
-        cfg = copy.deepcopy(config)
+    def _make(kind="eve", lm="gpt2", teacher=True, seed=0, **fields):
+        cfg = dataclasses.replace(copy.deepcopy(config), **fields)
         cfg.kind, cfg.lm = kind, LMConfig(tiny_configs[lm].lm.name_or_path)
         cfg.teacher = cfg.teacher if teacher else None
         torch.manual_seed(seed)
@@ -348,3 +350,29 @@ def test_overfits_one_batch(make, stage):
     (first, first_ce, first_pal), (last, last_ce, last_pal) = losses[0], losses[-1]
     assert last < 0.6 * first and last_pal < 0.7 * first_pal
     assert last_ce < (0.7 if stage == 1 else 0.1) * first_ce
+
+
+def test_earlier_designs_as_options(make, tmp_path):
+    """pel_attention="mha" and pal="vlbridge" (the designs before the official ones became the default)
+    train, save and load; a directory saved before the options existed loads with them."""
+    model, proc = make(seed=4, pel_attention="mha", pal="vlbridge")
+    assert isinstance(model.pel.local_attn.attn, torch.nn.MultiheadAttention) and hasattr(model.pal, "q")
+    batch = proc(images=pictures(), text=PROMPTS, targets=TARGETS)
+    out = model.train()(**batch)
+    assert 0 < out.loss_pal < 2
+    out.loss.backward()
+    assert model.pal.q.weight.grad is not None and model.pel.local_attn.attn.in_proj_weight.grad is not None
+    model.eval().save_pretrained(tmp_path, processor=proc)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["pel_attention"], saved["pal"]) == ("mha", "vlbridge")
+    for key in ("pel_attention", "pal", "pal_heads"):  # as written before these options existed
+        del saved[key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = EVE.from_pretrained(tmp_path, load_teacher=True).eval()
+    assert (loaded.config.pel_attention, loaded.config.pal) == ("mha", "vlbridge")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the default: EVE's own attention and PAL
+    official, _ = make(seed=4)
+    assert not hasattr(official.pel.local_attn, "attn") and official.pel.local_attn.q.bias is None
+    assert type(official.pal).__name__ == "OfficialAligner"

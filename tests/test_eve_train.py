@@ -66,6 +66,7 @@ def _lm_weights(final) -> dict:
 def test_shipped_recipes_parse():
     one = load_recipe("eve_shapesworld_stage1")
     assert (one.model_kind, one.stage, one.eve.kind) == ("eve", 1, "eve") and one.eve.pal_weight > 0
+    assert (one.eve.pal, one.eve.pel_attention) == ("official", "official")  # EVE's own designs
     assert "{assets}" not in one.eve.lm.name_or_path + one.eve.teacher.name_or_path
     for stage in (2, 3):
         cfg = load_recipe(f"eve_shapesworld_stage{stage}")

@@ -8,9 +8,10 @@ training-time teacher. Diao et al., "Unveiling Encoder-Free Vision-Language Mode
   any aspect ratio, no 2-D position embeddings. The processor expands one "<image>" per prompt into
   that many ids, the model writes the PEL outputs there. Images of a batch are padded to a common
   grid; padded cells are masked out of attention and never reach the LM.
-- Patch Aligning Layer (PAL, training only): LM hidden states of several layers at the cells ->
+- Patch Aligning Layer (PAL, training only; pal.py): LM hidden states of several layers at the cells ->
   per-layer LayerNorm + Linear -> attention over layers -> 1 - cosine to the frozen teacher's patch
   features. Loss = CE + pal_weight * PAL. `from_pretrained` (inference) loads no teacher and no PAL.
+  `pal="official"` is EVE's VisionCompressor, `pal="vlbridge"` an earlier design of this library.
 - `freeze_for_stage`: 1 = PEL + PAL train (LM frozen); 2 and 3 = all but the teacher train.
 
 Shapes: B batch, D PEL width, H LM width, Dt teacher width, (h, w) an image's cell grid, (hp, wp)
@@ -22,9 +23,9 @@ Its config is config.EVEConfig, its processor processor.EVEProcessor.
 from __future__ import annotations
 
 import copy
+import json
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ from torch import nn
 
 from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel, read_weights
+from vlbridge.core.base import VLModel, read_model_config, read_weights
+from vlbridge.models.eve import pal as pal_designs
 from vlbridge.models.eve.configuration import EVEConfig
 from vlbridge.models.eve.processing import EVEProcessor, image_stats
 
@@ -57,9 +59,33 @@ class ImageTokens:
 
 
 # ---------------------------------------------------------------------------------------- modules
+class PatchAttention(nn.Module):
+    """EVE's own attention (pel_attention="official"): queries x (B, Nq, D) attend over ctx (B, Nk, D)
+    where valid (B, Nk); residual + output projection. Pre-norm (conv patch features have no fixed
+    scale); q and k/v bias-free; the scores are scaled by D ** -0.5 although split into `heads` heads,
+    as in EVE's LocalAttention / GlobalAttention, so official weights load without rescaling."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"pel_width {dim} does not split into {heads} heads")
+        self.heads, self.scale = heads, dim**-0.5
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv = nn.Linear(dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)  # kv: [k; v]
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, valid=None):
+        (B, Nq, D), Nk = x.shape, ctx.shape[1]
+        q = self.q(self.norm_q(x)).view(B, Nq, self.heads, -1).transpose(1, 2)  # (B, heads, Nq, D/heads)
+        k, v = self.kv(self.norm_kv(ctx)).view(B, Nk, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if valid is None else valid[:, None, None, :]  # SDPA: True = attended
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return x + self.proj(out.transpose(1, 2).reshape(B, Nq, D))
+
+
 class CrossAttention(nn.Module):
-    """Queries x (B, Nq, D) attend over ctx (B, Nk, D) where valid (B, Nk); residual + output
-    projection. Pre-norm, because conv patch features have no fixed scale."""
+    """pel_attention="mha": as PatchAttention but through nn.MultiheadAttention (biases on q, k, v; scores
+    scaled per head). Pre-norm, because conv patch features have no fixed scale."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -99,8 +125,9 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         D = config.pel_width
         self.conv = nn.Conv2d(3, D, config.patch_size, stride=config.patch_size, bias=False)
-        self.local_attn = CrossAttention(D, config.pel_heads)  # a cell reads its own 2x2 sub-patches
-        self.global_attn = CrossAttention(D, config.pel_heads)  # <CLS> reads every valid cell
+        attention = PatchAttention if config.pel_attention == "official" else CrossAttention
+        self.local_attn = attention(D, config.pel_heads)  # a cell reads its own 2x2 sub-patches
+        self.global_attn = attention(D, config.pel_heads)  # <CLS> reads every valid cell
         self.cls = nn.Parameter(torch.randn(1, 1, D) * 0.02)
         self.split = nn.Parameter(torch.randn(D) * 0.02)
         self.projector = nn.Sequential(nn.Linear(D, out_width), nn.GELU(), nn.Linear(out_width, out_width))
@@ -134,45 +161,6 @@ class FuyuPatchEmbedding(nn.Module):
         return layout(self.proj(patches), cell_mask(grid, hp, wp), self.newline)
 
 
-class PatchAligner(nn.Module):
-    """PAL head: hidden states of one cell at L layers (..., L, H) -> (..., Dt), the teacher's space.
-
-    Fusion is attention over the layers, query from the last one, as in EVE: each cell weighs the
-    depths that best match the teacher (shallow layers keep more local detail), which one learned
-    weighted sum for all cells cannot. With L <= ~9 keys a cell it costs next to nothing. The values
-    are the per-layer projections themselves: the output is a convex mix of them."""
-
-    def __init__(self, lm_width: int, teacher_width: int, num_layers: int):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(lm_width) for _ in range(num_layers))
-        self.projs = nn.ModuleList(nn.Linear(lm_width, teacher_width) for _ in range(num_layers))
-        self.q, self.k = nn.Linear(teacher_width, teacher_width), nn.Linear(teacher_width, teacher_width)
-
-    def forward(self, hidden):
-        f = torch.stack(
-            [proj(norm(hidden[..., i, :])) for i, (norm, proj) in enumerate(zip(self.norms, self.projs))], dim=-2
-        )  # (..., L, Dt)
-        scores = self.k(f) @ self.q(f[..., -1, :]).unsqueeze(-1) / math.sqrt(f.shape[-1])  # (..., L, 1)
-        return (scores.softmax(-2) * f).sum(-2)
-
-
-def pal_loss(student, teacher, grid) -> torch.Tensor:
-    """Mean of 1 - cosine over the valid cells of the batch (each cell counts once).
-
-    student (B, hp, wp, Dt): image b's cells are the top-left grid[b] = (h, w); teacher (B, gh, gw, Dt)
-    all valid. Where the grids differ, each axis is brought to the coarser of the two by (adaptive)
-    average pooling: a finer teacher is pooled onto the student's grid, a finer student (EVE-HD)
-    onto the teacher's."""
-    losses = []
-    gh, gw = teacher.shape[1:3]
-    for b, (h, w) in enumerate(grid.tolist()):
-        s, t = student[b, :h, :w].permute(2, 0, 1).float(), teacher[b].permute(2, 0, 1).float()  # (Dt, ., .)
-        size = (min(h, gh), min(w, gw))
-        s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
-        losses.append(1 - F.cosine_similarity(s, t, dim=0).flatten())
-    return torch.cat(losses).mean()
-
-
 # ------------------------------------------------------------------------------------------ model
 class EVE(VLModel):
     model_type = "eve"
@@ -196,8 +184,18 @@ class EVE(VLModel):
         self.pel = (PatchEmbedding if config.kind == "eve" else FuyuPatchEmbedding)(config, width)
         self.teacher = self.pal = None
         if teacher is not None:
+            depth = lm.config.get_text_config().num_hidden_layers
+            if not config.pal_layers or not all(0 <= i <= depth for i in config.pal_layers):
+                raise ValueError(f"pal_layers {config.pal_layers}: indices into the LM's {depth + 1} hidden states")
             self.teacher = freeze(teacher)
-            self.pal = PatchAligner(width, teacher.hidden_size, len(config.pal_layers))
+            if config.pal == "official":
+                self.pal = pal_designs.OfficialAligner(
+                    width, teacher.hidden_size, len(config.pal_layers), config.pal_heads
+                )
+                g = teacher.image_size // teacher.model.config.patch_size
+                self.pal_ratio = pal_designs.grid_ratio(config.max_image_size // config.cell_size, g)
+            else:
+                self.pal = pal_designs.LayerFusionAligner(width, teacher.hidden_size, len(config.pal_layers))
             # the teacher's input = our pixels * scale + shift, where the two normalisations differ
             mean, std = torch.tensor(config.image_mean or [0.5] * 3), torch.tensor(config.image_std or [0.5] * 3)
             t_mean, t_std = (torch.tensor(x) for x in (teacher_stats or (mean, std)))
@@ -212,8 +210,8 @@ class EVE(VLModel):
         config = copy.deepcopy(config)
         config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
         lm = backbones.load_lm(config.lm)
-        if not config.pal_layers:  # Vicuna-7B's 33 hidden states: 4, 8, ..., 32
-            config.pal_layers = list(range(lm.config.num_hidden_layers, 0, -4))[::-1]
+        if not config.pal_layers:
+            config.pal_layers = default_pal_layers(config.pal, lm.config.num_hidden_layers)
         teacher = stats = None
         if config.teacher is not None and load_teacher:
             config.teacher.name_or_path = backbones.resolve_path(config.teacher.name_or_path, root)
@@ -225,6 +223,13 @@ class EVE(VLModel):
         """Load a checkpoint for inference: no teacher, no PAL. load_teacher=True (to go on training)
         loads the teacher from where config.teacher names it and restores the saved PAL."""
         return super().from_pretrained(name_or_path, load_teacher=load_teacher)
+
+    @classmethod
+    def read_config(cls, root: Path) -> EVEConfig:
+        """config.json; one saved before pel_attention / pal existed holds the designs of then."""
+        config = read_model_config(cls.config_class, Path(root) / "config.json", cls.model_type)
+        saved = json.loads((Path(root) / "config.json").read_text())
+        return replace(config, **{k: v for k, v in LEGACY_DESIGNS.items() if k not in saved})
 
     @classmethod
     def load_vlbridge(cls, root: Path, load_teacher: bool = False) -> EVE:
@@ -310,22 +315,26 @@ class EVE(VLModel):
 
     # ------------------------------------------------------------------ PAL
     @torch.no_grad()
-    def teacher_features(self, pixel_values, image_sizes) -> torch.Tensor:
+    def teacher_grid(self, x) -> torch.Tensor:
         """(B, g, g, Dt): the frozen teacher's patch features at its feature layer (CLS and registers
-        dropped). Each image's own region is resized to the teacher's square input, so student cell
-        (r, c) and the same relative place of the teacher's grid see the same pixels."""
-        size, patch = self.teacher.image_size, self.teacher.model.config.patch_size
-        x = torch.cat(
-            [
-                F.interpolate(
-                    pixel_values[b : b + 1, :, :h, :w].float(), size=(size, size), mode="bilinear", antialias=True
-                )
-                for b, (h, w) in enumerate(image_sizes.tolist())
-            ]
-        )
+        dropped) for x (B, 3, S, S) in the student's normalisation."""
         feats = self.teacher(x * self.teacher_scale + self.teacher_shift)  # (B, specials + g*g, Dt)
-        g = size // patch
+        g = self.teacher.image_size // self.teacher.model.config.patch_size
         return feats[:, -g * g :].unflatten(1, (g, g))
+
+    def alignment_loss(self, hidden_states, slots, image: ImageTokens, pixel_values) -> torch.Tensor:
+        """The PAL loss of config.pal (models/eve/pal.py) for the LM's hidden_states."""
+        hidden = self.student_grid(hidden_states, slots, image)  # (B, hp, wp, L, H)
+        hidden = hidden.to(next(self.pal.parameters()).dtype)
+        if self.config.pal == "official":
+            r, m = self.pal_ratio
+            patch = self.teacher.model.config.patch_size
+            g = self.teacher.image_size // patch
+            x, boxes = pal_designs.teacher_canvas(pixel_values, image.grid, self.config.cell_size, patch, g, r, m)
+            return pal_designs.official_pal_loss(self.pal, hidden, image.grid, self.teacher_grid(x), boxes, r, m)
+        sizes = image.grid * self.config.cell_size
+        target = self.teacher_grid(pal_designs.stretched_teacher_input(pixel_values, sizes, self.teacher.image_size))
+        return pal_designs.pal_loss(self.pal(hidden), target, image.grid)
 
     def student_grid(self, hidden_states, slots, image: ImageTokens) -> torch.Tensor:
         """(B, hp, wp, L, H): the pal_layers' hidden states at the cells (CLS and SPL dropped), on
@@ -353,10 +362,7 @@ class EVE(VLModel):
         if labels is not None:
             loss = loss_ce = next_token_loss(out.logits, labels)
         if align:
-            hidden = self.student_grid(out.hidden_states, slots, image)  # (B, hp, wp, L, H)
-            student = self.pal(hidden.to(next(self.pal.parameters()).dtype))  # (B, hp, wp, Dt)
-            target = self.teacher_features(pixel_values, image.grid * self.config.cell_size)
-            loss_pal = pal_loss(student, target, image.grid)
+            loss_pal = self.alignment_loss(out.hidden_states, slots, image, pixel_values)
             loss = self.config.pal_weight * loss_pal + (0 if loss is None else loss)
         return EVEOutput(loss, out.logits, loss_ce, loss_pal)
 
@@ -369,6 +375,16 @@ class EVE(VLModel):
             generate_kwargs["max_new_tokens"] = 30
         self.check_context(embeds.shape[1], generate_kwargs)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
+# saved configs without these keys were written when these were the only designs
+LEGACY_DESIGNS = {"pel_attention": "mha", "pal": "vlbridge"}
+
+
+def default_pal_layers(pal: str, num_layers: int) -> list[int]:
+    """Every 4th hidden state counting back from the last, ascending (the query layer last). Official
+    (EVE's VisionCompressor): 0, 4, ..., 32 for 32 layers, the embedding output included; vlbridge: 4, ..., 32."""
+    return list(range(num_layers, -1 if pal == "official" else 0, -4))[::-1]
 
 
 def create_eve(config: EVEConfig, root: str | Path | None = None) -> tuple[EVE, EVEProcessor]:
