@@ -188,7 +188,7 @@ def same_recipe(saved: dict, identity: dict, want: str) -> bool:
     """Whether a checkpoint's (final/'s, recipe.json's) recipe is this one: the same identity hash, or a
     recipe stored before fields were added to vlbridge's configs that differs only by them, at their
     defaults (logged)."""
-    if saved.get("recipe_hash") == want:
+    if saved.get("recipe_hash") == want or saved.get("recipe") == identity:  # recipe.json: no hash stored
         return True
     added = added_fields(saved["recipe"], identity) if isinstance(saved.get("recipe"), dict) else None
     if added:
