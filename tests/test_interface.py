@@ -17,23 +17,27 @@ from vlbridge import (
     EVEConfig,
     Flamingo,
     FlamingoConfig,
+    Llava,
+    LlavaConfig,
     LMConfig,
     VisionConfig,
     create_eve,
     create_flamingo,
+    create_llava,
 )
 from vlbridge.cli import main
 from vlbridge.core.base import VLModel
 from vlbridge.evaluation.generation import answer, caption
 from vlbridge.testing import randomize_
 
-DESIGNS = ("blip2", "blip2_stage1", "flamingo", "eve")
-CLASSES = {"blip2": Blip2, "blip2_stage1": Blip2, "flamingo": Flamingo, "eve": EVE}
+DESIGNS = ("blip2", "blip2_stage1", "flamingo", "eve", "llava")
+CLASSES = {"blip2": Blip2, "blip2_stage1": Blip2, "flamingo": Flamingo, "eve": EVE, "llava": Llava}
 TASKS = {
     "blip2": {"caption", "vqa"},
     "blip2_stage1": {"retrieval"},
     "flamingo": {"caption", "vqa", "in_context"},
     "eve": {"caption", "vqa"},
+    "llava": {"caption", "vqa"},
 }
 
 
@@ -59,8 +63,10 @@ def _create(design, tiny_configs, build):
                 xattn_dim_head=8,
             )
         )
-    else:
+    elif design == "eve":
         model, processor = create_eve(EVEConfig(lm=lm, patch_size=4, pel_width=16, pel_heads=2, max_image_size=32))
+    else:
+        model, processor = create_llava(LlavaConfig(vision=VisionConfig(tiny_configs[None].vision.name_or_path), lm=lm))
     randomize_(model, seed=1)  # open the gates / move the patch embedding off its init: outputs depend on the image
     return model.eval(), processor
 
@@ -95,7 +101,7 @@ def test_load_any_design(saved, design):
         model.freeze_for_stage(9)
 
 
-@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve"])
+@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve", "llava"])
 def test_caption_and_answer_through_one_interface(saved, design):
     dirs, root = saved
     model, processor = vlbridge.load(dirs[design], device="cpu")
@@ -129,8 +135,8 @@ def test_a_model_type_mismatch_is_refused(saved, tmp_path):
         Blip2.from_pretrained(dirs["eve"])
     with pytest.raises(ValueError, match="no config.json"):
         vlbridge.load(tmp_path)
-    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
-    with pytest.raises(ValueError, match="'llava' is not one vlbridge loads"):
+    (tmp_path / "config.json").write_text('{"model_type": "paligemma"}')
+    with pytest.raises(ValueError, match="'paligemma' is not one vlbridge loads"):
         vlbridge.load(tmp_path)
 
 
@@ -169,7 +175,7 @@ def _cli(capsys, *argv) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve"])
+@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve", "llava"])
 def test_cli_caption_and_ask_every_design(saved, design, capsys):
     dirs, root = saved
     rows = _cli(capsys, "caption", dirs[design], root / "0.png", root / "1.png", "--device", "cpu")
@@ -260,7 +266,7 @@ def test_cli_bad_input_is_one_line(saved, capsys, argv, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve"])
+@pytest.mark.parametrize("design", ["blip2", "flamingo", "eve", "llava"])
 def test_cuda_generation_matches_cpu(saved, design):
     """Where CUDA exists: device="auto" takes it, inputs follow the model, greedy ids match the CPU's."""
     dirs, root = saved

@@ -20,6 +20,7 @@ from vlbridge.models.blip2 import (
 )
 from vlbridge.models.eve import EVE, EVEConfig, EVEOutput, EVEProcessor, create_eve
 from vlbridge.models.flamingo import Flamingo, FlamingoConfig, FlamingoOutput, FlamingoProcessor, create_flamingo
+from vlbridge.models.llava import Llava, LlavaConfig, LlavaOutput, LlavaProcessor, create_llava
 
 __all__ = [
     "Blip2",
@@ -38,6 +39,10 @@ __all__ = [
     "FlamingoProcessor",
     "ImageError",
     "LMConfig",
+    "Llava",
+    "LlavaConfig",
+    "LlavaOutput",
+    "LlavaProcessor",
     "QFormerConfig",
     "RetrievalScores",
     "VLModel",
@@ -45,6 +50,7 @@ __all__ = [
     "create_blip2",
     "create_eve",
     "create_flamingo",
+    "create_llava",
     "load",
     "load_image",
 ]

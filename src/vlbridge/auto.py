@@ -1,9 +1,10 @@
 """`vlbridge.load`: any saved vlbridge model and its processor, whatever the design.
 
-The design is read from `model_type` in config.json ("blip2", "flamingo", "eve"); a foreign layout a
-converter registered (transformers' BLIP-2: model_type "blip-2"; LAVIS' .pth files, which have no
-config.json) loads through that design's class. Directories written before config.json carried a
-model_type are told apart by their config's keys.
+The design is read from `model_type` in config.json ("blip2", "flamingo", "eve", "llava"); a foreign
+layout a converter registered (transformers' BLIP-2: model_type "blip-2"; LAVIS' .pth files, which have
+no config.json) loads through that design's class. transformers' LLaVA also says model_type "llava": its
+converter recognises it by its config's keys (text_config, vision_config), and is asked before the name
+decides. Directories written before config.json carried a model_type are told apart by their config's keys.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from vlbridge.core.base import VLModel
 from vlbridge.models.blip2 import Blip2
 from vlbridge.models.eve import EVE
 from vlbridge.models.flamingo import Flamingo
+from vlbridge.models.llava import Llava
 
-MODEL_TYPES: dict[str, type[VLModel]] = {cls.model_type: cls for cls in (Blip2, Flamingo, EVE)}
+MODEL_TYPES: dict[str, type[VLModel]] = {cls.model_type: cls for cls in (Blip2, Flamingo, EVE, Llava)}
 # config keys that only one design has: how directories saved without model_type are recognised
 _LEGACY_KEYS = {"perceiver_depth": Flamingo, "pel_width": EVE, "qformer": Blip2}
 
@@ -39,8 +41,8 @@ def model_class(name_or_path: str | Path) -> type[VLModel]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type in MODEL_TYPES:
-        return MODEL_TYPES[model_type]
+    if model_type in MODEL_TYPES and MODEL_TYPES[model_type].foreign_format(root) is None:
+        return MODEL_TYPES[model_type]  # vlbridge's own (transformers' LLaVA shares the name "llava")
     for cls in MODEL_TYPES.values():
         if cls.foreign_format(root) is not None:
             return cls

@@ -18,13 +18,15 @@ from vlbridge.data.interleaved import DocumentStream, make_source
 from vlbridge.models.blip2 import Blip2, Blip2Processor, create_blip2, init_qformer_from_bert
 from vlbridge.models.eve import EVE, EVEProcessor, create_eve
 from vlbridge.models.flamingo import Flamingo, FlamingoProcessor, create_flamingo
+from vlbridge.models.llava import Llava, LlavaProcessor, create_llava
 from vlbridge.training.recipe import TrainConfig
 
 log = logging.getLogger("vlbridge.training.train")
 
 
 def build_model(cfg: TrainConfig):
-    model, processor = {"blip2": build_blip2, "flamingo": build_flamingo, "eve": build_eve}[cfg.model_kind](cfg)
+    builders = {"blip2": build_blip2, "flamingo": build_flamingo, "eve": build_eve, "llava": build_llava}
+    model, processor = builders[cfg.model_kind](cfg)
     attach_lora(model, cfg)
     return model, processor
 
@@ -188,6 +190,18 @@ def build_eve(cfg: TrainConfig) -> tuple[EVE, EVEProcessor]:
     return model, processor
 
 
+def build_llava(cfg: TrainConfig) -> tuple[Llava, LlavaProcessor]:
+    """Stage 1 from the recipe (a fresh projector); stage 2 from stage 1's model (init_from), its projector
+    trained, the prompts from the recipe's `llava` when it has one (fresh from the recipe without init_from)."""
+    if not cfg.init_from:
+        return create_llava(cfg.llava)
+    model, processor = Llava.from_pretrained(cfg.init_from), LlavaProcessor.from_pretrained(cfg.init_from)
+    if cfg.llava is not None:
+        for name in ("caption_prompt", "vqa_prompt"):
+            setattr(model.config, name, getattr(cfg.llava, name))
+    return model, processor
+
+
 def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tuple[float, object]]:
     """{dataset name: (loss weight, stream with .batch(step, micro))}. BLIP-2: one unnamed stream of
     this rank's slices."""
@@ -225,9 +239,9 @@ def build_streams(cfg: TrainConfig, model, processor, out: Path) -> dict[str, tu
         }
     pool = make_pool(cfg.data)
     cache = None
-    if cfg.model_kind == "eve":
+    if cfg.model_kind in ("eve", "llava"):  # image + prompt -> target through the processor
         if cfg.cache_features:
-            raise ValueError("cache_features: EVE has no frozen encoder in front of the LM to cache")
+            raise ValueError(f"cache_features is for BLIP-2 recipes only, not {cfg.model_kind}")
         return {
             "": (
                 1.0,

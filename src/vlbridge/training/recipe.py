@@ -21,8 +21,10 @@ from vlbridge.data.interleaved import DocumentData
 from vlbridge.models.blip2 import Blip2, Blip2Config
 from vlbridge.models.eve import EVE, EVEConfig
 from vlbridge.models.flamingo import Flamingo, FlamingoConfig
+from vlbridge.models.llava import Llava, LlavaConfig
 
 ASSETS = Path(__file__).parents[1] / "assets"
+KINDS = {"blip2": Blip2, "flamingo": Flamingo, "eve": EVE, "llava": Llava}  # TrainConfig.model_kind
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
@@ -50,15 +52,21 @@ class LossWeights:
 
 @dataclass
 class TrainConfig:
-    model_kind: str = "blip2"  # "blip2" (model, data, stage), "flamingo" (flamingo, datasets), "eve" (eve, data, stage)
+    # "blip2" (model, data, stage), "flamingo" (flamingo, datasets), "eve" (eve, data, stage), "llava" (llava,
+    # data, stage)
+    model_kind: str = "blip2"
     # BLIP-2: 1 (ITC+ITM+ITG) or 2 (LM loss through the frozen LLM). EVE: 1 (pre-align: patch embedding,
     # projector and PAL train, LM frozen), 2 (generative pre-training: all but the teacher), 3 (SFT).
+    # LLaVA: 1 (feature alignment: the projector), 2 (instruction tuning: projector + LM, or + `lora`).
     stage: int = 1
     model: Blip2Config = field(default_factory=Blip2Config)
     flamingo: FlamingoConfig | None = None
     # EVE. With init_from the checkpoint's architecture is kept and only pal_weight and the prompts are
     # taken from here (they change between stages).
     eve: EVEConfig | None = None
+    # LLaVA. With init_from (stage 2 from stage 1's final model) the checkpoint's architecture is kept and
+    # only the prompts are taken from here.
+    llava: LlavaConfig | None = None
     init_from: str = ""  # a checkpoint to start from (a later stage starts from the previous one's)
     # BLIP-2 stage 1 without init_from: a BERT checkpoint (hub id or directory) the fresh Q-Former's text
     # path starts from, as the paper's starts from bert-base-uncased (hf_blip2.init_qformer_from_bert)
@@ -119,8 +127,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_ranges()
-        if self.model_kind not in ("blip2", "flamingo", "eve"):
-            raise ValueError(f"model_kind {self.model_kind!r}: expected 'blip2', 'flamingo' or 'eve'")
+        if self.model_kind not in KINDS:
+            raise ValueError(f"model_kind {self.model_kind!r}: expected one of {list(KINDS)}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel {self.parallel!r}: expected 'ddp' or 'fsdp'")
         if self.qformer_init and (self.model_kind != "blip2" or self.stage != 1 or self.init_from):
@@ -130,6 +138,8 @@ class TrainConfig:
             )
         if self.model_kind == "eve" and (self.stage not in (1, 2, 3) or (self.eve is None and not self.init_from)):
             raise ValueError("an eve recipe needs stage 1, 2 or 3 and `eve` (an EVEConfig) or init_from")
+        if self.model_kind == "llava" and self.llava is None and not self.init_from:
+            raise ValueError("a llava recipe needs `llava` (a LlavaConfig) or init_from")
         if not all(math.isfinite(x) and x >= 0 for x in astuple(self.loss_weights)):
             raise ValueError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
         if self.loss_weights != LossWeights() and (self.model_kind != "blip2" or self.stage != 1):
@@ -142,7 +152,7 @@ class TrainConfig:
             raise ValueError("a flamingo recipe needs `flamingo` (a FlamingoConfig) and `datasets`")
         if len({d.name for d in self.datasets}) != len(self.datasets):
             raise ValueError(f"dataset names must be unique: {[d.name for d in self.datasets]}")
-        kind = {"blip2": Blip2, "flamingo": Flamingo, "eve": EVE}[self.model_kind]
+        kind = KINDS[self.model_kind]
         if self.stage not in kind.stages:
             raise ConfigError(
                 f"TrainConfig.stage: a {self.model_kind} model trains in stages {list(kind.stages)}, got {self.stage}"
@@ -157,17 +167,24 @@ class TrainConfig:
     def _check_lm_adaptation(self):
         """LoRA needs an LM; it is set at the top level only (the LM's config records it once applied); a
         quantised LM cannot itself train (EVE stages 2 and 3 train the LM unless LoRA stands in)."""
-        section = {"blip2": "model", "flamingo": "flamingo", "eve": "eve"}[self.model_kind]
+        section = "model" if self.model_kind == "blip2" else self.model_kind
         design = getattr(self, section)
         lm = design.lm if design is not None else None
         if lm is not None and lm.lora is not None:
             raise ConfigError(f"TrainConfig.{section}.lm.lora: set LoRA in the recipe's top-level `lora`")
         if self.lora is not None and self.model_kind == "blip2" and (self.stage == 1 or lm is None):
             raise ConfigError("TrainConfig.lora: LoRA adapts the LM, which a BLIP-2 recipe has in stage 2 (model.lm)")
-        if lm is not None and lm.quantization and self.model_kind == "eve" and self.stage >= 2 and self.lora is None:
+        if self.lora is not None and self.model_kind == "llava" and self.stage == 1:
             raise ConfigError(
-                f"TrainConfig.eve.lm.quantization: EVE stage {self.stage} trains the LM, which a quantised LM "
-                "cannot do: add `lora` (adapters train in its place) or load it unquantised"
+                "TrainConfig.lora: LLaVA stage 1 trains the projector alone (feature alignment); "
+                "LoRA belongs to stage 2"
+            )
+        trains_lm = (self.model_kind == "eve" and self.stage >= 2) or (self.model_kind == "llava" and self.stage == 2)
+        if lm is not None and lm.quantization and trains_lm and self.lora is None:
+            design = {"eve": "EVE", "llava": "LLaVA"}[self.model_kind]
+            raise ConfigError(
+                f"TrainConfig.{section}.lm.quantization: {design} stage {self.stage} trains the LM, which a "
+                "quantised LM cannot do: add `lora` (adapters train in its place) or load it unquantised"
             )
 
     def _check_ranges(self):
@@ -246,7 +263,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     cfg = from_dict(TrainConfig, data)
     flamingo = (cfg.flamingo.vision, cfg.flamingo.lm) if cfg.flamingo is not None else ()
     eve = (cfg.eve.lm, cfg.eve.teacher) if cfg.eve is not None else ()
-    for c in (cfg.model.vision, cfg.model.lm, *flamingo, *eve):
+    llava = (cfg.llava.vision, cfg.llava.lm) if cfg.llava is not None else ()
+    for c in (cfg.model.vision, cfg.model.lm, *flamingo, *eve, *llava):
         if c is not None:
             c.name_or_path = expand(c.name_or_path)
     cfg.model.qformer_tokenizer = expand(cfg.model.qformer_tokenizer)
