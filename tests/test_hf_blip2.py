@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from vlbridge import Blip2, Blip2Processor, QFormerConfig
 from vlbridge.models.blip2.convert_bert import init_qformer_from_bert
 from vlbridge.models.blip2.qformer import QFormer
-from vlbridge.testing import randomize_, word_tokenizer
+from vlbridge.testing import randomize_, tiny_lm_config, word_tokenizer
 
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many"]
 TEXTS = ["a red circle", "two blue squares above a small triangle", "a green triangle"]
@@ -51,33 +51,6 @@ def _qformer_config(text_input=False, freq=2, vocab=64):
     )
 
 
-def _text_config(kind, vocab):
-    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    if kind == "opt":
-        return tf.OPTConfig(
-            vocab_size=vocab,
-            hidden_size=48,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=48,
-            **ids,
-        )
-    # like Flan-T5: no d_model**-0.5 output rescaling, which would leave a random T5 on near-ties
-    return tf.T5Config(
-        vocab_size=vocab,
-        d_model=48,
-        d_kv=12,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        tie_word_embeddings=False,
-        **ids,
-    )
-
-
 def _save_processor(path, tokenizer, num_query_tokens):
     image_processor = tf.BlipImageProcessor(size={"height": 32, "width": 32})
     tf.Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens).save_pretrained(path)
@@ -90,7 +63,7 @@ def make_generation_checkpoint(path, kind, image_token, Q, freq, seed=0):
     cfg = tf.Blip2Config(
         vision_config=_vision_config().to_dict(),
         qformer_config=_qformer_config(freq=freq).to_dict(),
-        text_config=_text_config(kind, len(tok) + 1).to_dict(),
+        text_config=tiny_lm_config(kind, len(tok) + 1).to_dict(),
         num_query_tokens=Q,
         image_token_index=image_id if image_token else None,
     )

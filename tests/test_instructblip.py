@@ -22,7 +22,7 @@ from torch import nn
 import vlbridge
 from vlbridge import Blip2, Blip2Processor, VisionConfig, create_blip2
 from vlbridge.models.blip2 import convert_instructblip  # noqa: F401  registers the layout
-from vlbridge.testing import randomize_, word_tokenizer
+from vlbridge.testing import randomize_, tiny_lm_config, word_tokenizer
 
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many"]
 OTHER = ["is there a square ?", "what shape is left of the red circle ?", "a photo of two"]
@@ -36,44 +36,6 @@ def _qformer_tokenizer():
     tok.truncation_side = tok.init_kwargs["truncation_side"] = "left"  # init_kwargs: saved with it
     tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok
-
-
-def _text_config(kind, vocab):
-    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    if kind == "opt":
-        return tf.OPTConfig(
-            vocab_size=vocab,
-            hidden_size=48,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=48,
-            **ids,
-        )
-    if kind == "llama":  # Vicuna's architecture
-        return tf.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **ids,
-        )
-    # untied head, like Flan-T5: a random T5 with the tied head's rescaling sits on near-ties when decoding
-    return tf.T5Config(
-        vocab_size=vocab,
-        d_model=48,
-        d_kv=12,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        tie_word_embeddings=False,
-        **ids,
-    )
 
 
 def make_checkpoint(path, kind="opt", image_token=True, Q=4, freq=1, seed=0):
@@ -97,7 +59,7 @@ def make_checkpoint(path, kind="opt", image_token=True, Q=4, freq=1, seed=0):
             cross_attention_frequency=freq,
             max_position_embeddings=64,
         ).to_dict(),
-        text_config=_text_config(kind, len(tok) + 1).to_dict(),  # + <image>, which the processor appends
+        text_config=tiny_lm_config(kind, len(tok) + 1).to_dict(),  # + <image>, which the processor appends
         num_query_tokens=Q,
         image_token_index=len(tok) if image_token else None,
     )

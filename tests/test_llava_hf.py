@@ -19,7 +19,7 @@ import vlbridge
 from vlbridge import LlavaConfig, LMConfig, VisionConfig, create_llava
 from vlbridge.models.llava import Llava, LlavaProcessor
 from vlbridge.models.llava.convert_transformers import is_transformers_llava
-from vlbridge.testing import randomize_, word_tokenizer
+from vlbridge.testing import randomize_, tiny_lm_config, word_tokenizer
 
 TOL = 1e-4
 PROMPTS = [
@@ -42,14 +42,9 @@ def make_reference(path, strategy="default", feature_layer=-2, seed=0, tie=False
             image_size=32,
             patch_size=8,
         ).to_dict(),
-        text_config=tf.LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
+        text_config=tiny_lm_config(
+            "llama",
+            len(tok),
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

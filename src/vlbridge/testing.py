@@ -47,6 +47,28 @@ def word_tokenizer(kind: str = "lm"):
     )
 
 
+def tiny_lm_config(kind: str, vocab: int, **overrides):
+    """A tiny transformers LM config, 48 wide with 2 layers, for reference models in parity tests: "opt",
+    "llama" (Vicuna's architecture: grouped KV heads) or "t5" (untied head like Flan-T5: a random T5 with
+    the tied head's d_model**-0.5 rescaling sits on near-ties when decoding). Token ids pad 0, bos 2, eos 3
+    unless overridden."""
+    import transformers as tf
+
+    args = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if kind == "opt":
+        args.update(hidden_size=48, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4)
+        args.update(max_position_embeddings=128, word_embed_proj_dim=48)
+        return tf.OPTConfig(**{**args, **overrides})
+    if kind == "llama":
+        args.update(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        args.update(num_key_value_heads=2, max_position_embeddings=128)
+        return tf.LlamaConfig(**{**args, **overrides})
+    if kind == "t5":
+        args.update(d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        return tf.T5Config(**{**args, "tie_word_embeddings": False, **overrides})
+    raise ValueError(f"unknown LM kind {kind!r}: opt, llama or t5")
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Re-draw every tensor at a scale where a wrong mapping shows in the outputs: matrices
     N(0, 1/fan_in), norm weights 1 +/- 0.2, vectors N(0, 0.2)."""

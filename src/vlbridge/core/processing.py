@@ -41,6 +41,19 @@ def setup_tokenizer(tokenizer, padding_side: str):
     return tokenizer
 
 
+def add_image_token(tokenizer, token: str, expected_id: int | None = None) -> int:
+    """The id of the image placeholder `token`, added to the tokenizer as a special token (never split,
+    dropped in decoding) if it is not there yet. Its id may lie past the LM's vocabulary: a model that
+    writes its image tokens at that id never embeds it, so the LM's tables stay as they are. expected_id
+    (a saved config's): an error if the tokenizer gives another."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if expected_id not in (None, token_id):
+        raise ValueError(f"the tokenizer gives {token!r} id {token_id}, the config {expected_id}")
+    return token_id
+
+
 class VLProcessor(Formats):
     """The base of every design's processor: images + text -> the model's inputs, ids -> text."""
 

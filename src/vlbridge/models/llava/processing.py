@@ -9,7 +9,7 @@ import torch
 from vlbridge.core.backbones import resolve_path
 from vlbridge.core.base import read_model_config
 from vlbridge.core.images import load_image
-from vlbridge.core.processing import VLProcessor, pad, setup_tokenizer
+from vlbridge.core.processing import VLProcessor, add_image_token, pad, setup_tokenizer
 from vlbridge.models.llava.configuration import LlavaConfig
 
 
@@ -24,16 +24,7 @@ class LlavaProcessor(VLProcessor):
     def __init__(self, image_processor, tokenizer, config: LlavaConfig):
         self.image_processor, self.tokenizer, self.config = image_processor, tokenizer, config
         setup_tokenizer(tokenizer, "left")  # a left-padded batch generates like its rows one by one
-        # a special token: never split, dropped in decoding. Its id may lie past the LM's vocabulary: the
-        # model never looks it up, so the LM's tables stay as they are
-        if config.image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
-        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        if config.image_token_id not in (None, self.image_token_id):
-            raise ValueError(
-                f"the tokenizer gives {config.image_token!r} id {self.image_token_id}, the config "
-                f"{config.image_token_id}"
-            )
+        self.image_token_id = add_image_token(tokenizer, config.image_token, config.image_token_id)
 
     @classmethod
     def from_config(cls, config: LlavaConfig, root: str | Path | None = None) -> LlavaProcessor:
