@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench --out bench-output
 	$(BIN)/python -m benchmarks.bench_transformers --out bench-output
 	$(BIN)/python -m benchmarks.bench_memory --out bench-output
+	$(BIN)/python -m benchmarks.bench_serving --out bench-output
 
 # The BLIP-2 that `make demo` trains, behind OpenAI's chat completions API (docs/serving.md).
 SERVE_MODEL ?= demo-output/stage2/final

@@ -128,11 +128,14 @@ def test_greedy_answers_equal_the_library(servers, design):
         messages=[{"role": "system", "content": "be brief"}, *user("hi"), *user("how many?", image)],
         temperature=0,
         max_tokens=3,
-    )  # earlier turns are dropped: the last user message is the request
-    assert (
-        r.choices[0].message.content
-        == answer(model, processor, [image], ["how many?"], num_beams=1, max_new_tokens=3)[0]
     )
+    if design == "flamingo":  # the earlier turn stays in its context, a chunk of its own; no system prompt
+        vqa = model.config.vqa_prompt
+        prompt = vqa.format("hi") + "<|endofchunk|><image>" + vqa.format("how many?")
+        expected = generate_texts(model, processor, [[image]], [prompt], dict(num_beams=1, max_new_tokens=3), 1)
+    else:  # one image: the last user message is the question, earlier turns are not read
+        expected = answer(model, processor, [image], ["how many?"], num_beams=1, max_new_tokens=3)
+    assert r.choices[0].message.content == expected[0]
 
 
 @pytest.mark.parametrize("design", DESIGNS)
@@ -186,6 +189,90 @@ def test_flamingo_interleaved_images(servers):
     prompt = "<image>a red square.<image>" + model.config.vqa_prompt.format("what color?")
     expected = generate_texts(model, processor, [[red, blue]], [prompt], dict(num_beams=1, max_new_tokens=4), 1)
     assert r.choices[0].message.content == expected[0]
+
+
+def test_flamingo_conversation(servers):
+    """Earlier user/assistant turns are few-shot examples: the same answer as the library's `answer` with
+    examples; a text-only follow-up asks about the latest image."""
+    base, _, model, processor = servers["flamingo"]
+    c = client(base)
+    red, blue, green = png("red"), png("blue"), png("green")
+    messages = [
+        {"role": "system", "content": "answer in one word"},
+        *user(red, "what color?"),
+        {"role": "assistant", "content": "red"},
+        *user("what color?", blue),
+        {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+        *user(green, "what color?"),
+    ]
+    r = c.chat.completions.create(model="flamingo", messages=messages, temperature=0, max_tokens=4)
+    shots = [(red, "what color?", "red"), (blue, "what color?", "blue")]
+    expected = answer(model, processor, [green], ["what color?"], examples=shots, num_beams=1, max_new_tokens=4)
+    assert r.choices[0].message.content == expected[0]
+    vqa = model.config.vqa_prompt.format("what color?")
+    three = processor.prompt_inputs([green], [vqa], examples=[(im, vqa, a) for im, _, a in shots])
+    assert r.usage.prompt_tokens == int(three["attention_mask"].sum())  # the whole context was read
+
+    follow_up = [*user(red, "what color?"), {"role": "assistant", "content": "red"}, *user("which shape?")]
+    r = c.chat.completions.create(model="flamingo", messages=follow_up, temperature=0, max_tokens=4)
+    prompt = f"<image>{vqa} red<|endofchunk|>{model.config.vqa_prompt.format('which shape?')}"
+    expected = generate_texts(model, processor, [[red]], [prompt], dict(num_beams=1, max_new_tokens=4), 1)
+    assert r.choices[0].message.content == expected[0]
+
+
+def test_flamingo_conversations_batched_equal_alone(servers):
+    """Two conversations of different lengths with as many images share one generate call (left-padded)
+    and answer as each alone."""
+    from vlbridge.serving.schemas import ChatRequest
+
+    engine = servers["flamingo"][1].state.engine
+    red, blue, green = png("red"), png("blue"), png("green")
+    conversations = [
+        [*user(red, "what color?"), {"role": "assistant", "content": "red"}, *user(blue, "and this one?")],
+        [*user("a picture.", green, "a green one."), *user(red), {"role": "assistant", "content": "a"}, *user("why?")],
+    ]
+    jobs = [engine.job(ChatRequest(model="flamingo", messages=m, temperature=0, max_tokens=5)) for m in conversations]
+    assert jobs[0].key == jobs[1].key  # the same settings and image count: one batch
+    together = engine.executor.submit(engine.run, jobs).result()
+    alone = [engine.executor.submit(engine.run, [j]).result()[0] for j in jobs]
+    assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+    assert [r.prompt_tokens for r in together] == [r.prompt_tokens for r in alone]
+    assert together[0].prompt_tokens != together[1].prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        (user(*[png("red")] * 17, "what?"), "at most 16 (--max-images)"),
+        (user(png("red"), "what is <image> here?"), "<image>"),
+        (
+            [
+                *user(png("red")),
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+                *user("hi"),
+            ],
+            "only user messages",
+        ),
+        ([*user(png("red")), *user("")], "empty"),
+    ],
+    ids=["too many images", "image token in text", "assistant image", "empty turn"],
+)
+def test_flamingo_bad_conversations(servers, messages, message):
+    base = servers["flamingo"][0]
+    r = _post(base, {"model": "flamingo", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def test_one_image_models_read_it_from_an_earlier_turn(servers):
+    base, _, model, processor = servers["eve"]
+    image = png("yellow")
+    messages = [*user(image, "a first question"), {"role": "assistant", "content": "red"}, *user("what color?")]
+    r = client(base).chat.completions.create(model="eve", messages=messages, temperature=0, max_tokens=3)
+    assert (
+        r.choices[0].message.content
+        == answer(model, processor, [image], ["what color?"], num_beams=1, max_new_tokens=3)[0]
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
@@ -251,6 +338,11 @@ BAD = {
     "remote url": (_one_part("https://example.com/a.png"), 400),
     "no image": ({"model": "blip2", "messages": [{"role": "user", "content": "what color?"}]}, 400),
     "two images": ({"model": "blip2", "messages": user(png("red"), png("blue"), "which?")}, 400),
+    "two images in two turns": ({"model": "blip2", "messages": [*user(png("red"), "a"), *user(png("blue"), "b")]}, 400),
+    "ends with the assistant": (
+        {"model": "blip2", "messages": [*user(png("red")), {"role": "assistant", "content": "red"}]},
+        400,
+    ),
     "prompt too long": ({"model": "blip2", "messages": user(png("red"), "why " * 200), "max_tokens": 4}, 400),
     "too long, streamed": ({"model": "blip2", "messages": user(png("red"), "why " * 200), "stream": True}, 400),
     "body too large": (b"x" * (1_100_000), 413),
@@ -268,7 +360,8 @@ def test_bad_requests(servers, case):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if case == "prompt too long":
         assert "positions" in error["message"]  # the LM's limit is named
-    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    health = httpx.get(f"{base}/health").json()
+    assert health["status"] == "ok" and health["pending"] == 0  # a refused request holds no place
 
 
 def test_bad_request_through_the_client(servers):
@@ -317,7 +410,7 @@ def test_a_bad_request_in_a_batch_fails_alone(servers):
 def test_engine_on_other_lms(build, lm):
     """The engine without HTTP, on BLIP-2 with each kind of LM (T5: encoder-decoder): the library's greedy
     answers, streamed text equal to the full text, prompt tokens = queries + prompt ids."""
-    from vlbridge.serving.engine import Engine
+    from vlbridge.serving.engine import Engine, RowStreamer
     from vlbridge.serving.schemas import ChatRequest
 
     model, processor = build(lm, randomize=True)
@@ -333,5 +426,9 @@ def test_engine_on_other_lms(build, lm):
     )
     batch = processor.prompt_inputs([image], [model.config.vqa_prompt.format("what color?")])
     assert result.prompt_tokens == int(batch["attention_mask"].sum()) + model.config.qformer.num_query_tokens
-    pieces, future, _ = engine.stream(job)
-    assert "".join(pieces).strip() == result.choices[0].text and future.result().prompt_tokens == result.prompt_tokens
+    pieces = []
+    job.sink = RowStreamer(engine.tokenizer, pieces.append)  # streamed: the same text, piece by piece
+    (streamed,) = engine.run([job])
+    assert pieces[-1] is None and None not in pieces[:-1]
+    assert "".join(pieces[:-1]).strip() == result.choices[0].text == streamed.choices[0].text
+    assert streamed.prompt_tokens == result.prompt_tokens

@@ -285,3 +285,8 @@ def test_cli_parses_the_new_serve_flags():
     assert (args.max_queue, args.api_key, args.allow_remote_images, args.allow_path) == (4, "k", True, ["a", "b"])
     args = build_parser().parse_args(["serve", "m"])
     assert (args.max_queue, args.api_key, args.allow_remote_images, args.allow_path) == (None, None, False, None)
+    assert (args.max_images, args.index, args.index_cache) == (16, None, None)
+    args = build_parser().parse_args(["serve", "m", "--max-images", "4", "--index", "d", "--index-cache", "c"])
+    assert (args.max_images, args.index, args.index_cache) == (4, "d", "c")
+    with pytest.raises(SystemExit):  # at least one image
+        build_parser().parse_args(["serve", "m", "--max-images", "0"])

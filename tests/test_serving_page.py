@@ -1,6 +1,7 @@
 """The web page at `/` of `vlbridge serve`, driven in a real headless Chromium (Selenium and the system
 chromedriver): pick a rendered ShapesWorld scene, ask, and the streamed answer in the page equals the
-server's plain answer to the same request; a request the server refuses shows its error message."""
+server's plain answer to the same request; a request the server refuses shows its error message; on a
+server with --index, the search box shows the images /v1/retrieve ranks first."""
 
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def test_page_streams_the_api_answer(server, browser, tmp_path):
     expected = r.json()["choices"][0]["message"]["content"]
     assert expected and shown == expected.strip()  # the DOM's text: innerText, trimmed by Selenium
     assert not browser.find_element(By.ID, "error").is_displayed()
+    assert not browser.find_element(By.ID, "search").is_displayed()  # no --index: no search box
     browser.save_screenshot(str(tmp_path / "page-1000px.png"))
 
     browser.set_window_size(420, 900)  # a narrow window: one column, nothing cut off
@@ -163,3 +165,50 @@ def test_page_with_an_api_key(serve, browser, tmp_path):
     shapesworld.render(shapesworld.make_split("test", 1)[0]).save(path)
     assert _ask(browser, base, path, QUESTION, max_tokens=3, load=False) == "done", error.text
     assert browser.find_element(By.ID, "answer").text
+
+
+@pytest.fixture(scope="module")
+def indexed(tiny_configs, build, tmp_path_factory):
+    """The base URL of a tiny stage-1 BLIP-2 (retrieval heads) serving a folder of ShapesWorld scenes."""
+    root = tmp_path_factory.mktemp("page_index")
+    model, processor = _create("blip2_stage1", tiny_configs, build)
+    model.save_pretrained(root / "model", processor=processor)
+    (root / "scenes").mkdir()
+    for i, scene in enumerate(shapesworld.make_split("test", 6)):
+        shapesworld.render(scene).save(root / "scenes" / f"scene{i}.png")
+    served, served_processor = vlbridge.load(root / "model", device="cpu")
+    app = create_app(served, served_processor, "blip2-stage1", index=root / "scenes", index_cache=root / "cache")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_page_searches_the_index(indexed, browser, tmp_path):
+    wait = WebDriverWait(browser, 60)
+    browser.get(indexed + "/")
+    search = browser.find_element(By.ID, "search")
+    wait.until(lambda b: search.is_displayed())
+    assert browser.find_element(By.ID, "index-size").text == "(6 images)"
+    box = browser.find_element(By.ID, "top-k")
+    box.clear()
+    box.send_keys("3")
+    browser.find_element(By.ID, "query").send_keys("a small red circle")
+    browser.find_element(By.ID, "search-submit").click()
+    status = browser.find_element(By.ID, "search-status")
+    wait.until(lambda b: status.get_attribute("data-state") in ("done", "error"))
+    assert status.get_attribute("data-state") == "done", browser.find_element(By.ID, "search-error").text
+    shown = browser.find_elements(By.CSS_SELECTOR, "#results img")
+    hits = httpx.post(indexed + "/v1/retrieve", json={"query": "a small red circle", "top_k": 3}).json()["data"]
+    assert [img.get_attribute("alt") for img in shown] == [h["name"] for h in hits]
+    # every image decoded in the page, drawn at a visible size
+    assert all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in shown)
+    assert all(img.size["width"] > 50 for img in shown)
+    browser.save_screenshot(str(tmp_path / "page-search.png"))

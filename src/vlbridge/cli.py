@@ -225,6 +225,9 @@ def cmd_serve(args):
         api_key=args.api_key,
         allow_remote_images=args.allow_remote_images,
         allow_paths=tuple(args.allow_path or ()),
+        max_images=args.max_images,
+        index=args.index,
+        index_cache=args.index_cache,
     )
 
 
@@ -348,6 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="DIR",
         help="serve file:// URLs and paths of images inside DIR (repeatable; default: none)",
+    )
+    v.add_argument(
+        "--max-images",
+        type=_at_least(1),
+        default=16,
+        help="images a chat request may hold, for models that read several (Flamingo); more: 400 (default 16)",
+    )
+    v.add_argument(
+        "--index",
+        metavar="DIR",
+        help="search the images under DIR (POST /v1/retrieve; models with retrieval heads), embedded at start-up",
+    )
+    v.add_argument(
+        "--index-cache",
+        metavar="DIR",
+        help="where --index keeps its embeddings (default ~/.cache/vlbridge/index)",
     )
     _device_args(v)
     v.set_defaults(func=cmd_serve)

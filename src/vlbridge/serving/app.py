@@ -1,5 +1,6 @@
-"""The HTTP server: OpenAI's chat completions (plain and streamed), embeddings, /v1/models, /health and
-Prometheus /metrics, with a dynamic batcher in front of the engine, a queue limit and an optional API key.
+"""The HTTP server: OpenAI's chat completions (plain and streamed), embeddings, search over an image
+folder (serving/index.py), /v1/models, /health and Prometheus /metrics, with a dynamic batcher in front of
+the engine, a queue limit and an optional API key.
 
     app = create_app(model, processor, "my-model")   # then uvicorn.run(app), or serve(path, ...)
 """
@@ -14,66 +15,31 @@ import json
 import logging
 import struct
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from vlbridge.serving.engine import Engine, ImagePolicy, Job, Metrics, Result
+from vlbridge.serving.batcher import Batcher
+from vlbridge.serving.chat import DEFAULT_MAX_IMAGES
+from vlbridge.serving.engine import Engine, Job, RowStreamer
+from vlbridge.serving.images import ImagePolicy
+from vlbridge.serving.index import ImageIndex
+from vlbridge.serving.metrics import Metrics
 from vlbridge.serving.page import add_page
-from vlbridge.serving.schemas import APIError, ChatRequest, EmbeddingRequest
+from vlbridge.serving.schemas import APIError, ChatRequest, EmbeddingRequest, RetrieveRequest
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/embeddings")  # metric labels
+# metric labels: these routes, "/v1/index/images" for every indexed image, "other" for the rest
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/embeddings", "/v1/retrieve", "/v1/index")
+IMAGES = "/v1/index/images"
+DEFAULT_RERANK = 16  # ITC candidates ITM re-scores when a search names no rerank (at least top_k)
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait (the openai client honours it when it retries)
 
 log = logging.getLogger(__name__)
-
-
-class Batcher:
-    """Groups concurrent jobs with equal keys (the same generation settings) into one generate call: a
-    group runs when it holds max_batch_size jobs or its first job has waited max_wait_s. Groups run one at a
-    time on the engine's worker thread; jobs that arrive meanwhile form the next groups."""
-
-    def __init__(self, engine: Engine, max_batch_size: int, max_wait_s: float):
-        self.engine, self.max_batch_size, self.max_wait_s = engine, max_batch_size, max_wait_s
-        self.pending: dict[tuple, list[tuple[Job, asyncio.Future]]] = {}
-        self.timers: dict[tuple, asyncio.TimerHandle] = {}
-
-    async def submit(self, job: Job) -> Result:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        group = self.pending.setdefault(job.key, [])
-        group.append((job, future))
-        if len(group) >= self.max_batch_size:
-            self.flush(job.key)
-        elif len(group) == 1:
-            self.timers[job.key] = loop.call_later(self.max_wait_s, self.flush, job.key)
-        return await future
-
-    def flush(self, key: tuple) -> None:
-        group = self.pending.pop(key, [])
-        timer = self.timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        if group:
-            asyncio.get_running_loop().create_task(self._run(group))
-
-    async def _run(self, group):
-        loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self.engine.executor, self.engine.run, [j for j, _ in group])
-        except Exception as e:  # the engine returns errors per job; this is a bug of ours
-            results = [e] * len(group)
-        for (_, future), result in zip(group, results):
-            if future.done():  # the client went away
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -122,7 +88,8 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else IMAGES if path.startswith(IMAGES + "/") else "other"
         status = 500  # unless a response starts
 
         async def sending(message):
@@ -157,22 +124,30 @@ def create_app(
     allow_remote_images: bool = False,
     allow_paths: tuple[str | Path, ...] = (),
     image_fetch_timeout_s: float = 10,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    index: str | Path | None = None,
+    index_cache: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` under `served_model_name`. max_image_pixels: None for
     vlbridge.core.images.MAX_PIXELS. max_queue: requests admitted at once (waiting or generating; None: no
     limit), more are answered 429. api_key: required on /v1 routes. allow_remote_images: fetch http(s)
     image URLs (image_fetch_timeout_s, at most max_body_mb); allow_paths: directories whose files may be
-    named by file:// URLs or paths."""
+    named by file:// URLs or paths. max_images: images a chat request may hold (models that read several).
+    index: a folder of images to search (/v1/retrieve), embedded now, cached under index_cache (default
+    ~/.cache/vlbridge/index); needs a model with retrieval heads."""
     limit = int(max_body_mb * 2**20)
     policy = ImagePolicy(
         allow_remote_images, tuple(Path(d).expanduser().resolve() for d in allow_paths), image_fetch_timeout_s, limit
     )
-    engine = Engine(model, processor, max_image_pixels, policy)
+    engine = Engine(model, processor, max_image_pixels, policy, max_images)
     metrics = engine.metrics
+    if index is not None and "retrieval" not in model.tasks:
+        raise ValueError(f"--index needs a model with retrieval heads; this {model.model_type} model has none")
+    images = None if index is None else ImageIndex.build(model, processor, index, index_cache)
     batcher = Batcher(engine, max_batch_size, max_wait_ms / 1000)
     created = int(time.time())
     app = FastAPI(title="vlbridge", version="0.1.0")
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.index = engine, batcher, images
     add_page(app)  # the web page at /
     app.add_middleware(Gate, metrics=metrics, api_key=api_key)
 
@@ -250,7 +225,8 @@ def create_app(
             head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model_name}
             if req.stream:
                 include_usage = req.stream_options is not None and req.stream_options.include_usage
-                response = await _stream(engine, job, head, include_usage, lambda: place.__exit__(None, None, None))
+                release = lambda: place.__exit__(None, None, None)  # noqa: E731
+                response = await _stream(engine, batcher, job, head, include_usage, release)
                 handed = True
                 return response
             result = await batcher.submit(job)
@@ -294,25 +270,87 @@ def create_app(
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
+    def the_index() -> ImageIndex:
+        if images is None:
+            why = "start it with --index DIR" if "retrieval" in model.tasks else "its model has no retrieval heads"
+            raise APIError(404, f"this server has no image index ({why})", type="not_found_error")
+        return images
+
+    @app.get("/v1/index")
+    async def index_info():
+        idx = the_index()
+        return {"object": "index", "images": len(idx), "skipped": len(idx.skipped), "model": served_model_name}
+
+    @app.post("/v1/retrieve")
+    async def retrieve(request: Request):
+        req = _parse(await _read_body(request, limit), RetrieveRequest)
+        if req.model is not None:
+            check_model(req.model)
+        idx = the_index()
+        rerank = max(req.top_k, DEFAULT_RERANK) if req.rerank is None else req.rerank
+        if 0 < rerank < req.top_k:
+            raise APIError(400, f"rerank ({rerank}) must be 0 (ITC alone) or at least top_k ({req.top_k})", "rerank")
+        with admitted():
+            loop = asyncio.get_running_loop()
+            hits, tokens = await loop.run_in_executor(
+                engine.executor, idx.search, model, processor, req.query, req.top_k, rerank, req.rule
+            )
+        data = [
+            {
+                "object": "image",
+                "index": i,
+                "name": h.name,
+                "url": f"{IMAGES}/{urllib.parse.quote(h.name)}",
+                "score": h.score,
+                "itc": h.itc,
+            }
+            for i, h in enumerate(hits)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": served_model_name,
+            "rerank": min(rerank, len(idx)),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @app.get(IMAGES + "/{name:path}")
+    async def index_image(name: str):
+        return FileResponse(the_index().file(name))
+
     return app
 
 
-async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool, done) -> StreamingResponse:
-    """Server-sent chat.completion.chunk events as tokens come, then `data: [DONE]`. The first piece is
-    awaited before the response starts, so that a request the model refuses (too long) is still a 400.
-    `done()` is called once the response ends, however it ends (its queue place is released)."""
-    pieces, future, cancel = engine.stream(job)
-    wrapped = asyncio.wrap_future(future)
+async def _stream(engine: Engine, batcher: Batcher, job: Job, head: dict, include_usage: bool, done):
+    """Server-sent chat.completion.chunk events as tokens come, then `data: [DONE]`. The job goes through the
+    batcher like any other (its row streams through job.sink). The first piece is awaited before the
+    response starts, so that a request the model refuses (too long) is still a 400. `done()` is called once
+    a response ends, however it ends (its queue place is released); a client that leaves early cancels
+    the job: dropped if it had not started, its row stopped if it had."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    job.sink = RowStreamer(engine.tokenizer, lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+    task = asyncio.ensure_future(batcher.submit(job))
+    finished = False  # the last event was sent
+
+    def cancel():
+        job.sink.cancel.set()
+        if not task.done():
+            task.cancel()
 
     async def next_piece() -> str | None:  # None at the end; the streamer's empty pieces are skipped
         piece = ""
         while piece == "":
-            piece = await asyncio.to_thread(next, pieces, None)
+            piece = await queue.get()
         return piece
 
-    first = await next_piece()
-    if first is None:
-        await wrapped  # raises the APIError of a refused request
+    try:
+        first = await next_piece()
+        if first is None:
+            await task  # raises the APIError of a refused request
+    except BaseException:  # no response: the caller gives the place back
+        cancel()
+        raise
 
     def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         chunk = {**head, "object": "chat.completion.chunk"}
@@ -322,39 +360,40 @@ async def _stream(engine: Engine, job: Job, head: dict, include_usage: bool, don
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def events():
+        nonlocal finished
         hold = max((len(s) for s in job.stop), default=1) - 1  # text that may still turn into a stop string
         text, sent, piece, cut = "", 0, first, None
-        try:
-            yield event({"role": "assistant", "content": ""})
-            while piece is not None:
-                text = (text + piece).lstrip()  # as the full response, no leading space
-                cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
-                if cut is not None:
-                    text = text[:cut].rstrip()
-                    break
-                if len(text) - hold > sent:
-                    yield event({"content": text[sent : len(text) - hold]})
-                    sent = len(text) - hold
-                piece = await next_piece()
+        yield event({"role": "assistant", "content": ""})
+        while piece is not None:
+            text = (text + piece).lstrip()  # as the full response, no leading space
+            cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
             if cut is not None:
-                cancel.set()
-            result = await wrapped
-            final = result.choices[0]
-            if final.text.startswith(text[:sent]) and len(final.text) > sent:
-                yield event({"content": final.text[sent:]})  # the held-back tail, stripped as the full text
-            yield event({}, final.finish_reason)
-            if include_usage:
-                yield event({}, usage=_usage(result.prompt_tokens, final.completion_tokens))
-            yield "data: [DONE]\n\n"
-        finally:
-            cancel.set()  # a client that went away stops the generation
+                text = text[:cut].rstrip()
+                job.sink.cancel.set()  # the row stops; its result comes once the batch ends
+                break
+            if len(text) - hold > sent:
+                yield event({"content": text[sent : len(text) - hold]})
+                sent = len(text) - hold
+            piece = await next_piece()
+        result = await task
+        final = result.choices[0]
+        if final.text.startswith(text[:sent]) and len(final.text) > sent:
+            yield event({"content": final.text[sent:]})  # the held-back tail, stripped as the full text
+        yield event({}, final.finish_reason)
+        if include_usage:
+            yield event({}, usage=_usage(result.prompt_tokens, final.completion_tokens))
+        yield "data: [DONE]\n\n"
+        finished = True
 
     class Events(StreamingResponse):
         async def __call__(self, scope, receive, send):
             try:
                 await super().__call__(scope, receive, send)
             finally:  # also when the client left before the events started
-                cancel.set()
+                if not finished:
+                    cancel()
+                    with engine.metrics.lock:
+                        engine.metrics.cancelled += 1
                 done()
 
     return Events(events(), media_type="text/event-stream")
@@ -374,6 +413,7 @@ def serve(
 
     from vlbridge.auto import load
 
+    logging.getLogger("vlbridge.serving").setLevel(logging.INFO)  # the index's report
     model, processor = load(model_path, device=device, dtype=dtype)
     name = served_model_name or str(model_path).rstrip("/")
     app = create_app(model, processor, name, **app_kwargs)

@@ -70,6 +70,19 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
+class RetrieveRequest(BaseModel):
+    """POST /v1/retrieve: the images of the server's --index that best match `query`. rerank: how many ITC
+    candidates ITM re-scores (0: ITC alone; default max(top_k, 16)); rule: how ITM and ITC combine
+    (Blip2.retrieval_scores)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    query: str = Field(min_length=1)
+    top_k: int = Field(5, ge=1, le=100)
+    rerank: int | None = Field(None, ge=0, le=256)
+    rule: Literal["log_odds", "lavis"] = "log_odds"
+
+
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 

@@ -78,19 +78,29 @@ class FlamingoProcessor(VLProcessor):
 
     def prompt_inputs(self, images, prompts, questions=None, examples=None) -> dict[str, torch.Tensor]:
         """Generation inputs (VLProcessor.prompt_inputs): each sample's images (one, or a list for a
-        prompt with several <image>) behind the in-context examples, each example
-        "<image>{prompt} {target}<|endofchunk|>". A prompt without <image> gets its images at its start."""
+        prompt with several <image>) behind the in-context examples (interleave)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
-        shots = "".join(f"{self.image_token}{prompt_target(p, t)}{self.eoc_token}" for _, p, t in examples or ())
-        texts, rows = [], []
-        for image, prompt in zip(images, prompts, strict=True):
-            own = list(image) if isinstance(image, (list, tuple)) else [image]
-            if self.image_token not in prompt:
-                prompt = self.image_token * len(own) + prompt
-            texts.append(shots + prompt)
-            rows.append([im for im, _, _ in examples or ()] + own)
-        return self(texts, rows)
+        texts, rows = zip(*(self.interleave(im, p, examples) for im, p in zip(images, prompts, strict=True)))
+        return self(list(texts), list(rows))
+
+    def interleave(self, images, prompt: str, examples=None) -> tuple[str, list]:
+        """One sample's text behind its in-context examples, and all its images in <image> order.
+        Each example (image or list of images, prompt, target) is "{prompt} {target}<|endofchunk|>"
+        (just "{prompt}<|endofchunk|>" for an empty target, e.g. an unanswered chat turn); a prompt
+        without <image> gets its images at its start, one with <image> keeps them where they are."""
+
+        def place(own, text: str) -> tuple[list, str]:
+            own = list(own) if isinstance(own, (list, tuple)) else [own]
+            return own, text if self.image_token in text else self.image_token * len(own) + text
+
+        text, rows = "", []
+        for shot_images, shot_prompt, target in examples or ():
+            own, shot_prompt = place(shot_images, shot_prompt)
+            text += (prompt_target(shot_prompt, target) if target else shot_prompt) + self.eoc_token
+            rows += own
+        own, prompt = place(images, prompt)
+        return text + prompt, rows + own
 
     def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """OpenFlamingo's rule: learn the text of each chunk, from after its <image> up to and including

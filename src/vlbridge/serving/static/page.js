@@ -1,5 +1,6 @@
 // The page's only logic: pick an image, send it with the question to /v1/chat/completions with
-// stream: true, and append each server-sent chunk's delta to the answer. No framework, no build step.
+// stream: true, and append each server-sent chunk's delta to the answer; when the server has an image
+// index (GET /v1/index answers), search it with /v1/retrieve. No framework, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -127,6 +128,73 @@ async function readStream(stream) {
   throw new Error("the stream ended before [DONE]");
 }
 
+async function loadIndex() {
+  // the search box shows only when the server was started with --index (a 404 otherwise)
+  try {
+    const r = await fetch("/v1/index", { headers: headers() });
+    if (!r.ok) return;
+    const info = await r.json();
+    $("index-size").textContent = `(${info.images} images)`;
+    $("search").hidden = false;
+  } catch {
+    // no index to show: the section stays hidden
+  }
+}
+
+function showSearchError(message) {
+  $("search-error").textContent = message;
+  $("search-error").hidden = false;
+  $("search-status").textContent = "";
+  $("search-status").dataset.state = "error";
+}
+
+async function imageURL(url) {
+  // fetched rather than put in <img src>: an API key travels in a header, which <img> cannot send
+  const r = await fetch(url, { headers: headers() });
+  if (!r.ok) throw new Error(await errorMessage(r));
+  return URL.createObjectURL(await r.blob());
+}
+
+async function search(event) {
+  event.preventDefault();
+  $("search-error").hidden = true;
+  for (const img of $("results").querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  $("results").replaceChildren();
+  const query = $("query").value.trim();
+  if (!query) return showSearchError("Type what to look for.");
+  const body = { query, top_k: Number($("top-k").value) };
+  if (model) body.model = model;
+  $("search-submit").disabled = true;
+  $("search-status").textContent = "Searching…";
+  $("search-status").dataset.state = "running";
+  try {
+    const r = await fetch("/v1/retrieve", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify(body),
+    });
+    if (!r.ok) return showSearchError(await errorMessage(r));
+    const hits = (await r.json()).data;
+    for (const hit of hits) {
+      const item = document.createElement("li");
+      const img = document.createElement("img");
+      img.alt = hit.name;
+      const label = document.createElement("span");
+      label.textContent = `${hit.name} (score ${hit.score.toFixed(2)})`;
+      item.append(img, label);
+      $("results").append(item);
+      img.src = await imageURL(hit.url);
+    }
+    $("search-status").textContent = `${hits.length} best matches, best first.`;
+    $("search-status").dataset.state = "done";
+    $("search").scrollIntoView({ block: "start" });
+  } catch (e) {
+    showSearchError(`Search failed: ${e.message}`);
+  } finally {
+    $("search-submit").disabled = false;
+  }
+}
+
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => {
   e.preventDefault();
@@ -140,5 +208,10 @@ drop.addEventListener("drop", (e) => {
 });
 $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
 $("ask").addEventListener("submit", ask);
-$("api-key").addEventListener("change", loadModel);
+$("search-form").addEventListener("submit", search);
+$("api-key").addEventListener("change", () => {
+  loadModel();
+  loadIndex();
+});
 loadModel();
+loadIndex();
