@@ -23,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from test_interface import _create  # noqa: E402  (the tiny models of each design)
 
 import vlbridge  # noqa: E402
+from vlbridge.data.conversations import plain_text  # noqa: E402
 from vlbridge.evaluation.generation import answer, caption, generate_texts  # noqa: E402
 from vlbridge.serving import create_app  # noqa: E402
 
@@ -129,12 +130,15 @@ def test_greedy_answers_equal_the_library(servers, design):
         temperature=0,
         max_tokens=3,
     )
+    vqa = model.config.vqa_prompt
     if design == "flamingo":  # the earlier turn stays in its context, a chunk of its own; no system prompt
-        vqa = model.config.vqa_prompt
         prompt = vqa.format("hi") + "<|endofchunk|><image>" + vqa.format("how many?")
         expected = generate_texts(model, processor, [[image]], [prompt], dict(num_beams=1, max_new_tokens=3), 1)
-    else:  # one image: the last user message is the question, earlier turns are not read
-        expected = answer(model, processor, [image], ["how many?"], num_beams=1, max_new_tokens=3)
+    else:  # one image: the earlier turn's text stays in the prompt, as a conversation in training
+        prompt = plain_text([{"role": "user", "content": "hi"}, {"role": "user", "content": "how many?"}], vqa)
+        expected = generate_texts(
+            model, processor, [image], [prompt], dict(num_beams=1, max_new_tokens=3), 1, questions=["how many?"]
+        )
     assert r.choices[0].message.content == expected[0]
 
 
@@ -269,10 +273,10 @@ def test_one_image_models_read_it_from_an_earlier_turn(servers):
     image = png("yellow")
     messages = [*user(image, "a first question"), {"role": "assistant", "content": "red"}, *user("what color?")]
     r = client(base).chat.completions.create(model="eve", messages=messages, temperature=0, max_tokens=3)
-    assert (
-        r.choices[0].message.content
-        == answer(model, processor, [image], ["what color?"], num_beams=1, max_new_tokens=3)[0]
-    )
+    prompt = "Question: a first question Answer: red Question: what color? Answer:"  # the conversation's text
+    assert model.config.vqa_prompt == "Question: {} Answer:"
+    expected = generate_texts(model, processor, [image], [prompt], dict(num_beams=1, max_new_tokens=3), 1)
+    assert r.choices[0].message.content == expected[0]
 
 
 @pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")

@@ -1,7 +1,14 @@
 """From a chat request's messages to what a model reads: its images, the LM prompt and the question.
 
-A model that reads one image (BLIP-2, EVE) answers the last user message about the request's one image
-(which may stand in an earlier message); earlier turns and system messages are not part of its prompt.
+A model that reads one image (BLIP-2, EVE, LLaVA) answers the last user message about the request's one
+image (which may stand in an earlier message). Earlier turns with text stay in its prompt as a
+conversation does in training (data.conversations.plain_text: each question in the model's VQA prompt,
+each answer after it), so a model trained on conversations can resolve a follow-up:
+
+    user [img, "what color is the circle?"], assistant "red", user ["what size is the object?"]
+    -> "Question: what color is the circle? Answer: red Question: what size is the object? Answer:"
+
+A last user message without text asks for a caption (the caption prompt alone).
 A model that reads interleaved images ("in_context" in `model.tasks`: Flamingo) reads the whole
 conversation: every user message is a chunk with its images at their places and its text in the
 model's VQA prompt (its caption prompt when it has no text), followed by the assistant's reply and
@@ -10,8 +17,8 @@ model's VQA prompt (its caption prompt when it has no text), followed by the ass
     user [img, "what color?"], assistant "red", user [img, "and this one?"]
     -> "<image>Question: what color? Answer: red<|endofchunk|><image>Question: and this one? Answer:"
 
-So few-shot examples are earlier user/assistant pairs. System messages have no place in that format and
-are left out.
+So few-shot examples are earlier user/assistant pairs. System messages have no place in either format
+and are left out.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlbridge.data.conversations import plain_text
 from vlbridge.serving.schemas import APIError, ImagePart, Message
 
 DEFAULT_MAX_IMAGES = 16  # images a request may hold (--max-images): each is one vision encoder pass
@@ -90,11 +98,14 @@ def build_prompt(messages: list[Message], model, processor, decode: Callable, ma
         raise APIError(400, f"text may not hold {token}: send each image as an image_url part", "messages")
     config = model.config
     if not interleaved:
-        turns = [_pieces(m, decode) for m in messages if m.role == "user"]
-        image = next(p for t in turns for p in t if not isinstance(p, str))
-        question = _text(turns[-1])
+        turns = [(m.role, _pieces(m, decode)) for m in messages if m.role in ("user", "assistant")]
+        image = next(p for _, t in turns for p in t if not isinstance(p, str))
+        question = _text(turns[-1][1])
         _require(model, question)
-        return Prompt(image, config.vqa_prompt.format(question) if question else config.caption_prompt, question, 1)
+        if not question:
+            return Prompt(image, config.caption_prompt, None, 1)
+        said = [{"role": r, "content": text} for r, t in turns if (text := _text(t))]
+        return Prompt(image, plain_text(said, config.vqa_prompt), question, 1)
     examples, pending = [], None  # pending: (images, prompt, question) of the last user turn, until answered
     for m in messages:
         if m.role == "user":
