@@ -308,3 +308,19 @@ def test_instruct_study_runs_both_variants_from_a_stage1_checkpoint(tmp_path):
     config = Blip2.read_config(tmp_path / "study" / "instruct" / "final")
     assert config.qformer_reads_prompt and config.max_text_length == 64  # the recipe's, over stage 1's
     assert "follow-up" in instruct_study.table(report)
+
+
+def test_vlbridge_eval_runs_conversations_only_when_asked(build, tmp_path):
+    from vlbridge.evaluation.run import EvalConfig, headline, run
+
+    model, processor = build("gpt2")
+    model.save_pretrained(tmp_path / "m", processor=processor)
+    kw = dict(model=str(tmp_path / "m"), shapesworld="test", n=3, decode={"max_new_tokens": 2}, k=2)
+    report = run(EvalConfig(out=str(tmp_path / "a.json"), **kw))
+    assert "conversation" not in report["shapesworld"] and "conversation" not in report["tasks"]
+    report = run(EvalConfig(out=str(tmp_path / "b.json"), tasks=["conversation"], **kw))
+    conv = report["shapesworld"]["conversation"]
+    assert conv["conversations"] == 3 and conv["n"] == conv["multi_turn"]["n"] == conv["single_turn"]["n"] >= 6
+    assert set(headline(report)["shapesworld"]) == {"conversation"}
+    with pytest.raises(ValueError, match="task conversation needs --shapesworld"):
+        run(EvalConfig(model=str(tmp_path / "m"), out=str(tmp_path / "c.json"), tasks=["conversation"]))

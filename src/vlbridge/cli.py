@@ -317,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--tasks",
         nargs="+",
-        choices=("caption", "vqa", "retrieval"),
-        help="default: every task the data and the model allow",
+        choices=("caption", "vqa", "retrieval", "conversation"),
+        help="default: every task the data and the model allow, but conversation (ShapesWorld multi-turn "
+        "Q&A: each turn answered after the earlier ones and alone), which runs only when asked",
     )
     e.add_argument("--prompt", help="caption prompt (default: the model's)")
     e.add_argument("--vqa-prompt", help="VQA template with {} for the question (default: the model's)")

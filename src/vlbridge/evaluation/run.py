@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from vlbridge.data import shapesworld as sw
+from vlbridge.data.conversations import shapesworld_conversations
 from vlbridge.evaluation.evaluate import (
     caption_eval,
     retrieval_eval,
     retrieval_scenes,
     shapesworld_captions,
+    shapesworld_conversation,
     shapesworld_retrieval,
     shapesworld_vqa,
     split_scenes,
@@ -28,7 +30,8 @@ from vlbridge.evaluation.evaluate import (
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "vqa", "retrieval")
+TASKS = ("caption", "vqa", "retrieval", "conversation")
+DEFAULT_TASKS = ("caption", "vqa", "retrieval")  # "conversation" (ShapesWorld, multi-turn) only when asked
 
 
 @dataclass
@@ -62,9 +65,14 @@ class EvalConfig:
 
 def _tasks(cfg: EvalConfig, model) -> list[str]:
     has_captions = bool(cfg.captions or cfg.karpathy or cfg.shapesworld)
-    inputs = {"caption": has_captions, "vqa": bool(cfg.vqa_questions or cfg.shapesworld), "retrieval": has_captions}
+    inputs = {
+        "caption": has_captions,
+        "vqa": bool(cfg.vqa_questions or cfg.shapesworld),
+        "retrieval": has_captions,
+        "conversation": bool(cfg.shapesworld),
+    }
     if cfg.tasks is None:
-        tasks = [t for t in TASKS if inputs[t] and t in model.tasks]
+        tasks = [t for t in DEFAULT_TASKS if inputs[t] and t in model.tasks]
         if not tasks:
             raise ValueError(
                 "nothing to evaluate: give --captions/--karpathy, --vqa-questions or --shapesworld "
@@ -75,11 +83,9 @@ def _tasks(cfg: EvalConfig, model) -> list[str]:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
         if not inputs[t]:
-            raise ValueError(
-                f"task {t} needs "
-                + ("--vqa-questions or --shapesworld" if t == "vqa" else "--captions, --karpathy or --shapesworld")
-            )
-        model.require_task(t)
+            needs = {"vqa": "--vqa-questions or --shapesworld", "conversation": "--shapesworld"}
+            raise ValueError(f"task {t} needs {needs.get(t, '--captions, --karpathy or --shapesworld')}")
+        model.require_task("vqa" if t == "conversation" else t)
     return list(cfg.tasks)
 
 
@@ -158,8 +164,14 @@ def run(cfg: EvalConfig) -> dict:
                 cfg.batch_size,
                 cfg.rerank,
             )
+        if "conversation" in tasks:  # multi-turn: each turn with the earlier ones, and alone
+            conversations = shapesworld_conversations(cfg.shapesworld, n or 200, world)
+            r["conversation"] = shapesworld_conversation(
+                model, processor, conversations, world, decode, cfg.batch_size, cfg.vqa_prompt
+            )
         report["shapesworld"] = r
-        report["timings_s"]["shapesworld"] = sum(r[t]["seconds"] for t in ("captions", "vqa", "retrieval") if t in r)
+        parts = ("captions", "vqa", "retrieval", "conversation")
+        report["timings_s"]["shapesworld"] = sum(r[t]["seconds"] for t in parts if t in r)
 
     report["timings_s"]["total"] = time.time() - t_start
     _write_json(out, report)
@@ -234,12 +246,14 @@ def headline(report: dict) -> dict:
     if "retrieval" in report:
         out["retrieval"] = {"itc": report["retrieval"]["itc"], "itc_itm": report["retrieval"]["itc_itm"]}
     if s := report.get("shapesworld"):
+        conversation = s.get("conversation")
         out["shapesworld"] = {
             k: v
             for k, v in (
                 ("captions", s.get("captions", {}).get("metrics")),
                 ("vqa", s.get("vqa", {}).get("accuracy")),
                 ("retrieval", s.get("retrieval", {}).get("itc")),
+                ("conversation", conversation and {k: conversation[k] for k in ("multi_turn", "single_turn")}),
             )
             if v is not None
         }
