@@ -86,11 +86,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, max_batch_size: int, max_wait_ms: float, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, max_batch_size: int, max_wait_ms: float, threads: int, dtype: str | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "vlbridge.cli", "serve", str(model), "--port", str(port), "--device", "cpu"]
     command += ["--served-model-name", "bench", "--max-batch-size", str(max_batch_size)]
-    command += ["--max-wait-ms", str(max_wait_ms)]
+    command += ["--max-wait-ms", str(max_wait_ms)] + (["--dtype", dtype] if dtype else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the server
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -174,6 +176,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=16, help="the batching server's --max-batch-size")
     p.add_argument("--max-wait-ms", type=float, default=10)
+    p.add_argument("--dtype", default=None, help="both servers' --dtype (default: the model's, float32)")
     p.add_argument(
         "--server-threads",
         type=int,
@@ -193,7 +196,8 @@ def main(argv=None):
         pool = requests_pool(64)
         modes = {"batching": args.max_batch_size, "batch_size_1": 1}
         servers = {
-            name: start_server(model, size, args.max_wait_ms, args.server_threads) for name, size in modes.items()
+            name: start_server(model, size, args.max_wait_ms, args.server_threads, args.dtype)
+            for name, size in modes.items()
         }
         rows = []
         try:
