@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from vlbridge import Blip2, Blip2Processor, QFormerConfig
 from vlbridge.models.blip2.convert_bert import init_qformer_from_bert
 from vlbridge.models.blip2.qformer import QFormer
-from vlbridge.testing import randomize_, tiny_lm_config, word_tokenizer
+from vlbridge.testing import assert_same_weights, randomize_, tiny_lm_config, word_tokenizer
 
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many"]
 TEXTS = ["a red circle", "two blue squares above a small triangle", "a green triangle"]
@@ -189,10 +189,7 @@ def test_processor_matches_transformers(generation_case):
 def test_round_trip_reproduces_the_transformers_tensors(generation_case, tmp_path):
     (kind, image_token, _, _), path, hf, model, proc = generation_case
     model.save_pretrained(tmp_path, processor=proc, format="transformers")
-    original, written = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
-    assert original.keys() == written.keys()
-    for k in original:
-        assert torch.equal(original[k], written[k]), k
+    assert_same_weights(path, tmp_path)
     back, info = tf.Blip2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert back.config.image_token_index == hf.config.image_token_index

@@ -22,7 +22,7 @@ from torch import nn
 import vlbridge
 from vlbridge import Blip2, Blip2Processor, VisionConfig, create_blip2
 from vlbridge.models.blip2 import convert_instructblip  # noqa: F401  registers the layout
-from vlbridge.testing import randomize_, tiny_lm_config, word_tokenizer
+from vlbridge.testing import assert_same_weights, randomize_, tiny_lm_config, word_tokenizer
 
 PROMPTS = ["a photo of", "question what color is the circle ? answer", "how many"]
 OTHER = ["is there a square ?", "what shape is left of the red circle ?", "a photo of two"]
@@ -222,10 +222,7 @@ def test_processor_matches_transformers(case):
 def test_export_round_trip_is_exact(case, tmp_path):
     (kind, image_token, _, _), path, hf, model, proc = case
     model.save_pretrained(tmp_path, processor=proc, format="instructblip")
-    original, written = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
-    assert original.keys() == written.keys()
-    for k in original:
-        assert torch.equal(original[k], written[k]), k
+    assert_same_weights(path, tmp_path)
     back, info = tf.InstructBlipForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert back.config.image_token_index == hf.config.image_token_index

@@ -69,6 +69,17 @@ def tiny_lm_config(kind: str, vocab: int, **overrides):
     raise ValueError(f"unknown LM kind {kind!r}: opt, llama or t5")
 
 
+def assert_same_weights(original: str | Path, written: str | Path) -> None:
+    """The model.safetensors of two directories hold the same tensors under the same names, bit for bit
+    (an export round trip)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(p) / "model.safetensors")) for p in (original, written))
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Re-draw every tensor at a scale where a wrong mapping shows in the outputs: matrices
     N(0, 1/fan_in), norm weights 1 +/- 0.2, vectors N(0, 0.2)."""
