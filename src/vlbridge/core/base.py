@@ -14,6 +14,7 @@ round.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -27,9 +28,9 @@ from torch import nn
 
 from vlbridge.core import adapters
 from vlbridge.core.adapters import LoraConfig
-from vlbridge.core.backbones import local_dir
+from vlbridge.core.backbones import load_lm, load_vision, local_dir, resolve_path
 from vlbridge.core.config import from_dict, to_dict
-from vlbridge.core.weights import read_weights  # noqa: F401  (the designs import it from here)
+from vlbridge.core.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,20 @@ class VLModel(nn.Module, Formats):
         return model
 
     @classmethod
+    def from_config(cls, config, root: str | Path | None = None):
+        """A model (fresh bridge) on the backbones config.vision and config.lm name, paths relative to
+        `root` first. Designs whose backbones are otherwise named override it."""
+        config = copy.deepcopy(config)
+        config.vision.name_or_path = resolve_path(config.vision.name_or_path, root)
+        config.lm.name_or_path = resolve_path(config.lm.name_or_path, root)
+        return cls(config, load_vision(config.vision), load_lm(config.lm))
+
+    @classmethod
     def load_vlbridge(cls, root: Path, **kwargs):
-        raise NotImplementedError
+        """A directory written by save_pretrained: the backbones its config names, the bridge's weights."""
+        model = cls.from_config(cls.read_config(root), root)
+        model.load_bridge_state(read_weights(root / "model.safetensors"), root)
+        return model
 
     @classmethod
     def read_config(cls, root: Path):

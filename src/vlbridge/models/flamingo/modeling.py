@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel, read_weights
+from vlbridge.core.base import VLModel
 from vlbridge.models.flamingo.configuration import FlamingoConfig
 from vlbridge.models.flamingo.generation import FlamingoContext, NoImageToken, visual_context
 from vlbridge.models.flamingo.processing import FlamingoProcessor
@@ -317,20 +316,6 @@ class Flamingo(VLModel):
         self.log_parameter_counts()
 
     # ------------------------------------------------------------------ building, saving, loading
-    @classmethod
-    def from_config(cls, config: FlamingoConfig, root: str | Path | None = None) -> Flamingo:
-        config = copy.deepcopy(config)
-        config.vision.name_or_path = backbones.resolve_path(config.vision.name_or_path, root)
-        config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
-        return cls(config, backbones.load_vision(config.vision), backbones.load_lm(config.lm))
-
-    @classmethod
-    def load_vlbridge(cls, root: Path) -> Flamingo:
-        """A directory written by save_pretrained."""
-        model = cls.from_config(cls.read_config(root), root)
-        model.load_bridge_state(read_weights(root / "model.safetensors"), root)
-        return model
-
     def _write_backbones(self, path: Path, include_backbones: bool, processor) -> FlamingoConfig:
         """vision/ and lm/ in transformers' own format (the LM exactly as loaded, without wrappers)."""
         config = copy.deepcopy(self.config)

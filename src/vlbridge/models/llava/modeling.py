@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlbridge.core import adapters, backbones
+from vlbridge.core import adapters
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
-from vlbridge.core.base import VLModel, read_weights
+from vlbridge.core.base import VLModel
 from vlbridge.models.llava.configuration import LlavaConfig
 from vlbridge.models.llava.processing import LlavaProcessor
 
@@ -98,21 +98,6 @@ class Llava(VLModel):
         return self.vision(torch.zeros(1, channels, *size, device=device)).shape[1] - int(self.config.drop_cls)
 
     # ------------------------------------------------------------------ building, saving, loading
-    @classmethod
-    def from_config(cls, config: LlavaConfig, root: str | Path | None = None) -> Llava:
-        """Load the backbones `config` names (paths relative to `root` first)."""
-        config = copy.deepcopy(config)
-        config.vision.name_or_path = backbones.resolve_path(config.vision.name_or_path, root)
-        config.lm.name_or_path = backbones.resolve_path(config.lm.name_or_path, root)
-        return cls(config, backbones.load_vision(config.vision), backbones.load_lm(config.lm))
-
-    @classmethod
-    def load_vlbridge(cls, root: Path) -> Llava:
-        """A directory written by save_pretrained."""
-        model = cls.from_config(cls.read_config(root), root)
-        model.load_bridge_state(read_weights(root / "model.safetensors"), root)
-        return model
-
     def _write_backbones(self, path: Path, include_backbones: bool, processor) -> LlavaConfig:
         """vision/ and lm/ in transformers' own format; lm/ also without include_backbones (a trainer's
         checkpoint) once the LM trains (stage 2 without LoRA), since it is no longer the one named."""
