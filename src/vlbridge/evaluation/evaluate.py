@@ -366,27 +366,37 @@ def shapesworld_conversation(
     template = model.config.vqa_prompt if template is None else template
     model.eval()
     t0 = time.time()
-    items = [(c, k) for c in conversations for k in range(len(c["messages"]) // 2)]
-    images = [sw.render(c["scene"], world) for c, _ in items]
-    questions = [c["messages"][2 * k]["content"] for c, k in items]
-    contexts = {
-        "multi_turn": [plain_text(c["messages"][: 2 * k + 1], template) for c, k in items],
-        "single_turn": [template.format(q) for q in questions],
-    }
+    items = [(i, k) for i, c in enumerate(conversations) for k in range(len(c["messages"]) // 2)]
+    scenes = [sw.render(c["scene"], world) for c in conversations]  # once per conversation, not per turn
+    images = [scenes[i] for i, _ in items]
+    questions = [conversations[i]["messages"][2 * k]["content"] for i, k in items]
+    prompts = [plain_text(conversations[i]["messages"][: 2 * k + 1], template) for i, k in items]
+    multi = generate_texts(model, processor, images, prompts, decode, batch_size, questions=questions)
+    # alone: a first turn's prompt is the same with or without history, so only the follow-ups run again
+    later = [j for j, (_, k) in enumerate(items) if k > 0]
+    alone = generate_texts(
+        model,
+        processor,
+        [images[j] for j in later],
+        [template.format(questions[j]) for j in later],
+        decode,
+        batch_size,
+        questions=[questions[j] for j in later],
+    )
+    single = list(multi)
+    for j, y in zip(later, alone):
+        single[j] = y
+    truth = [c["messages"] for c in conversations]
     out = {}
-    for name, prompts in contexts.items():
-        preds = generate_texts(model, processor, images, prompts, decode, batch_size, questions=questions)
-        per_conv, j = [], 0
-        for c in conversations:
-            n = len(c["messages"]) // 2
-            per_conv.append(preds[j : j + n])
-            j += n
-        out[name] = conversation_accuracy(per_conv, [c["messages"] for c in conversations])
-        if name == "multi_turn":
-            out["samples"] = [
-                {"prompt": p, "answer": c["messages"][2 * k + 1]["content"], "predicted": y}
-                for (c, k), p, y in list(zip(items, prompts, preds))[:12]
-            ]
+    for name, preds in (("multi_turn", multi), ("single_turn", single)):
+        per_conv = [[] for _ in conversations]
+        for (i, _), y in zip(items, preds):
+            per_conv[i].append(y)
+        out[name] = conversation_accuracy(per_conv, truth)
+    out["samples"] = [
+        {"prompt": p, "answer": truth[i][2 * k + 1]["content"], "predicted": y}
+        for (i, k), p, y in list(zip(items, prompts, multi))[:12]
+    ]
     return {
         **out,
         "decode": decode_record(model, decode, template),
