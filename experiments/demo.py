@@ -121,6 +121,7 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
         t = time.time()
         report["flamingo"] = flamingo_study.run(out / "flamingo", list(flamingo_study.VARIANTS), quick=quick)
         report["timings_s"]["flamingo"] = time.time() - t
+        report["targets"].update(report["flamingo"].get("flamingo", {}).get("targets", {}))  # the shipped recipe's
         sections.append(flamingo_study.html_section(report["flamingo"], out))
     if "eve" in parts:
         t = time.time()

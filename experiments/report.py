@@ -272,7 +272,10 @@ def targets_section(report: dict) -> str:
             rows.append(
                 [html.escape(name), f"ITC+ITM R@1 &gt; ITC R@1 ({fmt(r.get('itc'))})", fmt(r.get("itc_itm")), met]
             )
-    return "<h2 id='targets'>Targets (held-out test split)</h2>" + html_table(["target", "wanted", "reached", ""], rows)
+    return (
+        "<h2 id='targets'>Targets</h2><p>BLIP-2 on the held-out test split; Flamingo (flamingo_*) few-shot on the "
+        "val split.</p>" + html_table(["target", "wanted", "reached", ""], rows)
+    )
 
 
 def metrics_section(report: dict) -> str:

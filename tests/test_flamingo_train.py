@@ -11,9 +11,25 @@ from PIL import Image
 
 from vlbridge.core.config import LMConfig, VisionConfig, to_dict
 from vlbridge.data import shapesworld as sw
-from vlbridge.data.interleaved import ANSWERS, DocumentData, DocumentStream, InContextDocs, make_source, read_mmc4
+from vlbridge.data.interleaved import (
+    ANSWERS,
+    BINDING_WORDS,
+    BindingDocs,
+    DocumentData,
+    DocumentStream,
+    InContextDocs,
+    make_source,
+    read_mmc4,
+)
 from vlbridge.data.readers import SkipCounter
-from vlbridge.evaluation.fewshot import fewshot_eval, fewshot_summary, incontext_eval, rices, shapesworld_fewshot
+from vlbridge.evaluation.fewshot import (
+    binding_ideal,
+    fewshot_eval,
+    fewshot_summary,
+    incontext_eval,
+    rices,
+    shapesworld_fewshot,
+)
 from vlbridge.models.flamingo.modeling import Flamingo, FlamingoConfig, create_flamingo
 from vlbridge.testing import make_lm, make_vision
 from vlbridge.training.train import accumulate, load_recipe, train
@@ -197,6 +213,52 @@ def test_incontext_documents_are_consistent_within_and_differ_across():
     assert src.episode(3)[2] == InContextDocs(src.cfg).episode(3)[2]  # a pure function of (seed, index)
 
 
+def test_binding_documents_bind_two_words_to_two_values_of_one_hidden_attribute():
+    src = BindingDocs(DocumentData(kind="shapesworld_binding", max_images=9, num_samples=300))
+    attributes = set()
+    for i in range(40):
+        attribute, scenes, answers = src.episode(i)
+        attributes.add(attribute)
+        assert all(len(s.objects) == 1 for s in scenes) and set(answers) <= set(BINDING_WORDS)
+        assert set(answers) <= src.valid_answers(i) and len(src.valid_answers(i)) == 2
+        values = [getattr(s.objects[0], attribute) for s in scenes]
+        assert len(set(values)) <= 2 and {(v, a) for v, a in zip(values, answers)} == set(zip(values, answers))
+        assert len({v: a for v, a in zip(values, answers)}) == len(set(answers))  # one word per value, and back
+        doc = src.document(i)
+        assert doc["text"] == "".join(f"<image>{a}<|endofchunk|>" for a in answers) and len(doc["images"]) == 9
+    assert attributes == {"color", "shape"}
+    assert src.episode(5) == BindingDocs(src.cfg).episode(5)  # a pure function of (seed, index)
+    val = BindingDocs(DocumentData(kind="shapesworld_binding", split="val", max_images=9, num_samples=300))
+    assert val.episode(0)[1] != src.episode(0)[1]  # the val split renders scenes of its own
+
+
+class _Episodes:
+    """A binding source with hand-written episodes: (color, shape) per scene and the words."""
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+
+    def episode(self, i):
+        scenes = [sw.Scene((sw.Obj(shape, color, "small", 0, 0),), "") for color, shape in self.episodes[i][0]]
+        return "?", scenes, list(self.episodes[i][1])
+
+
+def test_binding_ideal_learner_resolves_what_demonstrations_allow():
+    # red circle and red square say "left", blue circle "right": "left" is not a shape (circle has both
+    # words), so the words name colours and a blue square is "right".
+    resolved = (
+        [("red", "circle"), ("red", "square"), ("blue", "circle"), ("blue", "square")],
+        ["left", "left", "right", "right"],
+    )
+    assert binding_ideal(_Episodes([resolved]), shots=(3,), num_queries=1) == {3: 1.0}
+    # With one demonstration nothing says the query's word: the ideal learner cannot be sure of "right".
+    wrong_guess = ([("red", "circle"), ("blue", "square")], ["left", "right"])
+    assert binding_ideal(_Episodes([wrong_guess]), shots=(1,), num_queries=1) == {1: 0.0}
+    src = BindingDocs(DocumentData(kind="shapesworld_binding", split="val", max_images=9, num_samples=300))
+    ideal = binding_ideal(src, shots=(0, 1, 4, 8), num_queries=200)
+    assert ideal[0] < 0.25 < ideal[1] < ideal[4] < ideal[8] and ideal[8] > 0.95  # more shots, fewer ambiguities
+
+
 def test_rices_puts_the_most_similar_last():
     support = torch.nn.functional.normalize(torch.eye(5) + 0.01, dim=-1)  # (5, 5)
     query = torch.nn.functional.normalize(torch.tensor([[0.0, 0.3, 1.0, 0.6, 0.0]]), dim=-1)
@@ -239,7 +301,8 @@ def test_shapesworld_fewshot_scores_caption_attributes(tiny):
     world = sw.ShapesWorldConfig(width=32, height=32)
     report = shapesworld_fewshot(model.eval(), processor, shots=(0, 1), n=3, beams=1, support_size=6, world=world)
     summary = fewshot_summary(report)
-    assert set(summary) == {"caption_random", "caption_rices", "vqa", "incontext"}
+    assert set(summary) == {"caption_random", "caption_rices", "vqa", "incontext", "binding", "binding_ideal"}
+    assert set(summary["binding"]) == {0, 1} and {"accuracy", "stderr", "format_accuracy"} <= set(summary["binding"][1])
     for k in (0, 1):
         attrs = report["caption"]["random"]["shots"][k]["attributes"]
         assert set(attrs) >= {"color", "shape", "size", "count", "relation"} and all(

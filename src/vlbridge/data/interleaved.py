@@ -10,6 +10,8 @@ A document is {"text": "<image>a red circle.<|endofchunk|><image>a blue star.<|e
     InContextDocs        a ShapesWorld in-context task: every document answers ONE attribute
                          (color, shape, size or count), chosen per document and never named, so only
                          the demonstrations tell a query which attribute to answer
+    BindingDocs          a harder one: every document binds two words of its own to two values of
+                         colour or shape, so one demonstration is ambiguous and several resolve it
     read_mmc4            MMC4-style JSONL (text_list + image_info with matched_text_index); unusable
                          images and documents are skipped and counted, never fatal
     pair_document        an (image, caption) pair from any reader, in the same format
@@ -34,9 +36,20 @@ from vlbridge.data.readers import SkipCounter, decode_image
 log = logging.getLogger(__name__)
 
 IMAGE, EOC = "<image>", "<|endofchunk|>"
-KINDS = ("shapesworld_docs", "shapesworld_pairs", "shapesworld_incontext", "shapesworld_conversation", "mmc4")
+KINDS = (
+    "shapesworld_docs",
+    "shapesworld_pairs",
+    "shapesworld_incontext",
+    "shapesworld_binding",
+    "shapesworld_conversation",
+    "mmc4",
+)
 ATTRIBUTES = ("color", "shape", "size", "count")  # the in-context task's per-document answer kinds
 ANSWERS = {"color": sw.COLORS, "shape": sw.SHAPES, "size": sw.SIZES, "count": ("1", "2", "3", "4")}
+# The binding task's made-up words: words of the shipped LM's vocabulary that name no colour or shape
+# (the LM has no word outside its 56), so a word's meaning comes only from the demonstrations.
+BINDING_WORDS = ("above", "below", "left", "right", "photo", "object", "there", "many")
+BINDING_ATTRIBUTES = ("color", "shape")
 
 
 @dataclass
@@ -111,6 +124,63 @@ class InContextDocs(ShapesWorldDocs):
         rng, scenes = self._scenes(i)
         attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
         return attribute, scenes, [answer(s, attribute) for s in scenes]
+
+    def document(self, i: int) -> dict:
+        attribute, scenes, answers = self.episode(i)
+        return {
+            "text": "".join(chunk(a) for a in answers),
+            "images": [self.render(s) for s in scenes],
+            "attribute": attribute,
+        }
+
+    def valid_answers(self, i: int) -> frozenset[str]:
+        """The answers of episode i's kind: what a query is right to answer in form."""
+        return frozenset(ANSWERS[self.episode(i)[0]])
+
+
+class BindingDocs:
+    """Document i: max_images one-object scenes, each followed by one of two words from BINDING_WORDS
+    that the episode binds to two values of ONE attribute, colour or shape, drawn per episode and never
+    named (e.g. "left" = red, "photo" = blue). Each scene's other attribute is drawn at random, so one
+    demonstration cannot say whether its word names the colour or the shape, and the query's value may
+    not have been shown: a model must compare several demonstrations, and accuracy should rise with
+    their number. The scenes are sw.object_scenes of cfg.split; what no training episode holds is the
+    binding. A function of (seed, i)."""
+
+    def __init__(self, cfg: DocumentData):
+        self.cfg = cfg
+        self.world = sw.ShapesWorldConfig(width=cfg.width, height=cfg.height, seed=cfg.seed)
+        scenes = sw.object_scenes(cfg.split, cfg.num_samples, self.world)
+        self.by_value = {
+            a: {v: [s for s in scenes if getattr(s.objects[0], a) == v] for v in ANSWERS[a]} for a in BINDING_ATTRIBUTES
+        }
+        empty = [f"{a}={v}" for a, pool in self.by_value.items() for v, found in pool.items() if not found]
+        if empty:
+            raise ValueError(f"dataset {cfg.name!r}: no {cfg.split} scene with {empty[:3]}: raise num_samples")
+
+    def __len__(self):
+        return self.cfg.num_samples
+
+    def render(self, scene: sw.Scene):
+        return sw.render(scene, self.world)
+
+    def _draw(self, i: int):
+        rng = np.random.default_rng([self.cfg.seed, 31, i])
+        attribute = BINDING_ATTRIBUTES[int(rng.integers(len(BINDING_ATTRIBUTES)))]
+        values = rng.choice(ANSWERS[attribute], 2, replace=False)
+        words = rng.choice(BINDING_WORDS, 2, replace=False)
+        return rng, attribute, [str(v) for v in values], [str(w) for w in words]
+
+    def episode(self, i: int) -> tuple[str, list[sw.Scene], list[str]]:
+        rng, attribute, values, words = self._draw(i)
+        which = rng.integers(2, size=self.cfg.max_images)
+        pools = [self.by_value[attribute][values[j]] for j in which]
+        scenes = [pool[int(rng.integers(len(pool)))] for pool in pools]
+        return attribute, scenes, [words[j] for j in which]
+
+    def valid_answers(self, i: int) -> frozenset[str]:
+        """Episode i's two words."""
+        return frozenset(self._draw(i)[3])
 
     def document(self, i: int) -> dict:
         attribute, scenes, answers = self.episode(i)
@@ -217,6 +287,8 @@ def make_source(cfg: DocumentData):
         return ShapesWorldDocs(DocumentData(**{**vars(cfg), "max_images": 1}))
     if cfg.kind == "shapesworld_incontext":
         return InContextDocs(cfg)
+    if cfg.kind == "shapesworld_binding":
+        return BindingDocs(cfg)
     if cfg.kind == "shapesworld_conversation":
         if cfg.prompt.count("{}") != 1 or cfg.turns < 1:
             raise ValueError(f"dataset {cfg.name!r}: prompt must hold one {{}} and turns be >= 1")

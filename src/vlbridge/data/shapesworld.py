@@ -307,6 +307,16 @@ def make_split(name: str, n: int, cfg: ShapesWorldConfig | None = None, start: i
     return [split_scene(name, i, cfg) for i in range(start, start + n)]
 
 
+def object_scenes(split: str, n: int, cfg: ShapesWorldConfig | None = None) -> list[Scene]:
+    """n one-object scenes from split's own seed stream (train/val/test; never a HELD_OUT pair). One-object
+    captions are too few (72) to be divided among the splits by caption as make_split does, so these
+    scenes share their colours and shapes with the other splits, not their renderings."""
+    cfg = dataclasses.replace(cfg or ShapesWorldConfig(), min_objects=1, max_objects=1)
+    if split not in _BUCKETS:
+        raise ValueError(f"split {split!r}: one-object scenes come from {list(_BUCKETS)}")
+    return [generate_scene(_split_rng(cfg, split, i), cfg) for i in range(n)]
+
+
 def _edit(base: Scene, kind: str, rng, cfg: ShapesWorldConfig, allow_held_out: bool) -> list[Obj] | None:
     """Objects of `base` with exactly one attribute of one object changed (None if impossible)."""
     objs = list(base.objects)

@@ -9,7 +9,9 @@ nearest to the query. Zero-shot uses `zero_shot_text_demos` text-only demonstrat
 so the model sees the answer format without any image.
 
     fewshot_eval(model, processor, "caption" | "vqa", support, queries, shots=(0, 4), ...)
-    incontext_eval(model, processor, source, shots)   the ShapesWorld in-context task (data.interleaved)
+    incontext_eval(model, processor, source, shots)   the ShapesWorld in-context tasks (data.interleaved):
+                                                     InContextDocs (which attribute) and BindingDocs
+                                                     (which word names which colour or shape)
 
 Every result records the decoding settings, the prompt template, the selection and n.
 """
@@ -22,7 +24,15 @@ import numpy as np
 import torch
 
 from vlbridge.data import shapesworld as sw
-from vlbridge.data.interleaved import ANSWERS, IMAGE, InContextDocs
+from vlbridge.data.interleaved import (
+    ANSWERS,
+    BINDING_ATTRIBUTES,
+    BINDING_WORDS,
+    IMAGE,
+    BindingDocs,
+    DocumentData,
+    InContextDocs,
+)
 from vlbridge.evaluation.generation import DECODING
 from vlbridge.evaluation.metrics import normalize_vqa_answer, vqa_accuracy
 
@@ -150,22 +160,24 @@ def fewshot_eval(
 def incontext_eval(
     model,
     processor,
-    source: InContextDocs,
+    source: InContextDocs | BindingDocs,
     shots=(0, 4),
     num_queries: int = 64,
     decode: dict | None = None,
     template: str = "<image>{answer}<|endofchunk|>",
     batch_size: int = 16,
 ) -> dict:
-    """The ShapesWorld in-context task: episode i's first k scenes (with answers) are the
-    demonstrations, its last scene the query. accuracy: the right answer; format_accuracy: an answer
-    of the right attribute (a color when the document answers colors, ...), which only the
-    demonstrations reveal. Without text-only demos: they would tell the attribute at 0 shots."""
+    """A ShapesWorld in-context task: episode i's first k scenes (with answers) are the
+    demonstrations, its last scene the query. accuracy (with its standard error): the right answer;
+    format_accuracy: an answer of the episode's kind (source.valid_answers: a colour when the episode
+    answers colours, one of the episode's two words in the binding task), which only the
+    demonstrations reveal. Without text-only demos: they would tell the kind at 0 shots."""
     decode = {**DECODING["fewshot_vqa"], "num_beams": 1, **(decode or {})}
     top = max(shots)
     if top >= source.cfg.max_images:
         raise ValueError(f"{top} shots need documents of more than {top} images (max_images {source.cfg.max_images})")
     episodes = [source.episode(i) for i in range(num_queries)]
+    valid = [source.valid_answers(i) for i in range(num_queries)]
     results = {}
     for k in shots:
         t0 = time.time()
@@ -178,14 +190,52 @@ def incontext_eval(
             p.replace(".", " ").split() for p in generate_answers(model, processor, prompts, images, decode, batch_size)
         ]
         first = [p[0] if p else "" for p in preds]
+        right = np.array([f == e[2][-1] for f, e in zip(first, episodes)], dtype=float)
         results[k] = {
-            "accuracy": float(np.mean([f == e[2][-1] for f, e in zip(first, episodes)])),
-            "format_accuracy": float(np.mean([f in ANSWERS[e[0]] for f, e in zip(first, episodes)])),
+            "accuracy": float(right.mean()),
+            "stderr": float(right.std() / np.sqrt(len(right))),
+            "format_accuracy": float(np.mean([f in v for f, v in zip(first, valid)])),
             "n": num_queries,
             "seconds": time.time() - t0,
             "examples": first[:8],
         }
-    return {"task": "shapesworld_incontext", "template": template, "decode": decode, "shots": results}
+    task = "shapesworld_binding" if isinstance(source, BindingDocs) else "shapesworld_incontext"
+    return {"task": task, "template": template, "decode": decode, "shots": results}
+
+
+def binding_ideal(source: BindingDocs, shots=(0, 4), num_queries: int = 64) -> dict[int, float]:
+    """The binding task's ceiling on the episodes incontext_eval uses: the accuracy of the Bayes-optimal
+    learner, who knows the task's form and picks the word most hypotheses consistent with the k
+    demonstrations give the query (ties and no consistent guess: the first candidate). Hypotheses:
+    attribute x ordered value pair x ordered word pair, all equally likely a priori."""
+    import itertools
+
+    words = {w: i for i, w in enumerate(BINDING_WORDS)}
+    hyps = np.array(
+        [
+            (a, v1, v2, w1, w2)
+            for a, attr in enumerate(BINDING_ATTRIBUTES)
+            for v1, v2 in itertools.permutations(range(len(ANSWERS[attr])), 2)
+            for w1, w2 in itertools.permutations(range(len(BINDING_WORDS)), 2)
+        ]
+    )  # (H, 5)
+    a, v1, v2, w1, w2 = hyps.T
+    out = {}
+    for k in shots:
+        right = []
+        for i in range(num_queries):
+            _, scenes, answers = source.episode(i)
+            feats = np.array(
+                [[ANSWERS[attr].index(getattr(s.objects[0], attr)) for attr in BINDING_ATTRIBUTES] for s in scenes]
+            )  # (n, 2): each scene's value index per attribute
+            said = np.array([words[w] for w in answers])
+            f, w = feats[-1 - k : -1][:, a], said[-1 - k : -1, None]  # (k, H): each demo's value under each hypothesis
+            ok = (((f == v1) & (w == w1)) | ((f == v2) & (w == w2))).all(0)  # (H,)
+            q = feats[-1][a]
+            votes = np.bincount(np.where(q == v1, w1, w2)[ok & ((q == v1) | (q == v2))], minlength=len(words))
+            right.append(int(votes.argmax()) == said[-1])
+        out[k] = float(np.mean(right))
+    return out
 
 
 SHAPESWORLD_CAPTION = "<image>{answer}<|endofchunk|>"  # how the ShapesWorld Flamingo recipe pairs images and text
@@ -204,9 +254,8 @@ def shapesworld_fewshot(
 ) -> dict:
     """0/1/4/8-shot ShapesWorld captioning (random and RICES demonstrations; exact match and per-attribute
     accuracy), VQA (one question per query scene, demonstrations of other scenes and questions) and
-    the in-context task: n queries from `split`, demonstrations from the first support_size train scenes."""
-    from vlbridge.data.interleaved import DocumentData
-
+    the two in-context tasks: n queries from `split`, demonstrations from the first support_size train
+    scenes (the in-context tasks' episodes are all from `split`)."""
     world = world or sw.ShapesWorldConfig()
     scenes = sw.make_split("train", support_size, world) + sw.make_split(split, n, world)
     images = [sw.render(s, world) for s in scenes]
@@ -244,18 +293,19 @@ def shapesworld_fewshot(
             decode=decode,
         ),
     }
-    source = InContextDocs(
-        DocumentData(
-            kind="shapesworld_incontext",
+    for name, kind in (("incontext", InContextDocs), ("binding", BindingDocs)):
+        data = DocumentData(
+            kind=f"shapesworld_{name}",
             split=split,
             max_images=max(shots) + 1,
             num_samples=500,
             width=world.width,
             height=world.height,
         )
-    )
-    report["incontext"] = incontext_eval(model, processor, source, shots, n)
-    for r in (*report["caption"].values(), report["vqa"], report["incontext"]):
+        report[name] = incontext_eval(model, processor, kind(data), shots, n)
+        if kind is BindingDocs:
+            report[name]["ideal"] = binding_ideal(kind(data), shots, n)
+    for r in (*report["caption"].values(), report["vqa"], report["incontext"], report["binding"]):
         for m in r["shots"].values():
             m.pop("prompt_example", None)
     return report
@@ -270,8 +320,11 @@ def fewshot_summary(report: dict) -> dict:
             for k, m in r["shots"].items()
         }
     out["vqa"] = {k: m["vqa_accuracy"] for k, m in report["vqa"]["shots"].items()}
-    out["incontext"] = {
-        k: {"accuracy": m["accuracy"], "format_accuracy": m["format_accuracy"]}
-        for k, m in report["incontext"]["shots"].items()
-    }
+    for name in ("incontext", "binding"):
+        out[name] = {
+            k: {key: m[key] for key in ("accuracy", "stderr", "format_accuracy") if key in m}
+            for k, m in report.get(name, {}).get("shots", {}).items()
+        }
+    if "ideal" in report.get("binding", {}):
+        out["binding_ideal"] = report["binding"]["ideal"]
     return out
