@@ -3,12 +3,21 @@ encoder-decoder LM. Loaded by hub id or local directory through transformers' ow
 
 Frozen means: requires_grad=False, kept in eval mode (the owning model re-applies it in `train()`),
 never handed to an optimizer, optionally held in bf16/fp16.
+
+Inside `deferred_weights()` a backbone is built from its config with its parameters on the meta device
+(no memory, no values) and its buffers real (they are computed, not read); the yielded WeightSources
+records which safetensors file and key holds each parameter, so that FSDP training can read each rank's
+slice of the files once the model is sharded (dist.materialize) instead of loading every backbone whole
+on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
+import json
 import logging
 from pathlib import Path
 
@@ -138,7 +147,12 @@ def load_vision(cfg: VisionConfig, root: str | Path | None = None) -> VisionBack
     path = resolve_path(cfg.name_or_path, root)
     if not path:
         raise ValueError("VisionConfig.name_or_path is empty: name a hub id or a local directory")
-    backbone = VisionBackbone(_load_vision_model(path, resolve_dtype(cfg.dtype)), cfg.feature_layer)
+    dtype = resolve_dtype(cfg.dtype)
+    deferred = _DEFERRED.get()
+    model = deferred.vision(path, dtype) if deferred is not None else None
+    if model is None:
+        model = _load_vision_model(path, dtype)
+    backbone = VisionBackbone(model, cfg.feature_layer)
     cfg.hidden_size = backbone.hidden_size
     return freeze(backbone)
 
@@ -152,10 +166,170 @@ def load_lm(cfg: LMConfig, root: str | Path | None = None) -> nn.Module:
         raise ValueError("LMConfig.name_or_path is empty: name a hub id or a local directory")
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    lm = auto.from_pretrained(path, dtype=resolve_dtype(cfg.dtype), **quantization_kwargs(cfg))
+    deferred = _DEFERRED.get() if cfg.quantization is None else None  # bitsandbytes loads its own way
+    lm = deferred.build(auto, config, path, resolve_dtype(cfg.dtype)) if deferred is not None else None
+    if lm is None:
+        lm = auto.from_pretrained(path, dtype=resolve_dtype(cfg.dtype), **quantization_kwargs(cfg))
     cfg.hidden_size = lm.get_input_embeddings().embedding_dim
     cfg.is_encoder_decoder = bool(config.is_encoder_decoder)
     return freeze(lm)
+
+
+# ---------------------------------------------------------------- deferred loading (FSDP over several ranks)
+
+_DEFERRED: contextvars.ContextVar[WeightSources | None] = contextvars.ContextVar("deferred_weights", default=None)
+
+
+class WeightSources:
+    """Where the values of the backbone parameters built on the meta device are: (safetensors file, key)
+    per parameter. A backbone whose keys cannot all be matched to its files (a layout transformers renames
+    on load) is loaded whole as usual, with a warning."""
+
+    def __init__(self):
+        self._by_param: dict[int, tuple[nn.Parameter, str, str]] = {}  # id -> (param, file, key)
+
+    def build(self, auto, config, path: str, dtype: torch.dtype, attr: str | None = None) -> nn.Module | None:
+        """`auto.from_config(config)` (then its `attr` submodule) with meta parameters, its keys matched to
+        the safetensors files of `path`; None when they cannot be (the caller loads it whole)."""
+        files = _safetensors_keys(Path(path))
+        if not files:
+            log.warning("%s: no safetensors files to read slices of: loaded whole on every rank", path)
+            return None
+        make = getattr(auto, "from_config", None) or auto._from_config  # an Auto class, or a model class
+        # Some modules draw their initial values while being built (CLIP's class_embedding = randn(...)):
+        # from_pretrained builds on the meta device, where that draws nothing, and so must this (the
+        # bridge's initial weights come from the same global RNG afterwards).
+        with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
+            model = make(config, dtype=dtype)
+        model = getattr(model, attr) if attr else model
+        params = dict(model.named_parameters())
+        if not all(p.is_meta for p in params.values()):  # set past register_parameter: would keep random values
+            log.warning("%s: not every parameter could be built on the meta device: loaded whole on every rank", path)
+            return None
+        found = _match_keys({n: tuple(p.shape) for n, p in params.items()}, files)
+        if found is None:
+            log.warning("%s: its parameter names do not map onto its files' keys: loaded whole on every rank", path)
+            return None
+        keys, rename = found
+        for name, p in params.items():
+            self._by_param[id(p)] = (p, files[keys[name]][0], keys[name])
+        # Persistent buffers the files hold (a BatchNorm's running statistics) are read now, as
+        # from_pretrained reads them; they are small. The others keep the values they were built with.
+        from safetensors import safe_open
+
+        persistent = model.state_dict().keys()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                key = rename(name)
+                if name in persistent and key in files:
+                    with safe_open(files[key][0], framework="pt") as f:
+                        buffer.copy_(f.get_tensor(key))
+        return model.eval()
+
+    def vision(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        """A vision model as _load_vision_model builds it: a composite checkpoint's vision-only class."""
+        import transformers
+        from transformers import MODEL_MAPPING, AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        vision_config = getattr(config, "vision_config", None)
+        if vision_config is not None:
+            cls = MODEL_MAPPING.get(type(vision_config), None)
+            if cls is not None:
+                return self.build(cls, vision_config, path, dtype)
+            return self.build(AutoModel, config, path, dtype, attr="vision_model")
+        if config.architectures and not _auto_model_knows(config):
+            return self.build(getattr(transformers, config.architectures[0]), config, path, dtype)
+        return self.build(AutoModel, config, path, dtype)
+
+    def by_name(self, model: nn.Module) -> dict[str, tuple[str, str]] | None:
+        """{parameter name in `model`: (file, key)} for every meta parameter; None when one has no source
+        (e.g. a bridge tensor computed from a backbone's weights, or LoRA adapters on a meta layer): then
+        the model must be built again without deferral."""
+        found = {}
+        for name, p in model.named_parameters():
+            if p.is_meta:
+                if id(p) not in self._by_param:
+                    log.info("%s was made from weights not loaded yet", name)
+                    return None
+                found[name] = self._by_param[id(p)][1:]
+        return found
+
+
+@contextlib.contextmanager
+def deferred_weights(enabled: bool = True):
+    """Within: load_lm / load_vision build unquantised backbones with meta parameters and record their
+    sources in the yielded WeightSources (None when not enabled)."""
+    if not enabled:
+        yield None
+        return
+    sources = WeightSources()
+    token = _DEFERRED.set(sources)
+    try:
+        yield sources
+    finally:
+        _DEFERRED.reset(token)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered within goes to the meta device as it is registered, so nothing is
+    allocated or initialised for it; buffers (rotary frequencies, position ids) stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _safetensors_keys(root: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (file, shape)} of a transformers checkpoint directory (one file, or shards and their index)."""
+    from safetensors import safe_open
+
+    index = root / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
+    if not names and (root / "model.safetensors").exists():
+        names = ["model.safetensors"]
+    found = {}
+    for name in names:
+        with safe_open(str(root / name), framework="pt") as f:
+            for key in f.keys():
+                found[key] = (str(root / name), tuple(f.get_slice(key).get_shape()))
+    return found
+
+
+def _match_keys(params: dict[str, tuple], files: dict[str, tuple[str, tuple]]):
+    """Each parameter name's file key, of the same shape, and the renaming that gives it. The names and
+    keys may differ by a prefix (a base model's "transformer." absent from the file, a composite's
+    "vision_model." present): the one renaming `strip a prefix, add a prefix` that fits every parameter;
+    None when none or several do."""
+    if not params:
+        return {}, lambda name: name
+    anchor = next(iter(params))
+    parts = anchor.split(".")
+    renamings = set()
+    for i in range(len(parts)):
+        suffix = ".".join(parts[i:])
+        strip = anchor[: len(anchor) - len(suffix)]
+        for key in files:
+            if key == suffix or key.endswith("." + suffix):
+                renamings.add((strip, key[: len(key) - len(suffix)]))
+    fits = {}  # the mapping -> one renaming that gives it
+    for strip, add in sorted(renamings):
+        keys = {n: add + n[len(strip) :] if n.startswith(strip) else None for n in params}
+        if all(k in files and files[k][1] == params[n] for n, k in keys.items()):
+            fits.setdefault(tuple(sorted(keys.items())), (strip, add))
+    if len(fits) != 1:
+        return None
+    mapping, (strip, add) = fits.popitem()
+    return dict(mapping), lambda name: add + name[len(strip) :] if name.startswith(strip) else name
 
 
 def quantization_kwargs(cfg: LMConfig) -> dict:

@@ -79,6 +79,25 @@ def barrier():
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank takes part)."""
+    if world()[1] == 1:
+        return flag
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces CUDA tensors only
+    t = torch.tensor([float(flag)], device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalar logs over the ranks (each rank's loss is the mean over its own slice)."""
     if world()[1] == 1 or not values:
@@ -117,6 +136,99 @@ def fully_shard_blocks(root: torch.nn.Module, device: torch.device, blocks: list
     return fully_shard(root, mesh=mesh, ignored_params=scalars)
 
 
+def materialize(root: torch.nn.Module, device: torch.device, sources: dict[str, tuple[str, str]]) -> None:
+    """Give the meta parameters of a sharded `root` (built within backbones.deferred_weights, then
+    fully_shard_blocks) storage on `device` and their values: each rank reads only its own rows of each
+    from the safetensors files that `sources` names ({parameter name in root: (file, key)}), so no rank
+    ever holds a whole backbone. The other tensors (the bridge, built whole on every rank from the same
+    seed, and every buffer) keep their values and their identity (the scalars' gradient hooks stay).
+
+    nn.Module._apply is what to_empty runs, here asked to replace the meta tensors only; FSDP's own
+    _apply then re-registers its padded shards, so the writes below land in them."""
+    from torch.distributed.tensor import DTensor
+
+    def place(t: torch.Tensor) -> torch.Tensor:  # the parameters FSDP leaves whole (scalars) move here too
+        return torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+
+    root._apply(place)
+    missing = sorted(n for n, p in root.named_parameters() if n not in sources and p.is_meta)
+    if missing:
+        raise ValueError(f"no values for the parameters {missing[:5]}: they were made from weights not loaded yet")
+    files: dict[str, SafetensorsRows] = {}
+    with torch.no_grad():
+        for name, p in root.named_parameters():
+            if name not in sources:
+                continue
+            file, key = sources[name]
+            reader = files.setdefault(file, SafetensorsRows(file))
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                start, end = shard_rows(p)
+                if local.shape[0] != end - start:
+                    raise RuntimeError(f"{name}: a shard of {local.shape[0]} rows, expected rows {start}:{end}")
+                if end > start:
+                    local.copy_(reader.rows(key, start, end))
+            else:
+                p.copy_(reader.rows(key))
+
+
+class SafetensorsRows:
+    """Rows [start, end) of dim 0 of a tensor in a safetensors file, read with plain file reads: the
+    bytes of those rows are contiguous, and nothing else of the file enters memory (safetensors' own
+    reader maps the whole file, whose touched pages then count as this process's memory)."""
+
+    DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+    def __init__(self, path: str):
+        import json
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))  # the header's length, then the header (JSON)
+            self.header = json.loads(f.read(size))
+        self.data = 8 + size  # where the tensors' bytes start
+
+    def rows(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        info = self.header[key]
+        dtype, shape = self.DTYPES[info["dtype"]], info["shape"]
+        if not shape:  # a scalar: its one value
+            start, end = 0, 1
+        end = shape[0] if end is None and shape else end
+        row = torch.Size(shape[1:]).numel() * dtype.itemsize
+        out = torch.empty((end - start, *shape[1:]) if shape else (1,), dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data + info["data_offsets"][0] + start * row)
+            buffer = out.view(torch.uint8).reshape(-1).numpy()  # the tensor's own bytes, written in place
+            if f.readinto(buffer) != buffer.nbytes:
+                raise ValueError(f"{self.path}: {key} is cut short (the file is truncated)")
+        return out if shape else out.reshape(())
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, end) of dim 0 that this rank's FSDP shard of `p` holds: FSDP2 cuts dim 0 as
+    torch.chunk does (ceil(n / ranks) rows each; the last ranks may hold fewer, or none)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"expected a tensor sharded on dim 0 over one mesh dimension, got {p.placements}")
+    n, ranks = p.shape[0], p.device_mesh.size()
+    rows = -(-n // ranks)
+    start = min(p.device_mesh.get_local_rank() * rows, n)
+    return start, min(start + rows, n)
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether FSDP has sharded `module`'s parameters (DTensors)."""
     if world()[1] == 1:
@@ -133,6 +245,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
     t = t.detach()
     return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP shard's local rows, a plain tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

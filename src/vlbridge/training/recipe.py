@@ -102,6 +102,11 @@ class TrainConfig:
     # Under torchrun: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 fully_shard: each transformer
     # block sharded over the ranks and gathered only while it runs). One process ignores it.
     parallel: str = "ddp"
+    # "whole": checkpoints of whole tensors (safetensors) written by rank 0, under FSDP gathered to it first;
+    # "sharded": torch.distributed.checkpoint, every rank writing its own shards (no rank gathers the
+    # model; the checkpoint folder must be on a file system all ranks share). A run resumes from either
+    # format on any number of processes (docs/training.md).
+    checkpoint_format: str = "whole"
     tensorboard: bool = False
     wandb: bool = False
     device: str = "auto"
@@ -119,6 +124,7 @@ class TrainConfig:
         "out_dir",
         "device",
         "parallel",
+        "checkpoint_format",
         "cache_features",
         "grad_checkpointing",
         "tensorboard",
@@ -218,6 +224,12 @@ class TrainConfig:
                 "not do): use 'bf16' (autocast; fp32's range at fp16's memory) or 'fp32'"
             )
         _require(self.precision in ("bf16", "fp32"), "precision", "'bf16' or 'fp32'", self.precision)
+        _require(
+            self.checkpoint_format in ("whole", "sharded"),
+            "checkpoint_format",
+            "'whole' or 'sharded'",
+            self.checkpoint_format,
+        )
         if self.resume and self.overwrite:
             raise ConfigError(
                 "TrainConfig.resume and TrainConfig.overwrite: expected at most one true (continue a run or replace it)"

@@ -7,11 +7,12 @@ resume (checkpoint.py, rundir.py) -> final model. Logs to <out_dir>/log.jsonl; t
 
 1 or N processes: under `torchrun --nproc_per_node N -m vlbridge.training.train RECIPE` (any recipe)
 each rank takes its slice of the same global batch (batch_size, and a Flamingo dataset's batch_size, is
-the per-rank micro-batch: global batch = batch_size * N * grad_accum) and only rank 0 writes. parallel
+the per-rank micro-batch: global batch = batch_size * N * grad_accum) and only rank 0 logs. parallel
 "ddp": every rank holds the model and DistributedDataParallel averages the gradients. parallel "fsdp":
 FSDP2 shards every parameter, gradient and optimizer state over the ranks (for LMs too large to
-replicate); rank 0 keeps a CPU copy of the model to write checkpoints, which stay whole (safetensors),
-so a run resumes on any number of processes and either parallel mode.
+replicate), and no rank loads a backbone whole (build, dist.materialize). Checkpoints are whole
+(safetensors, gathered to rank 0) or, with checkpoint_format "sharded", written by every rank (DCP); a
+run resumes from either on any number of processes and either parallel mode.
 
 `model_kind` says what a recipe builds: "blip2" (stage 1 or 2, `model` + `data`), "flamingo"
 (`flamingo` + `datasets`) or "eve" (stage 1, 2 or 3, `eve` + `data`). Each kind has a small build
@@ -29,7 +30,6 @@ applied or saved; SIGINT / SIGTERM end the current step, save a checkpoint and e
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import signal
@@ -43,11 +43,14 @@ import numpy as np
 import torch
 
 from vlbridge.core import dist
+from vlbridge.core.backbones import deferred_weights
 from vlbridge.core.config import ConfigError, from_dict, to_dict
 from vlbridge.training.build import build_model, build_streams, log_init_from
 from vlbridge.training.checkpoint import (
     ResumeRefused,
+    Writer,
     full_model,
+    load_sharded,
     load_trainer_state,
     load_weights,
     save_checkpoint,
@@ -158,6 +161,27 @@ def agree(flags: list[float]) -> list[float]:
     return t.tolist()
 
 
+def build(cfg: TrainConfig, fsdp: bool):
+    """The recipe's model and processor, from cfg.seed (the same initial weights on every rank; DDP also
+    broadcasts rank 0's). Under FSDP the backbones are built with meta parameters (backbones.deferred_weights)
+    and the third value maps each of them to the file and key that dist.materialize reads this rank's rows
+    of once the model is sharded; None when the whole model was loaded: not FSDP, cache_features (the
+    feature cache runs the vision tower before sharding), or a model that needs its backbones' weights to
+    be built (Flamingo's added token rows start as the mean of the LM's, LoRA adapters on a meta layer
+    are created empty), which is built again the usual way, with a warning."""
+    torch.manual_seed(cfg.seed)
+    with deferred_weights(enabled=fsdp and not cfg.cache_features) as deferred:
+        model, processor = build_model(cfg)
+    if deferred is None:
+        return model, processor, None
+    sources = deferred.by_name(model)
+    if sources is None:
+        log.warning("this model needs its backbones' weights to be built: every rank loads them whole before sharding")
+        torch.manual_seed(cfg.seed)
+        model, processor = build_model(cfg)
+    return model, processor, sources
+
+
 def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
     """Run a recipe; returns the directory of the final model.
 
@@ -182,17 +206,20 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
             )
             dist.shutdown()
             return out / "final"
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model, processor = build_model(cfg)
-        if start.checkpoint is not None:  # the weights now, into the whole model; the optimizer state once it exists
-            load_weights(start.checkpoint, model)
+        fsdp = world_size > 1 and cfg.parallel == "fsdp"
+        model, processor, sources = build(cfg, fsdp)
+        # a whole checkpoint's weights now, into the whole model; a sharded one's once the model is sharded
+        sharded_start = start.checkpoint is not None and start.meta.get("format") == "sharded"
+        if start.checkpoint is not None:
+            if not sharded_start:
+                load_weights(start.checkpoint, model, sources)
         elif cfg.init_from and master:
             log_init_from(model, cfg.init_from)
-        fsdp = world_size > 1 and cfg.parallel == "fsdp"
-        # Under FSDP no rank holds the whole model: rank 0 keeps this CPU copy (one more model in host memory)
-        # to write checkpoints and the final model with the gathered trained values (full_model).
-        writer = copy.deepcopy(model) if fsdp and master else None
-        model.to(device)
+        # Under FSDP no rank holds the whole model: rank 0 keeps a copy made before sharding, whose backbones
+        # (when deferred) stay without values until final/ or the callback need them (checkpoint.Writer).
+        writer = Writer(model, set(sources or ())) if fsdp else None
+        if sources is None:  # else fully_shard moves the bridge, and dist.materialize makes the backbones on device
+            model.to(device)
         if cfg.precision == "bf16" and device.type == "cpu" and model.lm is not None:
             # Gradients flow through the frozen LM (to the soft prompt / the gated blocks); its fused attention
             # kernel is slow in bf16 backward on CPU (see qformer.attention), the eager path is the same math.
@@ -209,6 +236,8 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         step_model = model
         if fsdp:
             step_model = dist.fully_shard_blocks(Objective(model, cfg), device, model.fsdp_blocks())
+            if sources is not None:
+                dist.materialize(step_model, device, {f"model.{n}": src for n, src in sources.items()})
         elif world_size > 1:
             # Only trainable parameters take part (the frozen backbones have requires_grad False).
             ids = [device] if device.type == "cuda" else None
@@ -229,7 +258,11 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
         # non-finite steps: in all, and in a row (a checkpoint carries both, so a resume counts on)
         counters = {"skipped_nonfinite": 0, "nonfinite_run": 0}
         if start.checkpoint is not None:
-            meta = load_trainer_state(start.checkpoint, opt)
+            meta = (
+                load_sharded(start.checkpoint, model, opt)
+                if sharded_start
+                else load_trainer_state(start.checkpoint, opt)
+            )
             counters = {k: meta.get(k, 0) for k in counters}
 
         def save(step: int) -> Path | None:
@@ -244,6 +277,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
                 steps=cfg.steps,
                 counters=counters,
                 keep_last=cfg.keep_last,
+                sharded=cfg.checkpoint_format == "sharded",
             )
 
         loggers = run.enter_context(Loggers(cfg, out)) if master else None
@@ -311,7 +345,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
                 last = step + 1 == cfg.steps
                 if callback is not None and ((callback_every and (step + 1) % callback_every == 0) or last):
                     tc = time.time()
-                    full = full_model(model, writer)  # under FSDP every rank takes part in the gather
+                    full = full_model(model, writer, whole=True)  # under FSDP every rank takes part in the gather
                     if master:
                         full.eval()
                         loggers.write(
@@ -332,7 +366,7 @@ def train(cfg: TrainConfig, callback=None, callback_every: int = 0) -> Path:
                             file=sys.stderr,
                         )
                     raise SystemExit(code)
-        full = full_model(model, writer)
+        full = full_model(model, writer, whole=True)
         if master:
             final = write_final(full, processor, out, cfg.steps, identity)
             log.info("saved %s", final)
