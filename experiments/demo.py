@@ -7,10 +7,12 @@ flamingo  the shipped recipe and the tanh-gating / immediate-vs-all-images ablat
           (experiments.flamingo_study)
 eve       the three-stage recipe and its ablations against BLIP-2, language ability, latency
           (experiments.eve_study)
+compare   BLIP-2, Flamingo, EVE and the LLaVA-style MLP projector (trained here) measured the same way
+          (experiments.compare_study)
 Writes <out>/report.json (metrics, decode settings, timings, curves) and <out>/report.html (samples,
 retrieval examples, training curves, query attention maps, the Flamingo and EVE tables).
 
-    python -m experiments.demo --out demo-output [--parts blip2,flamingo,eve] [--quick]
+    python -m experiments.demo --out demo-output [--parts blip2,flamingo,eve,compare] [--quick]
                             [--stage1 KEY=VALUE ...] [--stage2 KEY=VALUE ...]
 --stage1 / --stage2 override the BLIP-2 recipes as `vlbridge train` does, e.g. `--stage1 steps=600` or
 `--stage1 model.vision.name_or_path=DIR` (stage 2 and the evaluation take stage 1's encoder).
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from experiments import eve_study, flamingo_study
+from experiments import compare_study, eve_study, flamingo_study
 from experiments.report import choose, write_html
 from vlbridge.assets import SHAPESWORLD
 from vlbridge.data import shapesworld as sw
@@ -53,11 +55,12 @@ TARGETS = {
 }
 
 
-PARTS = ("blip2", "flamingo", "eve")
+PARTS = ("blip2", "flamingo", "eve", "compare")
 
 
 def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] = ([], []), parts=PARTS) -> dict:
-    """BLIP-2 always runs (the other parts compare against it); flamingo and eve when in `parts`."""
+    """BLIP-2 always runs (the other parts compare against it); flamingo, eve and compare when in `parts`
+    (compare takes the Flamingo and EVE models of this run when they are trained)."""
     size = SIZES["quick" if quick else "full"]
     t_start = time.time()
     report: dict = {
@@ -130,6 +133,20 @@ def run(out: Path, quick: bool = False, overrides: tuple[list[str], list[str]] =
         sections.append(
             eve_study.html_section(report["eve"], {"captions": report["test_captions"], "vqa": report["test_vqa"]})
         )
+    if "compare" in parts:
+        t = time.time()
+        models = {"blip2": stage2_dir}
+        if "flamingo" in report:
+            models["flamingo"] = report["flamingo"]["flamingo"]["final"]
+        if "eve" in report:
+            models["eve"] = report["eve"]["eve"]["final"]
+        models["llava"] = compare_study.train_llava(out / "llava", quick)
+        fewshot = {"flamingo": report["flamingo"]["flamingo"]["summary"]} if "flamingo" in report else None
+        report["compare"] = compare_study.run(
+            out / "compare", models, retrieval={"blip2": stage1_dir}, fewshot=fewshot, quick=quick
+        )
+        report["timings_s"]["compare"] = time.time() - t
+        sections.append(compare_study.html_section(report["compare"], out))
     report["timings_s"]["total"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     write_html(report, out, m1, p1, m2, p2, world, sections)
@@ -163,7 +180,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-output")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test of the pipeline)")
-    p.add_argument("--parts", default=",".join(PARTS), help="blip2 always runs; add flamingo and/or eve")
+    p.add_argument("--parts", default=",".join(PARTS), help="blip2 always runs; add flamingo, eve and/or compare")
     p.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the stage-1 recipe")
     p.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the stage-2 recipe")
     args = p.parse_args(argv)
@@ -171,7 +188,14 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("vlbridge").setLevel(logging.INFO)
     out = Path(args.out)
-    for stage in ("stage1", "stage2", "flamingo", "eve"):  # a demo always starts from scratch (no resume, fresh logs)
+    for stage in (
+        "stage1",
+        "stage2",
+        "flamingo",
+        "eve",
+        "llava",
+        "compare",
+    ):  # a demo always starts from scratch (no resume, fresh logs)
         shutil.rmtree(out / stage, ignore_errors=True)
     quick = ["steps=4", "data.num_samples=64", "batch_size=16", "save_every=0"] if args.quick else []
     report = run(out, args.quick, (quick + args.stage1, quick + args.stage2), parts)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from experiments.report import choose, figure_html, fmt, html_table, log_series, plot_curves
-from vlbridge.evaluation.fewshot import fewshot_summary, shapesworld_fewshot
+from vlbridge.evaluation.fewshot import binding_text, fewshot_summary, shapesworld_fewshot
 from vlbridge.models.flamingo.modeling import Flamingo, FlamingoProcessor
 from vlbridge.training.train import load_recipe, train
 
@@ -66,6 +66,21 @@ def targets(summary: dict) -> dict:
     return rows
 
 
+def lm_text_binding(model_dir: str, shots, n: int) -> dict[int, float]:
+    """The frozen LM's own binding ability (evaluation.fewshot.binding_text) on the val episodes the
+    few-shot evaluation uses: whether the LM can tie a word to a colour or shape in context at all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlbridge.data.interleaved import BindingDocs, DocumentData
+
+    lm_path = Path(model_dir) / Flamingo.read_config(Path(model_dir)).lm.name_or_path  # saved beside the bridge
+    source = BindingDocs(
+        DocumentData(kind="shapesworld_binding", split="val", max_images=max(shots) + 1, num_samples=500)
+    )
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(lm_path), AutoTokenizer.from_pretrained(lm_path)
+    return binding_text(lm, tokenizer, source, shots, n)
+
+
 VARIANTS = {
     "flamingo": [],
     "no_tanh": ["flamingo.gating=none"],
@@ -108,6 +123,7 @@ def run(
     report = {name: run_variant(out, name, VARIANTS[name] + extra, shots, n, beams) for name in variants}
     for r in report.values():
         r["targets"] = targets(r["summary"])
+        r["lm_text_binding"] = lm_text_binding(r["final"], [k for k in shots if k], n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flamingo_study.json").write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -151,6 +167,15 @@ def html_section(report: dict, out: Path) -> str:
         ],
         rows,
     )
+    text = next((r["lm_text_binding"] for r in report.values() if r.get("lm_text_binding")), None)
+    lm_line = (
+        ""
+        if not text
+        else "<p>The frozen LM alone, the binding task told in words (each image replaced by its object; "
+        "forced choice between the episode's two words, chance 0.5): "
+        + ", ".join(f"{k}-shot {fmt(v)}" for k, v in text.items())
+        + ". What the LM cannot do from text, a Flamingo built on it has no mechanism to do from images.</p>"
+    )
     series = [(name, xs, ys) for name, r in report.items() for _, xs, ys in log_series(r["curve"], ["loss"])]
     title = "Flamingo training loss"
     plot = plot_curves(title, series, out / "curve_flamingo_loss.png")
@@ -164,6 +189,7 @@ def html_section(report: dict, out: Path) -> str:
         "colour or shape, so one demonstration is ambiguous; the ideal learner is the Bayes-optimal accuracy on "
         "the same episodes. no_tanh = gates removed; all_images = tokens attend to every earlier image.</p>"
         + table
+        + lm_line
         + figure_html(plot, title)
     )
 

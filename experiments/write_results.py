@@ -4,7 +4,7 @@
 
 Every figure on the results page, and in the README between `<!-- results:start -->` and
 `<!-- results:end -->`, is read from these files: `report.json` (experiments.demo: BLIP-2, and the
-Flamingo and EVE studies when the demo ran them) and, when present, `bench.json`,
+Flamingo, EVE and side-by-side studies when the demo ran them) and, when present, `bench.json`,
 `bench_transformers.json` and `bench_memory.json` (benchmarks/). Nothing is typed by hand; a part the
 files lack (a demo run with `--parts blip2`, no benchmarks) is left out and the page says so.
 Standard library only: it runs without torch.
@@ -124,6 +124,18 @@ def headline(report: dict, source: str = "demo-output/report.json") -> str:
                 "–",
             ]
         )
+    llava = (report.get("compare") or {}).get("llava")
+    if llava:
+        ret = llava["test"].get("retrieval")
+        rows.append(
+            [
+                "LLaVA (MLP projector)",
+                f"test, {fmt(llava['test']['captions']['n'])} scenes",
+                slash(llava["test"]["captions"]["metrics"], ("color", "shape", "count")),
+                fmt(llava["test"]["vqa"]["accuracy"]),
+                f"{fmt(ret['itc']['i2t_r1'])} / {fmt(ret['itc_itm']['i2t_r1'])}" if ret else "–",
+            ]
+        )
     if not rows:
         return "No results yet: run `make demo`, then `python -m experiments.write_results`.\n"
     machine = report.get("machine", {})
@@ -178,7 +190,10 @@ def blip2_section(report: dict) -> str:
                 rows.append([f"`{name}`", fmt(t["target"], 2), fmt(t["reached"]), fmt(t["met"])])
             else:  # ITC + ITM re-ranking against ITC alone
                 rows.append([f"`{name}`", f"> ITC ({fmt(t.get('itc'))})", fmt(t.get("itc_itm")), fmt(t["met"])])
-        out += ["### Targets (test split)\n", table(["metric", "target", "reached", "met"], rows)]
+        out += [
+            "### Targets (BLIP-2 on the test split; `flamingo_*`: the Flamingo recipe few-shot on the val split)\n",
+            table(["metric", "target", "reached", "met"], rows),
+        ]
     rows = []
     for split in ("test", "compositional"):
         ret, caps, vqa = (report.get(f"{split}_{k}") for k in ("retrieval", "captions", "vqa"))
@@ -312,6 +327,7 @@ def flamingo_section(report: dict) -> str:
         for i, (k, vqa) in enumerate(by_shots(sm["vqa"])):
             cap, ic = at_shots(sm["caption_random"], k), at_shots(sm["incontext"], k) or {}
             rices = at_shots(sm.get("caption_rices") or {}, k) or {}
+            bind = at_shots(sm.get("binding") or {}, k) or {}
             rows.append(
                 [
                     f"`{name}`" if i == 0 else "",
@@ -320,6 +336,8 @@ def flamingo_section(report: dict) -> str:
                     fmt(rices.get("color")),
                     fmt(vqa),
                     f"{fmt(ic.get('accuracy'))} ({fmt(ic.get('format_accuracy'))})",
+                    f"{fmt(bind.get('accuracy'))} ± {fmt(bind.get('stderr'))}" if bind else "–",
+                    fmt(at_shots(sm.get("binding_ideal") or {}, k)),
                 ]
             )
     losses = [
@@ -331,12 +349,23 @@ def flamingo_section(report: dict) -> str:
         ]
         for n, r in fl.items()
     ]
+    text = next((r["lm_text_binding"] for r in fl.values() if r.get("lm_text_binding")), None)
+    lm_line = (
+        ""
+        if not text
+        else "\nThe frozen LM alone, the binding task told in words (each image replaced by its object, forced "
+        "choice between the episode's two words, chance 0.5): "
+        + ", ".join(f"{k}-shot {fmt(v)}" for k, v in text.items())
+        + ".\n"
+    )
     return (
         "## Flamingo\n\nThe recipe `flamingo_shapesworld` and the paper's two ablations "
         "(`experiments.flamingo_study`), "
         "evaluated few-shot on the val split with demonstrations from the train split "
         "(`evaluation.fewshot.shapesworld_fewshot`). In-context: the attribute to answer is shown only by the "
-        "demonstrations; format = an answer of the right attribute.\n\n"
+        "demonstrations; format = an answer of the right attribute. Binding: two words of the LM's vocabulary "
+        "bound per episode to two values of colour or shape (which one is never said), so one demonstration "
+        "is ambiguous; ideal = the Bayes-optimal learner's accuracy on the same episodes.\n\n"
         + table(["variant", "overrides", "final training loss", "steps"], losses)
         + "\n"
         + table(
@@ -347,9 +376,12 @@ def flamingo_section(report: dict) -> str:
                 "colour (RICES)",
                 "VQA",
                 "in-context accuracy (format)",
+                "binding accuracy ± s.e.",
+                "binding, ideal learner",
             ],
             rows,
         )
+        + lm_line
     )
 
 
@@ -401,6 +433,127 @@ def eve_section(report: dict) -> str:
             f"{fmt(lat['eve'].get('threads'))} threads: BLIP-2 {lat['blip2']['seconds_per_image'] * 1000:.1f} ms, "
             f"EVE {lat['eve']['seconds_per_image'] * 1000:.1f} ms (EVE / BLIP-2 = {fmt(lat['eve_over_blip2'], 2)}).\n"
         )
+    return "\n".join(out)
+
+
+def _change(v) -> str:
+    """A largest weight change: exactly 0, or its order of magnitude."""
+    return "–" if v is None else "0" if v == 0 else f"{v:.1e}"
+
+
+def compare_section(report: dict) -> str:
+    """The designs side by side (experiments.compare_study): every trained model measured the same way."""
+    cmp = report.get("compare")
+    if not cmp:
+        return ""
+    quality, cost, shots, prompts = [], [], [], []
+    for name, r in cmp.items():
+        label = f"`{name}` ({r['model_type']})"
+        test, comp = r["test"], r["compositional"]
+        ret = test.get("retrieval")
+        few = r.get("fewshot") or {}
+        # a design that takes demonstrations, asked zero-shot: its few-shot column is the fair number
+        zero_shot = " (0-shot)" if "in_context" in r.get("tasks", ()) else ""
+        prompts.append(
+            f"`{name}` {r['test']['captions']['decode'].get('prompt')!r} / {r['test']['vqa']['decode'].get('prompt')!r}"
+        )
+        quality.append(
+            [
+                label,
+                slash(test["captions"]["metrics"], ("color", "shape", "count")),
+                fmt(test["vqa"]["accuracy"]) + zero_shot,
+                slash(comp["captions"]["metrics"], ("color", "shape", "count")),
+                fmt(comp["vqa"]["accuracy"]) + zero_shot,
+                f"{fmt(ret['itc']['i2t_r1'])} / {fmt(ret['itc_itm']['i2t_r1'])}" if ret else "–",
+                ", ".join(f"{k}-shot {fmt(v['vqa'])}" for k, v in by_shots(few.get("shots") or {})) or "–",
+            ]
+        )
+        tok, lang, params, b = r["tokens_per_image"], r["language_loss"], r["parameters"], r["budget"]
+        cost.append(
+            [
+                label,
+                fmt(params["trainable"]),
+                fmt(params["total"]),
+                fmt(tok["in_sequence"]) + (f" + {fmt(tok['cross_attended'])}" if tok["cross_attended"] else ""),
+                fmt(r["latency"]["seconds_per_image"] * 1000, 1),
+                f"{slash(lang['before'], ('caption', 'qa'))} → {slash(lang['after'], ('caption', 'qa'))}",
+                _change(lang.get("lm_max_weight_change")),
+                " + ".join(fmt(x["steps"]) for x in b["runs"]) + f" ({fmt(b['samples'])} samples)",
+                fmt(b["train_seconds"], 0),
+            ]
+        )
+        for k, v in by_shots(few.get("shots") or {}):
+            shots.append(
+                [
+                    label,
+                    str(k),
+                    slash(v, ("caption_color", "caption_shape", "caption_count")),
+                    fmt(v["vqa"]),
+                    fmt(v.get("incontext")),
+                    fmt(v.get("binding")),
+                ]
+            )
+    first = next(iter(cmp.values()))
+    lat = first["latency"]
+    out = [
+        "## Designs side by side\n",
+        "Every trained model loaded with `vlbridge.load` and measured the same way through the one interface "
+        f"(`experiments.compare_study`): captions of {fmt(first['test']['captions']['n'])} scenes and "
+        f"{fmt(first['test']['vqa']['n'])} questions per split, each model's own prompts, greedy decoding, "
+        "zero-shot. A design that takes demonstrations (`in_context` among its tasks) is marked 0-shot: Flamingo's "
+        "recipe trains on captioned images and in-context documents, never on a lone question, so its fair VQA "
+        "numbers are few-shot (its own study, val split). Retrieval only where a model has it, or a model given "
+        "for it (BLIP-2: its stage-1 model).\n",
+        table(
+            [
+                "design",
+                "test caption colour / shape / count",
+                "test VQA",
+                "compositional caption colour / shape / count",
+                "compositional VQA",
+                "i2t R@1 ITC / +ITM",
+                "few-shot VQA (val)",
+            ],
+            quality,
+        ),
+        "\nWhat each costs. Trainable: the parameters some stage of the model's training updated. LM tokens per "
+        "image: positions the image takes in the LM's sequence (+ visual tokens read by cross-attention). "
+        f"Latency: one image at a time, {fmt(lat.get('new_tokens'))} greedy tokens, {fmt(lat.get('threads'))} "
+        "threads. Text-only loss of the LM (caption / QA, nats per token): the shipped LM → the LM the trained "
+        "model holds, equal when the design keeps it frozen (Flamingo's gated blocks still act on text inside the "
+        "model). Training: steps of each run (stage) and the samples seen, seconds of training steps.\n\n",
+        table(
+            [
+                "design",
+                "trainable parameters",
+                "total parameters",
+                "LM tokens per image",
+                "ms per image",
+                "text-only loss: shipped → trained",
+                "LM weights, largest change",
+                "training steps (samples)",
+                "training seconds",
+            ],
+            cost,
+        ),
+    ]
+    if shots:
+        out += [
+            "\nFew-shot, as the design's own study measured it (val split, random demonstrations):\n\n",
+            table(
+                ["design", "shots", "caption colour / shape / count", "VQA", "in-context accuracy", "binding accuracy"],
+                shots,
+            ),
+        ]
+    out.append(
+        "\nDecoding: captions "
+        + decode_line({k: v for k, v in first["test"]["captions"]["decode"].items() if k != "prompt"})
+        + "; VQA "
+        + decode_line({k: v for k, v in first["test"]["vqa"]["decode"].items() if k != "prompt"})
+        + ". Prompts (caption / VQA): "
+        + "; ".join(prompts)
+        + ".\n"
+    )
     return "\n".join(out)
 
 
@@ -595,6 +748,7 @@ def render(
         blip2_section(report),
         flamingo_section(report),
         eve_section(report),
+        compare_section(report),
         timings_section(report),
         bench_section(bench),
     ]

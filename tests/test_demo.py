@@ -21,8 +21,10 @@ def test_quick_demo_writes_every_part(tmp_path):
     assert report["eve"]["latency"]["blip2"]["seconds_per_image"] > 0
     # "before" is the shipped LM, whatever the variant trains first
     assert report["eve"]["eve_skip_stage1"]["language_loss_before"] == report["eve"]["eve"]["language_loss_before"]
+    assert set(report["compare"]) == {"blip2", "flamingo", "eve", "llava"}
+    assert {"flamingo_binding_8shot", "flamingo_binding_rises", "vqa_accuracy"} <= set(report["targets"])
     page = (tmp_path / "report.html").read_text()
-    for anchor in ("targets", "curves", "samples", "attention", "flamingo", "eve"):
+    for anchor in ("targets", "curves", "samples", "attention", "flamingo", "eve", "compare"):
         assert f"id='{anchor}'" in page
     assert (tmp_path / "curve_flamingo_loss.png").exists()
 
@@ -32,4 +34,4 @@ def test_recipe_overrides_reach_the_blip2_stages(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["recipes"]["stage1"]["steps"] == 3 and report["recipes"]["stage2"]["steps"] == 2
     assert [r["step"] for r in report["curves"]["stage1"] if "loss" in r][-1] == 3
-    assert "flamingo" not in report and "eve" not in report
+    assert "flamingo" not in report and "eve" not in report and "compare" not in report

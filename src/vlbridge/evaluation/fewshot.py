@@ -238,6 +238,29 @@ def binding_ideal(source: BindingDocs, shots=(0, 4), num_queries: int = 64) -> d
     return out
 
 
+@torch.no_grad()
+def binding_text(lm, tokenizer, source: BindingDocs, shots=(1, 4), num_queries: int = 64) -> dict[int, float]:
+    """What the LM alone can do with the binding task told in words: each image replaced by its object
+    ("a red circle. left a blue square. photo ... a red square."), the accuracy of its forced choice
+    between the episode's two words after the query (chance 0.5). A frozen LM that cannot bind words
+    in context from text gives a Flamingo built on it no mechanism to do so from images."""
+    lm = lm.eval()
+    out = {}
+    for k in shots:
+        right = []
+        for i in range(num_queries):
+            _, scenes, answers = source.episode(i)
+            said = [f"a {s.objects[0].color} {s.objects[0].shape}." for s in scenes]
+            text = " ".join(f"{obj} {w}" for obj, w in zip(said[-1 - k : -1], answers[-1 - k : -1]))
+            ids = tokenizer(f"{text} {said[-1]}".strip(), return_tensors="pt").input_ids
+            logits = lm(input_ids=ids).logits[0, -1]
+            words = sorted(source.valid_answers(i))
+            pick = max(words, key=lambda w: float(logits[tokenizer.convert_tokens_to_ids(w)]))
+            right.append(pick == answers[-1])
+        out[k] = float(np.mean(right))
+    return out
+
+
 SHAPESWORLD_CAPTION = "<image>{answer}<|endofchunk|>"  # how the ShapesWorld Flamingo recipe pairs images and text
 SHAPESWORLD_VQA = "<image>Question: {question} Answer: {answer}<|endofchunk|>"  # the shipped LM's QA format
 
