@@ -686,7 +686,7 @@ def bench_section(bench: dict[str, dict]) -> str:
                     ],
                 ),
             ]
-    if doc := bench.get("bench_memory.json"):
+    if (doc := bench.get("bench_memory.json")) and "results" in doc:
         ok = [r for r in doc["results"] if "error" not in r]
         lm = doc.get("lm", {})
         out += [
@@ -710,6 +710,30 @@ def bench_section(bench: dict[str, dict]) -> str:
         ]
         if doc.get("naive_over_frozen"):
             out.append(f"\nnaive / frozen: {fmt(doc['naive_over_frozen'], 2)}x.\n")
+    if doc and (load := doc.get("fsdp_load")):
+        lm = load.get("lm", {})
+        out += [
+            f"\n### Loading for FSDP, per rank (`benchmarks.bench_memory --only fsdp-load`; {_env(doc)})\n",
+            f"A random Llama-shaped LM of {fmt(lm.get('params'))} parameters ({lm.get('dtype', '?')}) made ready "
+            "to train under FSDP2: `whole` loads it on every rank, then shards; `deferred` builds it on the meta "
+            "device and each rank reads only its rows. Peak resident memory of each rank's process.\n\n",
+            table(
+                ["load", "ranks", "rank", "peak GiB", "parameters held GiB", "seconds"],
+                [
+                    [
+                        r["load"],
+                        fmt(r["world_size"]),
+                        fmt(r["rank"]),
+                        fmt(r["peak_rss_bytes"] / 2**30, 2),
+                        fmt(r["param_bytes_held"] / 2**30, 2),
+                        fmt(r["seconds"], 1),
+                    ]
+                    for r in load.get("results", ())
+                    if "error" not in r
+                ],
+            ),
+            "\n" + ", ".join(f"{k}: {fmt(v, 2)}" for k, v in (load.get("ratios") or {}).items()) + ".\n",
+        ]
     return "\n".join(out)
 
 
