@@ -1,6 +1,7 @@
 """make bench: vlbridge against transformers' BLIP-2 on identical weights and inputs, side by side.
 
     python -m benchmarks.bench_transformers --out bench-output [--steps N] [--batch B] [--parts train,generate]
+        [--gen-dtypes fp32,bf16] [--gen-batches 1,8] [--gen-tokens 20,60] [--gen-beams 1,5]
 
 train: the Q-Former stage-1 training step at BLIP-2's size (BERT-base: 768 wide, 12 layers, 32
 queries; 257 cached image tokens of width 1024), forward + backward + AdamW, in fp32 and in bf16
@@ -15,9 +16,11 @@ Achieved FLOP/s = FLOPs of one step (torch's FlopCounterMode: matmuls and attent
 backward) / measured time, as a fraction of this machine's matmul peak, measured here on square
 matmuls in the same precision.
 
-generate: caption generation (greedy and beam 5, 20 new tokens forced) in images/s, vlbridge
-against transformers' `Blip2ForConditionalGeneration` on the same converted weights (a random
-model of BLIP-2's shape with a small ViT and an OPT-125m-shaped LM); the generated ids must agree.
+generate: caption generation in images/s, vlbridge against transformers'
+`Blip2ForConditionalGeneration` on the same converted weights (a random model of BLIP-2's shape with
+a small ViT and an OPT-125m-shaped LM), over greedy / beam 5 x batch 1 / 8 x 20 / 60 new tokens
+(forced) x fp32 / bf16 (--gen-dtypes, --gen-batches, --gen-tokens, --gen-beams pick cells); the generated ids
+must agree (`same_ids`).
 
 Modes alternate step by step, so that machine noise hits all alike. Runs on a CUDA GPU when one
 is present; every figure is stored with the device and library versions.
@@ -26,8 +29,10 @@ is present; every figure is stored with the device and library versions.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -373,54 +378,86 @@ def generation_checkpoint(path: Path) -> int:
     return image_token
 
 
-def generation(device: torch.device, reps: int, batch: int = 8, new_tokens: int = 20) -> list[dict]:
+def generation(
+    device: torch.device,
+    reps: int,
+    dtypes=("fp32",),
+    batches=(1, 8),
+    new_tokens=(20, 60),
+    beams=(1, 5),
+) -> list[dict]:
+    """Every cell of the grid precision x beams x batch x new tokens: both models on the same weights
+    (cast to the precision), the same images and prompt, a length forced (min_new_tokens = max_new_tokens)."""
     import transformers as tf
 
     with tempfile.TemporaryDirectory() as tmp:
         image_token = generation_checkpoint(Path(tmp))
-        ours = Blip2.from_pretrained(tmp).to(device).eval()
-        hf = tf.Blip2ForConditionalGeneration.from_pretrained(tmp).to(device).eval()
+        ours = Blip2.from_pretrained(tmp).eval()
+        hf = tf.Blip2ForConditionalGeneration.from_pretrained(tmp).eval()
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, 224, 224, generator=g).to(device)
-    ids = torch.tensor([[image_token] * 32 + [hf.config.text_config.bos_token_id]] * batch, device=device)
-    mask = torch.ones_like(ids)
+    pixels_all = torch.randn(max(batches), 3, 224, 224, generator=g)
     rows = []
-    for beams in (1, 5):
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, do_sample=False)
-        run = {
-            "vlbridge": lambda kw=kw: ours.generate(pixels, ids, mask, **kw),
-            "transformers": lambda kw=kw: hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kw),
-        }
-        times, out = {k: [] for k in run}, {}
-        with torch.no_grad():
-            for rep in range(reps + 1):  # rep 0 warms up
-                for name, fn in run.items():
-                    sync(device)
-                    t0 = time.perf_counter()
-                    out[name] = fn()
-                    sync(device)
-                    if rep:
-                        times[name].append(time.perf_counter() - t0)
-        same = torch.equal(out["vlbridge"], out["transformers"][:, -new_tokens:])
-        for name, ts in times.items():
-            dt = sorted(ts)[len(ts) // 2]
-            rows.append(
+    for precision in dtypes:
+        ours.to(device, DTYPES[precision]), hf.to(device, DTYPES[precision])  # in place: the same weights for both
+        for num_beams, batch, n in itertools.product(beams, batches, new_tokens):
+            pixels = pixels_all[:batch].to(device, DTYPES[precision])
+            ids = torch.tensor([[image_token] * 32 + [hf.config.text_config.bos_token_id]] * batch, device=device)
+            kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False)
+            times, out = time_alternating(
+                {
+                    "vlbridge": partial(ours.generate, pixels, ids, torch.ones_like(ids), **kw),
+                    "transformers": partial(
+                        hf.generate, pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), **kw
+                    ),
+                },
+                reps,
+                device,
+            )
+            same = torch.equal(out["vlbridge"], out["transformers"][:, -n:])
+            cell = [
                 {
                     "bench": "generate",
                     "mode": name,
-                    "num_beams": beams,
+                    "precision": precision,
+                    "num_beams": num_beams,
                     "batch": batch,
-                    "new_tokens": new_tokens,
-                    "s_per_batch": dt,
-                    "images_per_s": batch / dt,
+                    "new_tokens": n,
+                    "s_per_batch": median(ts),
+                    "images_per_s": batch / median(ts),
                     "times": ts,
                     "same_ids": same,
                 }
+                for name, ts in times.items()
+            ]
+            for r in cell:
+                r["speedup_vs_transformers"] = r["images_per_s"] / cell[-1]["images_per_s"]
+            print(
+                f"generate {precision} beams {num_beams} batch {batch} tokens {n}: "
+                f"{cell[0]['speedup_vs_transformers']:.2f}x, same ids {same}",
+                flush=True,
             )
-        hf_rate = rows[-1]["images_per_s"]
-        for r in rows[-2:]:
-            r["speedup_vs_transformers"] = r["images_per_s"] / hf_rate
+            rows += cell
     return rows
+
+
+def time_alternating(run: dict, reps: int, device: torch.device) -> tuple[dict, dict]:
+    """reps timed calls of each function, taking turns (noise hits all alike), after one untimed call each;
+    the times per name and the last outputs."""
+    times, out = {k: [] for k in run}, {}
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for name, fn in run.items():
+                sync(device)
+                t0 = time.perf_counter()
+                out[name] = fn()
+                sync(device)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    return times, out
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main(argv=None):
@@ -430,13 +467,26 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=0, help="training batch; default 32 on a GPU, 8 on a CPU")
     p.add_argument("--reps", type=int, default=3, help="timed generation calls per mode")
     p.add_argument("--parts", default="train,generate")
+    p.add_argument("--gen-dtypes", default="fp32,bf16", help="generation precisions, of fp32,bf16")
+    p.add_argument("--gen-batches", default="1,8", help="generation batch sizes (images per call)")
+    p.add_argument("--gen-tokens", default="20,60", help="generation lengths (new tokens, forced)")
+    p.add_argument("--gen-beams", default="1,5", help="generation beam counts (1: greedy)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     parts = args.parts.split(",")
     batch = args.batch or (32 if device.type == "cuda" else 8)
     rows = (train_step(device, args.steps, batch) if "train" in parts else []) + (
-        generation(device, args.reps) if "generate" in parts else []
+        generation(
+            device,
+            args.reps,
+            dtypes=args.gen_dtypes.split(","),
+            batches=[int(b) for b in args.gen_batches.split(",")],
+            new_tokens=[int(n) for n in args.gen_tokens.split(",")],
+            beams=[int(n) for n in args.gen_beams.split(",")],
+        )
+        if "generate" in parts
+        else []
     )
     print(
         f"device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}  threads {env['threads']}"
@@ -458,13 +508,13 @@ def main(argv=None):
     gen = [r for r in rows if r["bench"] == "generate"]
     if gen:
         print(
-            f"{'generation (batch 8, 20 tokens)':32} {'beams':>5} {'images/s':>9} {'vs transformers':>16} "
-            f"{'same ids':>9}"
+            f"{'generation':14} {'precision':9} {'beams':>5} {'batch':>5} {'tokens':>6} {'images/s':>9} "
+            f"{'vs transformers':>16} {'same ids':>9}"
         )
         for r in gen:
             print(
-                f"{r['mode']:32} {r['num_beams']:5} {r['images_per_s']:9.2f} {r['speedup_vs_transformers']:15.2f}x "
-                f"{str(r['same_ids']):>9}"
+                f"{r['mode']:14} {r['precision']:9} {r['num_beams']:5} {r['batch']:5} {r['new_tokens']:6} "
+                f"{r['images_per_s']:9.2f} {r['speedup_vs_transformers']:15.2f}x {str(r['same_ids']):>9}"
             )
     write_results(Path(args.out) / "bench_transformers.json", env, rows)
 

@@ -673,16 +673,20 @@ def bench_section(bench: dict[str, dict]) -> str:
             out += [
                 "\nCaption generation, same converted weights:\n\n",
                 table(
-                    ["mode", "beams", "images / s", "vs transformers", "same ids"],
+                    ["mode", "precision", "beams", "batch", "new tokens", "images / s", "vs transformers", "same ids"],
                     [
                         [
                             r["mode"],
+                            r.get("precision", "–"),
                             fmt(r["num_beams"]),
+                            fmt(r.get("batch")),
+                            fmt(r.get("new_tokens")),
                             fmt(r["images_per_s"], 2),
                             f"{fmt(r['speedup_vs_transformers'], 2)}x",
                             fmt(r["same_ids"]),
                         ]
                         for r in gen
+                        if r["mode"] == "vlbridge"
                     ],
                 ),
             ]

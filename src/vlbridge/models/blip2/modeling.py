@@ -28,6 +28,7 @@ from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, lm_loss, next_token_loss, position_kwargs
 from vlbridge.core.base import VLModel, read_weights
 from vlbridge.core.config import LMConfig
+from vlbridge.core.generation import generate_from_embeds
 from vlbridge.models.blip2 import pretraining as blip2_pretrain
 from vlbridge.models.blip2.configuration import Blip2Config
 from vlbridge.models.blip2.pretraining import Blip2PretrainOutput
@@ -430,6 +431,8 @@ class Blip2(VLModel):
     ) -> torch.Tensor:
         """Generate with the frozen LM; takes transformers' keywords (max_new_tokens, num_beams,
         length_penalty, min_new_tokens, do_sample, temperature, top_p, repetition_penalty, ...).
+        A decoder-only LM's generate continues from a cache of the prompt filled once per image
+        (core/generation.py): transformers' ids, without running the prompt once per beam.
 
         Returns only the new token ids (B, L). Batched decoder-only prompts must be left-padded
         (the processor does that). transformers' Blip2ForConditionalGeneration.generate returns the
@@ -444,7 +447,7 @@ class Blip2(VLModel):
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         self.check_context(inputs_embeds.shape[1], generate_kwargs)
-        out = self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
+        out = generate_from_embeds(self.lm, inputs_embeds, mask, **generate_kwargs)
         if self.config.lm.is_encoder_decoder:
             out = out[:, 1:]  # drop the decoder start token
         return out

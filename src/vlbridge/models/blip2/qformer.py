@@ -77,8 +77,10 @@ def fused_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
 def attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     """The same function by the faster path: on CPU in bf16 (autocast) torch's fused SDPA kernel is slower
     than the explicit ops for a whole stage-1 step (forward + backward; `make bench` measures both), so
-    low-precision CPU runs take the explicit path; fp32 and GPU use the fused kernel."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    low-precision CPU training takes the explicit path. Without gradients (inference) the fused kernel is
+    the faster one, and the one transformers' BLIP-2 uses, so generated ids match it; fp32 and GPU always
+    use the fused kernel."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
         return explicit_attention(q, k, v, mask, dropout_p)
     return fused_attention(q, k, v, mask, dropout_p)
 

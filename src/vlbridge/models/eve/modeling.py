@@ -35,6 +35,7 @@ from torch import nn
 from vlbridge.core import backbones
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
 from vlbridge.core.base import VLModel, read_model_config, read_weights
+from vlbridge.core.generation import generate_from_embeds
 from vlbridge.models.eve import pal as pal_designs
 from vlbridge.models.eve.configuration import EVEConfig
 from vlbridge.models.eve.processing import EVEProcessor, image_stats
@@ -368,13 +369,14 @@ class EVE(VLModel):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, image_sizes=None, input_ids=None, attention_mask=None, **generate_kwargs):
-        """transformers' generate on inputs_embeds, with its keywords (max_new_tokens, num_beams, ...).
+        """transformers' generate on inputs_embeds (continued from a cache of the prompt filled once per
+        image, core/generation.py), with its keywords (max_new_tokens, num_beams, ...).
         Returns the new token ids only (B, L); batched prompts must be left-padded (the processor does)."""
         embeds, mask, _, _, _ = self.lm_inputs(pixel_values, image_sizes, input_ids, attention_mask)
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         self.check_context(embeds.shape[1], generate_kwargs)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        return generate_from_embeds(self.lm, embeds, mask, **generate_kwargs)
 
 
 # saved configs without these keys were written when these were the only designs

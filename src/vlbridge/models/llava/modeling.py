@@ -32,6 +32,7 @@ from torch import nn
 from vlbridge.core import adapters
 from vlbridge.core.backbones import freeze, next_token_loss, position_kwargs
 from vlbridge.core.base import VLModel
+from vlbridge.core.generation import generate_from_embeds
 from vlbridge.models.llava.configuration import LlavaConfig
 from vlbridge.models.llava.processing import LlavaProcessor
 
@@ -182,7 +183,8 @@ class Llava(VLModel):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_features=None, **generate_kwargs):
-        """transformers' generate on inputs_embeds, with its keywords (max_new_tokens, num_beams,
+        """transformers' generate on inputs_embeds (continued from a cache of the prompt filled once per
+        image, core/generation.py), with its keywords (max_new_tokens, num_beams,
         length_penalty, do_sample, ...); batched prompts left-padded (the processor does). Returns the new
         token ids only (B, L); transformers' LlavaForConditionalGeneration returns the prompt + the same
         ids, and its logits processors (repetition_penalty) also see the prompt, ours only the new tokens."""
@@ -190,7 +192,7 @@ class Llava(VLModel):
         if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
             generate_kwargs["max_new_tokens"] = 30
         self.check_context(embeds.shape[1], generate_kwargs)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        return generate_from_embeds(self.lm, embeds, mask, **generate_kwargs)
 
 
 def create_llava(config: LlavaConfig, root: str | Path | None = None) -> tuple[Llava, LlavaProcessor]:
