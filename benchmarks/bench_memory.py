@@ -39,14 +39,11 @@ import torch
 CASES = ("frozen_bf16", "naive_fp32")
 
 
-def build(case: str, layers: int, width: int, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(layers: int, width: int):
+    """The benchmark LM's shape: Llama, 128-wide heads, an MLP 11/4 as wide (a ~1B model at 16 x 2048)."""
+    from transformers import LlamaConfig
 
-    from vlbridge.core.config import LMConfig
-    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
-    from vlbridge.models.blip2.modeling import Blip2
-
-    lm_cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=32000,
         hidden_size=width,
         intermediate_size=width * 11 // 4,
@@ -55,6 +52,16 @@ def build(case: str, layers: int, width: int, device: torch.device):
         num_key_value_heads=width // 128,
         max_position_embeddings=512,
     )
+
+
+def build(case: str, layers: int, width: int, device: torch.device):
+    from transformers import LlamaForCausalLM
+
+    from vlbridge.core.config import LMConfig
+    from vlbridge.models.blip2.configuration import Blip2Config, QFormerConfig
+    from vlbridge.models.blip2.modeling import Blip2
+
+    lm_cfg = llama_config(layers, width)
     dtype = torch.bfloat16 if case == "frozen_bf16" else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its own dtype: no fp32 copy of a bf16 model on the way
@@ -113,19 +120,11 @@ LOAD_PATHS = ("whole", "deferred")
 
 def write_lm(path: Path, layers: int, width: int) -> None:
     """A random Llama-shape LM (bf16) and a tokenizer written with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from vlbridge.testing import word_tokenizer
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=width,
-        intermediate_size=width * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=width // 128,
-        num_key_value_heads=width // 128,
-        max_position_embeddings=512,
-    )
+    config = llama_config(layers, width)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # no fp32 copy on the way
     try:

@@ -112,6 +112,16 @@ def answer(scene: sw.Scene, attribute: str) -> str:
     return str(len(scene.objects)) if attribute == "count" else getattr(scene.objects[0], attribute)
 
 
+def episode_document(source, i: int) -> dict:
+    """An in-context source's episode i as a document: each scene followed by its answer."""
+    attribute, scenes, answers = source.episode(i)
+    return {
+        "text": "".join(chunk(a) for a in answers),
+        "images": [source.render(s) for s in scenes],
+        "attribute": attribute,
+    }
+
+
 class InContextDocs(ShapesWorldDocs):
     """Document i: max_images scenes, each followed by the answer for ONE attribute drawn per document.
     The query image alone cannot say whether "red", "circle", "small" or "2" is wanted; k
@@ -126,12 +136,7 @@ class InContextDocs(ShapesWorldDocs):
         return attribute, scenes, [answer(s, attribute) for s in scenes]
 
     def document(self, i: int) -> dict:
-        attribute, scenes, answers = self.episode(i)
-        return {
-            "text": "".join(chunk(a) for a in answers),
-            "images": [self.render(s) for s in scenes],
-            "attribute": attribute,
-        }
+        return episode_document(self, i)
 
     def valid_answers(self, i: int) -> frozenset[str]:
         """The answers of episode i's kind: what a query is right to answer in form."""
@@ -183,12 +188,7 @@ class BindingDocs:
         return frozenset(self._draw(i)[3])
 
     def document(self, i: int) -> dict:
-        attribute, scenes, answers = self.episode(i)
-        return {
-            "text": "".join(chunk(a) for a in answers),
-            "images": [self.render(s) for s in scenes],
-            "attribute": attribute,
-        }
+        return episode_document(self, i)
 
 
 class ConversationDocs(ShapesWorldDocs):
