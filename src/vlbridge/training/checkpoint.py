@@ -106,6 +106,18 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
         raise FloatingPointError(f"refusing to write {what}: non-finite values in {bad[:5]}{' ...' if bad[5:] else ''}")
 
 
+def write_state(tmp: Path, identity: dict, **fields) -> None:
+    """Write a checkpoint folder's STATE last: `fields`, the recipe and its hash, and the sha256 of every
+    file already in the folder (what a resume verifies)."""
+    meta = {
+        **fields,
+        "recipe_hash": identity_hash(identity),
+        "recipe": identity,
+        "files": {str(p.relative_to(tmp)): sha256(p) for p in files_under(tmp)},
+    }
+    (tmp / STATE).write_text(json.dumps(meta, allow_nan=False))
+
+
 def save_checkpoint(
     out: Path,
     step: int,
@@ -163,16 +175,7 @@ def save_checkpoint(
         _test_pause()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainer_state.safetensors"))
         _test_pause()
-        meta = {
-            "step": step,
-            "steps": steps,
-            "param_state": [sorted(st) for st in states],
-            **counters,
-            "recipe_hash": identity_hash(identity),
-            "recipe": identity,
-            "files": {str(p.relative_to(tmp)): sha256(p) for p in files_under(tmp)},
-        }
-        (tmp / STATE).write_text(json.dumps(meta, allow_nan=False))
+        write_state(tmp, identity, step=step, steps=steps, param_state=[sorted(st) for st in states], **counters)
     except BaseException:
         remove(tmp)
         raise
@@ -388,18 +391,16 @@ def save_sharded(out: Path, step: int, model, opt, *, identity: dict, steps: int
                 if key.startswith("optim."):
                     param, _, k = key[len("optim.") :].rpartition(".")
                     params.setdefault(param, []).append(k)
-            meta = {
-                "step": step,
-                "steps": steps,
-                "format": "sharded",
-                "world_size": dist.world()[1],
-                "param_state": {n: sorted(ks) for n, ks in params.items()},
+            write_state(
+                tmp,
+                identity,
+                step=step,
+                steps=steps,
+                format="sharded",
+                world_size=dist.world()[1],
+                param_state={n: sorted(ks) for n, ks in params.items()},
                 **counters,
-                "recipe_hash": identity_hash(identity),
-                "recipe": identity,
-                "files": {str(p.relative_to(tmp)): sha256(p) for p in files_under(tmp)},
-            }
-            (tmp / STATE).write_text(json.dumps(meta, allow_nan=False))
+            )
         except BaseException:
             remove(tmp)
             raise
